@@ -1,0 +1,47 @@
+"""Exception types that graphopt raises for bad input.
+
+The command line turns every :class:`GraphoptError` into a one-line message and
+exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "GraphoptError",
+    "ModelLoadError",
+    "ModelSaveError",
+    "PipelineSpecError",
+    "PassCheckError",
+    "InvalidModelError",
+    "first_line",
+]
+
+
+class GraphoptError(Exception):
+    """Base class for errors caused by the user's input, not by a bug."""
+
+
+class ModelLoadError(GraphoptError):
+    """The model file or object cannot be read as ONNX."""
+
+
+class ModelSaveError(GraphoptError):
+    """The model cannot be written where it was asked to go."""
+
+
+class PipelineSpecError(GraphoptError):
+    """A pipeline spec string or recipe names an unknown pass or option."""
+
+
+class InvalidModelError(GraphoptError):
+    """The model parses but breaks an ONNX rule a pass relies on, e.g. a cycle."""
+
+
+class PassCheckError(GraphoptError):
+    """A pass produced a model that onnx.checker or onnxruntime rejects."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for one-line error reports."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,194 @@
+"""Run a pipeline of passes over a model, keeping a ledger of what each did.
+
+Built on ``onnx_ir.passes``: every step is an ``onnx_ir`` pass, the steps run
+inside ``onnx_ir.passes.Sequential``, and fixed-point groups (such as ``fold``)
+are ``onnx_ir.passes.PassManager`` instances provided by the registry. This
+module only adds two wrapper passes around each step: one that writes a ledger
+row, and, with ``check_each_pass``, one that runs onnx.checker and opens an
+onnxruntime session so that a broken model is blamed on the pass that broke it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PipelineResult", "build_steps", "run_pipeline"]
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from graphopt import checks, stats
+from graphopt.errors import GraphoptError, PassCheckError
+from graphopt.ledger import Ledger, LedgerRow
+from graphopt.registry import PassFactory, available_passes, create_pass, resolved_options
+from graphopt.spec import PassSpec, load_recipe, parse_spec
+
+logger = logging.getLogger(__name__)
+
+# Called as progress(index, total, name) before step ``index`` (0-based) runs,
+# and once more with index == total when the pipeline is done.
+ProgressCallback = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """The rewritten model (the same object, changed in place), and what changed."""
+
+    model: ir.Model
+    modified: bool
+    ledger: Ledger
+
+
+@dataclass(frozen=True)
+class _Step:
+    label: str
+    options: dict[str, Any]
+    pass_: ir.passes.PassBase
+
+
+def build_steps(
+    pipeline: str | Path | Sequence[PassSpec | ir.passes.PassBase],
+    passes: Mapping[str, PassFactory] | None = None,
+) -> list[_Step]:
+    """Turns a spec string, a recipe path, or a list of specs/passes into steps.
+
+    A ``str`` is a spec string; a ``Path`` is a recipe file.
+
+    Raises:
+        PipelineSpecError: Unknown pass or option, or malformed spec.
+    """
+    if isinstance(pipeline, Path):
+        items: Sequence[PassSpec | ir.passes.PassBase] = load_recipe(pipeline)
+    elif isinstance(pipeline, str):
+        items = parse_spec(pipeline)
+    else:
+        items = pipeline
+    passes = available_passes() if passes is None else passes
+    steps = []
+    for item in items:
+        if isinstance(item, ir.passes.PassBase):
+            steps.append(_Step(type(item).__name__, {}, item))
+        else:
+            pass_ = create_pass(item, passes)
+            steps.append(_Step(item.name, resolved_options(passes[item.name], item.options), pass_))
+    return steps
+
+
+def run_pipeline(
+    model: ir.Model,
+    pipeline: str | Path | Sequence[PassSpec | ir.passes.PassBase],
+    *,
+    check_each_pass: bool = False,
+    progress: ProgressCallback | None = None,
+    passes: Mapping[str, PassFactory] | None = None,
+) -> PipelineResult:
+    """Runs the pipeline over ``model`` in place.
+
+    Args:
+        model: The model to rewrite.
+        pipeline: A spec string such as ``"lift-constants,dce"``, a recipe
+            file ``Path``, or a list of ``PassSpec`` / pass instances.
+        check_each_pass: After every pass, run onnx.checker (full) and open an
+            onnxruntime session; raise ``PassCheckError`` naming the pass that
+            produced an invalid model.
+        progress: Optional callback, see ``ProgressCallback``.
+        passes: Registry to resolve names in; defaults to every known pass.
+
+    Returns:
+        The model, whether any pass changed it, and the ledger.
+
+    Raises:
+        PipelineSpecError: Bad spec. PassCheckError: a pass broke the model.
+        onnx_ir.passes.PreconditionError: a pass cannot handle this model.
+    """
+    steps = build_steps(pipeline, passes)
+    ledger = Ledger()
+    wrapped = [
+        _LedgeredPass(step, index, len(steps), ledger, check_each_pass, progress)
+        for index, step in enumerate(steps)
+    ]
+    try:
+        result = ir.passes.Sequential(*wrapped)(model)
+    except ir.passes.PassError as exc:
+        # Sequential wraps everything in PassError; errors about the user's
+        # model or options surface as themselves, bugs keep the full chain.
+        cause = exc.__cause__
+        if isinstance(cause, (GraphoptError, ir.passes.PreconditionError)):
+            raise cause from None
+        raise
+    if progress is not None:
+        progress(len(steps), len(steps), "done")
+    return PipelineResult(result.model, result.modified, ledger)
+
+
+class _LedgeredPass(ir.passes.InPlacePass):
+    """Runs one step, records a ledger row, and optionally checks the result."""
+
+    def __init__(
+        self,
+        step: _Step,
+        index: int,
+        total: int,
+        ledger: Ledger,
+        check: bool,
+        progress: ProgressCallback | None,
+    ) -> None:
+        super().__init__()
+        self.step = step
+        self.index = index
+        self.total = total
+        self.ledger = ledger
+        self.check = check
+        self.progress = progress
+
+    def __str__(self) -> str:
+        return self.step.label
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.progress is not None:
+            self.progress(self.index, self.total, self.step.label)
+        nodes_before, bytes_before = stats.node_count(model), stats.param_bytes(model)
+        start = time.perf_counter()
+        result = self.step.pass_(model)
+        seconds = time.perf_counter() - start
+        row = LedgerRow(
+            name=self.step.label,
+            options=self.step.options,
+            seconds=seconds,
+            nodes_before=nodes_before,
+            nodes_after=stats.node_count(result.model),
+            param_bytes_before=bytes_before,
+            param_bytes_after=stats.param_bytes(result.model),
+            modified=result.modified,
+        )
+        self.ledger.append(row)
+        logger.info("pass %s: modified=%s in %.3f s", self.step.label, result.modified, seconds)
+        if self.check:
+            self._check(result.model)
+        if result.model is not model:
+            # Keep the in-place contract of the wrapper for functional inner passes.
+            _adopt(model, result.model)
+        return ir.passes.PassResult(model, result.modified)
+
+    def _check(self, model: ir.Model) -> None:
+        try:
+            checks.check_model(model)
+        except ValueError as exc:
+            raise PassCheckError(
+                f"pass {self.step.label!r} (step {self.index + 1} of {self.total}) "
+                f"produced an invalid model: {exc}"
+            ) from exc
+
+
+def _adopt(target: ir.Model, source: ir.Model) -> None:
+    """Moves a functional pass's output model into the caller's model object."""
+    target.graph = source.graph  # opset imports live on the graph
+    target.functions.clear()
+    target.functions.update(source.functions)
+    target.ir_version = source.ir_version
+    target.metadata_props.clear()
+    target.metadata_props.update(source.metadata_props)

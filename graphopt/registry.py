@@ -1,0 +1,97 @@
+"""Looks up passes by name and describes their options.
+
+The built-in table lives in ``passes/__init__.py``; third-party packages add
+passes through the entry-point group ``graphopt.passes`` (name -> class or
+factory). The core imports the ``passes`` package only here, lazily, so that
+``graphopt`` never depends on a specific pass.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PassFactory", "OptionInfo", "available_passes", "pass_options", "resolved_options", "create_pass"]
+
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import onnx_ir as ir
+
+from graphopt.errors import PipelineSpecError
+from graphopt.spec import PassSpec
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "graphopt.passes"
+
+# A pass class, or a function returning a pass (used for groups such as fold).
+PassFactory = Callable[..., ir.passes.PassBase]
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    """One keyword option of a pass."""
+
+    name: str
+    default: Any
+    annotation: str
+
+
+def available_passes() -> dict[str, PassFactory]:
+    """Built-in passes plus those registered through entry points, by name."""
+    from passes import BUILTIN_PASSES
+
+    found: dict[str, PassFactory] = dict(BUILTIN_PASSES)
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name in found:
+            logger.warning("entry point %s ignored: a pass named %r exists", entry.value, entry.name)
+            continue
+        try:
+            found[entry.name] = entry.load()
+        except Exception as exc:  # a broken plug-in must not break the built-ins
+            logger.warning("cannot load pass %r from %s: %s", entry.name, entry.value, exc)
+    return found
+
+
+def pass_options(factory: PassFactory) -> dict[str, OptionInfo]:
+    """The keyword options a pass accepts, with their defaults, in declared order."""
+    signature = inspect.signature(factory)
+    options = {}
+    for param in signature.parameters.values():
+        if param.kind not in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
+            continue
+        default = None if param.default is param.empty else param.default
+        annotation = "" if param.annotation is param.empty else str(param.annotation)
+        options[param.name] = OptionInfo(param.name, default, annotation.replace("typing.", ""))
+    return options
+
+
+def resolved_options(factory: PassFactory, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Defaults overlaid with the given options: what the pass actually runs with."""
+    resolved = {name: info.default for name, info in pass_options(factory).items()}
+    resolved.update(given)
+    return resolved
+
+
+def create_pass(spec: PassSpec, passes: Mapping[str, PassFactory] | None = None) -> ir.passes.PassBase:
+    """Instantiates the pass a spec names.
+
+    Raises:
+        PipelineSpecError: Unknown pass or option, or an option value the pass
+            rejects; the message lists what is valid.
+    """
+    passes = available_passes() if passes is None else passes
+    factory = passes.get(spec.name)
+    if factory is None:
+        raise PipelineSpecError(f"unknown pass {spec.name!r}; valid passes: {', '.join(sorted(passes))}")
+    known = pass_options(factory)
+    unknown = sorted(set(spec.options) - set(known))
+    if unknown:
+        valid = ", ".join(known) or "(none)"
+        raise PipelineSpecError(f"pass {spec.name!r} has no option {unknown[0]!r}; valid options: {valid}")
+    try:
+        return factory(**spec.options)
+    except (TypeError, ValueError) as exc:
+        raise PipelineSpecError(f"pass {spec.name!r}: {exc}") from exc

@@ -1,0 +1,49 @@
+"""Size figures of a model that the ledger and ``graphopt inspect`` report.
+
+All figures cover the main graph, every subgraph and every function, and read
+only tensor metadata, so a memory-mapped 2 GB model is not paged in.
+"""
+
+from __future__ import annotations
+
+__all__ = ["node_count", "param_bytes", "param_count", "constant_tensors"]
+
+from collections.abc import Iterator
+
+import onnx_ir as ir
+
+from graphopt.graphs import iter_graphs
+
+
+def node_count(model: ir.Model) -> int:
+    """Number of nodes in all graphs, subgraphs and functions."""
+    return sum(len(graph) for graph in iter_graphs(model))
+
+
+def constant_tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol]]:
+    """Yields ``(name, tensor)`` for every initializer and Constant-node tensor.
+
+    Constant nodes count as parameters because exporters such as Paddle keep
+    every weight in one; lifting them to initializers must not change the totals.
+    """
+    for graph in iter_graphs(model):
+        if isinstance(graph, ir.Graph):
+            for name, value in graph.initializers.items():
+                if value.const_value is not None:
+                    yield name, value.const_value
+        for node in graph:
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+                continue
+            attr = node.attributes.get("value")
+            if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                yield node.outputs[0].name or node.name or "", attr.as_tensor()
+
+
+def param_bytes(model: ir.Model) -> int:
+    """Bytes held by initializers and Constant tensors, external data included."""
+    return sum(tensor.nbytes for _, tensor in constant_tensors(model))
+
+
+def param_count(model: ir.Model) -> int:
+    """Number of elements held by initializers and Constant tensors."""
+    return sum(tensor.size for _, tensor in constant_tensors(model))

@@ -1,0 +1,20 @@
+"""Built-in passes and the registry that names them.
+
+``BUILTIN_PASSES`` maps each pipeline name to a pass class (or a factory that
+returns a pass). Third-party passes register through the entry-point group
+``graphopt.passes`` instead of editing this table; see graphopt.registry.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BUILTIN_PASSES"]
+
+from passes.dce import EliminateDeadCodePass
+from passes.lift_constants import LiftConstantsPass
+from passes.toposort import SortTopologicallyPass
+
+BUILTIN_PASSES = {
+    "dce": EliminateDeadCodePass,
+    "lift-constants": LiftConstantsPass,
+    "toposort": SortTopologicallyPass,
+}
