@@ -6,7 +6,7 @@ subgraph-aware without each re-implementing the traversal.
 
 from __future__ import annotations
 
-__all__ = ["iter_graphs", "apply_to_graphs"]
+__all__ = ["iter_graphs", "subgraphs", "apply_to_graphs"]
 
 from collections.abc import Callable, Iterator
 
@@ -20,12 +20,37 @@ def iter_graphs(model: ir.Model, *, functions: bool = True) -> Iterator[GraphLik
 
     Subgraphs nested inside function bodies are yielded after their function.
     """
-    yield from model.graphs()
+    yield model.graph
+    yield from subgraphs(model.graph)
     if not functions:
         return
     for function in model.functions.values():
         yield function
-        yield from function.subgraphs()
+        yield from subgraphs(function)
+
+
+def subgraphs(graph: GraphLike) -> Iterator[ir.Graph]:
+    """Yields every If/Loop/Scan body under ``graph``, depth first.
+
+    Hand-rolled rather than ``Graph.subgraphs()``, which walks every node
+    through the generic recursive iterator and costs ~0.4 s on a 100k-node
+    graph; this only looks at each node's attributes.
+    """
+    for node in graph:
+        if not node.attributes:
+            continue
+        for attr in node.attributes.values():
+            if attr.is_ref():
+                continue
+            if attr.type == ir.AttributeType.GRAPH:
+                bodies = [attr.value]
+            elif attr.type == ir.AttributeType.GRAPHS:
+                bodies = list(attr.value)
+            else:
+                continue
+            for body in bodies:
+                yield body
+                yield from subgraphs(body)
 
 
 def apply_to_graphs(

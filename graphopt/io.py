@@ -219,7 +219,10 @@ def _write_atomically(model: ir.Model, target: Path, data_name: str | None) -> N
         )
         _fsync(tmp)
         if data_path is not None and data_path.exists():
-            _fsync(data_path)
+            if not data_existed and data_path.stat().st_size == 0:
+                data_path.unlink()  # every tensor was below the threshold
+            else:
+                _fsync(data_path)
         os.replace(tmp, target)
         _fsync_directory(target.parent)
     except BaseException:

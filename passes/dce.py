@@ -41,7 +41,7 @@ class EliminateDeadCodePass(ir.passes.InPlacePass):
         modified = RemoveUnusedFunctionsPass()(model).modified
         modified = _sweep(model.graph, _live_nodes(model.graph.outputs)) or modified
         for function in model.functions.values():
-            modified = _sweep(function, _live_nodes(function.outputs)) or modified
+            modified = _sweep(function.graph, _live_nodes(function.outputs)) or modified
         modified = apply_to_graphs(model, _remove_unused_initializers, functions=False) or modified
         return ir.passes.PassResult(model, modified)
 
@@ -61,9 +61,9 @@ def _live_nodes(roots: Iterable[ir.Value]) -> set[ir.Node]:
     return live
 
 
-def _sweep(graph: GraphLike, live: set[ir.Node]) -> bool:
+def _sweep(graph: ir.Graph, live: set[ir.Node]) -> bool:
     """Removes every node of ``graph`` and its live subgraphs that is not live."""
-    dead_by_graph: dict[GraphLike, list[ir.Node]] = {}
+    dead_by_graph: dict[ir.Graph, list[ir.Node]] = {}
     for node in ir.traversal.RecursiveGraphIterator(graph):
         if node not in live:
             # Detach first, so values read only by dead code lose all their uses,

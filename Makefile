@@ -1,0 +1,28 @@
+# Set-up and entry points. `make demo` and `make test` work on a fresh machine:
+# each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_MODEL ?= constant_weights
+DEMO_DIR := out/demo
+
+.PHONY: demo test bench-scale clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m model_zoo save $(DEMO_MODEL) $(DEMO_DIR)
+	$(VENV)/bin/graphopt optimize $(DEMO_DIR)/$(DEMO_MODEL).onnx -o $(DEMO_DIR)/$(DEMO_MODEL).opt.onnx --check-each-pass
+	$(VENV)/bin/graphopt inspect $(DEMO_DIR)/$(DEMO_MODEL).opt.onnx
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+bench-scale: $(VENV)/.installed
+	$(PY) bench/scale.py --markdown
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis

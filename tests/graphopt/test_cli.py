@@ -1,0 +1,162 @@
+"""The graphopt command line: optimize, inspect, passes, exit codes."""
+
+from __future__ import annotations
+
+import io as std_io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from helpers import assert_same_outputs, run_ort
+
+from graphopt.cli import main
+from graphopt.progress import StepProgress
+
+X = np.random.default_rng(5).standard_normal((2, 4)).astype(np.float32)
+
+_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,4] x) => (float[N,4] y) {
+  W = Constant <value = float[4,4] {1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,1}> ()
+  m = MatMul(x, W)
+  y = Relu(m)
+  dead = Neg(x)
+}
+"""
+
+
+@pytest.fixture()
+def model_path(tmp_path: Path) -> Path:
+    path = tmp_path / "in.onnx"
+    onnx.save(onnx.parser.parse_model(_TEXT), path)
+    return path
+
+
+def test_optimize_writes_result_prints_ledger_and_keeps_outputs(model_path, tmp_path, capsys):
+    before = model_path.read_bytes()
+    out = tmp_path / "out.onnx"
+
+    code = main(["optimize", str(model_path), "-o", str(out), "--passes", "lift-constants,dce", "--ledger", str(tmp_path / "l.json")])
+
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "lift-constants" in printed and "dce" in printed and f"wrote {out}" in printed
+    assert model_path.read_bytes() == before
+    assert [n.op_type for n in onnx.load(out).graph.node] == ["MatMul", "Relu"]
+    assert [row["name"] for row in json.loads((tmp_path / "l.json").read_text())] == ["lift-constants", "dce"]
+    assert_same_outputs(run_ort(model_path, {"x": X}), run_ort(out, {"x": X}))
+
+
+def test_optimize_with_recipe_and_check_each_pass(model_path, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("- lift-constants\n- pass: dce\n- toposort\n")
+
+    code = main(["optimize", str(model_path), "-o", str(tmp_path / "out.onnx"), "--recipe", str(recipe), "--check-each-pass"])
+
+    assert code == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--passes", "dce,nope"], "unknown pass 'nope'; valid passes:"),
+        (["--passes", "dce(level=3)"], "has no option 'level'"),
+        (["--passes", "dce("], "unclosed"),
+    ],
+)
+def test_bad_pipeline_is_a_one_line_usage_error(model_path, tmp_path, capsys, extra, message):
+    code = main(["optimize", str(model_path), "-o", str(tmp_path / "out.onnx"), *extra])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_refuses_to_overwrite_the_input(model_path, capsys):
+    before = model_path.read_bytes()
+
+    code = main(["optimize", str(model_path), "-o", str(model_path)])
+
+    assert code == 2
+    assert "is the input file" in capsys.readouterr().err
+    assert model_path.read_bytes() == before
+
+
+def test_missing_and_corrupt_inputs_exit_2(tmp_path, capsys):
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage\xff\xff")
+
+    assert main(["inspect", str(tmp_path / "missing.onnx")]) == 2
+    assert main(["optimize", str(tmp_path / "bad.onnx"), "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("graphopt: error: no such file")
+    assert err[1].startswith("graphopt: error:") and len(err) == 2
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    from graphopt.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError):
+        main(["--debug", "inspect", str(tmp_path / "missing.onnx")])
+
+
+def test_inspect_reports_ops_parameters_and_dynamic_inputs(model_path, capsys):
+    assert main(["inspect", str(model_path)]) == 0
+    text = capsys.readouterr().out
+    assert "x: float[N, 4]  (dynamic)" in text
+    assert "parameters  16 (64 B)" in text
+    assert "MatMul" in text and "weights     all finite" in text
+
+    assert main(["inspect", "--json", str(model_path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["ops"] == {"Constant": 1, "MatMul": 1, "Relu": 1, "Neg": 1}
+    assert summary["opsets"] == {"": 17}
+    assert summary["inputs"] == [{"name": "x", "dtype": "float", "shape": ["N", 4], "dynamic": True}]
+
+
+def test_inspect_flags_nan_and_inf_weights(tmp_path, capsys):
+    weights = np.ones((4, 4), np.float32)
+    weights[0, 0], weights[1, 1] = np.nan, np.inf
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])],
+        [onnx.numpy_helper.from_array(weights, "W")],
+    )
+    path = tmp_path / "nan.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+
+    assert main(["inspect", str(path)]) == 0
+
+    assert "NaN/Inf in weights: W (2)" in capsys.readouterr().out
+
+
+def test_passes_lists_every_builtin_with_options(capsys):
+    assert main(["passes"]) == 0
+    text = capsys.readouterr().out
+    for name in ("dce", "lift-constants", "toposort", "min_elements"):
+        assert name in text
+
+
+def test_progress_bar_draws_only_when_enabled():
+    stream = std_io.StringIO()
+    StepProgress(stream, enabled=True)(1, 2, "dce")
+    StepProgress(stream, enabled=True)(2, 2, "done")
+    assert "1/2 dce" in stream.getvalue() and stream.getvalue().endswith("\n")
+
+    quiet = std_io.StringIO()
+    StepProgress(quiet)(1, 2, "dce")  # StringIO is not a TTY
+    assert quiet.getvalue() == ""
+
+
+def test_console_script_runs(model_path, tmp_path):
+    script = Path(sys.executable).with_name("graphopt")
+    completed = subprocess.run([str(script), "optimize", str(model_path), "-o", str(tmp_path / "o.onnx")], capture_output=True, text=True, check=False)
+
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stderr == ""  # no progress bar when stderr is not a terminal

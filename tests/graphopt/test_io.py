@@ -1,0 +1,224 @@
+"""graphopt.load / graphopt.save / graphopt.to_graphsurgeon."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnx_ir as ir
+import pytest
+from helpers import check_full, run_ort
+
+import graphopt
+from graphopt import io
+from graphopt.errors import ModelLoadError, ModelSaveError
+
+X = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
+
+
+def _proto(weight_rows: int = 8) -> onnx.ModelProto:
+    """A Gemm model with a custom-domain opset import, metadata and a producer."""
+    rng = np.random.default_rng(0)
+    weight = onnx.numpy_helper.from_array(rng.standard_normal((weight_rows, 8)).astype(np.float32), "W")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", weight_rows])],
+        [weight],
+    )
+    model = onnx.helper.make_model(
+        graph,
+        opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.example", 2)],
+        producer_name="unit-test",
+        producer_version="9.9",
+    )
+    model.ir_version = 8
+    onnx.helper.set_model_props(model, {"author": "graphopt tests"})
+    return model
+
+
+def _write(proto: onnx.ModelProto, path: Path, *, external: bool = False) -> Path:
+    onnx.save_model(proto, path, save_as_external_data=external, location=f"{path.name}.weights", size_threshold=0)
+    return path
+
+
+def test_roundtrip_keeps_interface_and_outputs_bit_identical(tmp_path):
+    source = _write(_proto(), tmp_path / "in.onnx")
+
+    model = graphopt.load(source)
+    out = graphopt.save(model, tmp_path / "out.onnx")
+
+    saved = onnx.load(out)
+    assert saved.ir_version == 8
+    assert {(o.domain, o.version) for o in saved.opset_import} == {("", 17), ("com.example", 2)}
+    assert (saved.producer_name, saved.producer_version) == ("unit-test", "9.9")
+    assert {p.key: p.value for p in saved.metadata_props} == {"author": "graphopt tests"}
+    assert [i.name for i in saved.graph.input] == ["x"] and [o.name for o in saved.graph.output] == ["y"]
+    check_full(out)
+    np.testing.assert_array_equal(run_ort(source, {"x": X})[0], run_ort(out, {"x": X})[0])
+
+
+def test_load_accepts_proto_graphsurgeon_graph_and_ir_model():
+    proto = _proto()
+    from_proto = graphopt.load(proto)
+    from_gs = graphopt.load(gs.import_onnx(proto))
+
+    assert graphopt.load(from_proto) is from_proto
+    expected = run_ort(proto, {"x": X})[0]
+    for model in (from_proto, from_gs):
+        assert [n.op_type for n in model.graph] == ["Gemm"]
+        np.testing.assert_array_equal(run_ort(model, {"x": X})[0], expected)
+
+
+def test_to_graphsurgeon_returns_equivalent_graph(tmp_path):
+    source = _write(_proto(), tmp_path / "in.onnx", external=True)
+    model = graphopt.load(source)
+
+    graph = graphopt.to_graphsurgeon(model)
+
+    assert isinstance(graph, gs.Graph)
+    assert [n.op for n in graph.nodes] == ["Gemm"]
+    np.testing.assert_array_equal(graph.tensors()["W"].values, onnx.numpy_helper.to_array(_proto().graph.initializer[0]))
+
+
+def _file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda d: d / "missing.onnx", "no such file"),
+        (lambda d: d, "not a file"),
+        (lambda d: _file(d / "empty.onnx", b""), "not an ONNX model"),
+        (lambda d: _file(d / "junk.onnx", b"\xff\x00garbage" * 7), "not a readable ONNX model"),
+    ],
+    ids=["missing", "directory", "empty", "garbage"],
+)
+def test_load_reports_bad_files_as_model_load_error(tmp_path, setup, message):
+    with pytest.raises(ModelLoadError, match=message):
+        graphopt.load(setup(tmp_path))
+
+
+def test_load_rejects_other_objects():
+    with pytest.raises(ModelLoadError, match="cannot load a int"):
+        graphopt.load(42)
+
+
+def test_external_data_stays_memory_mapped_and_is_saved_next_to_output(tmp_path):
+    source = _write(_proto(weight_rows=64), tmp_path / "in.onnx", external=True)
+
+    model = graphopt.load(source)
+    assert isinstance(model.graph.initializers["W"].const_value, ir.ExternalTensor)
+    out = graphopt.save(model, tmp_path / "sub" / "out.onnx")
+
+    assert (tmp_path / "sub" / "out.onnx.data").stat().st_size == 64 * 8 * 4
+    location = {e.key: e.value for e in onnx.load(out, load_external_data=False).graph.initializer[0].external_data}
+    assert location["location"] == "out.onnx.data"
+    np.testing.assert_array_equal(run_ort(source, {"x": X})[0], run_ort(out, {"x": X})[0])
+
+
+def test_large_weights_switch_to_external_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "PROTO_WEIGHT_LIMIT_BYTES", 100)
+    model = graphopt.load(_proto(weight_rows=64))
+
+    out = graphopt.save(model, tmp_path / "out.onnx")
+
+    assert (tmp_path / "out.onnx.data").stat().st_size == 64 * 8 * 4
+    np.testing.assert_array_equal(run_ort(_proto(weight_rows=64), {"x": X})[0], run_ort(out, {"x": X})[0])
+
+
+def test_small_model_with_external_data_writes_no_empty_data_file(tmp_path):
+    source = _write(_proto(), tmp_path / "in.onnx", external=True)
+
+    out = graphopt.save(graphopt.load(source), tmp_path / "out.onnx")
+
+    assert not (tmp_path / "out.onnx.data").exists()
+    np.testing.assert_array_equal(run_ort(source, {"x": X})[0], run_ort(out, {"x": X})[0])
+
+
+def test_save_refuses_to_overwrite_the_input_model(tmp_path):
+    source = _write(_proto(), tmp_path / "in.onnx")
+    before = source.read_bytes()
+
+    with pytest.raises(ModelSaveError, match="refusing to overwrite"):
+        graphopt.save(graphopt.load(source), source)
+
+    assert source.read_bytes() == before
+
+
+def test_save_refuses_output_whose_data_file_is_the_inputs_external_data(tmp_path):
+    source = tmp_path / "in.onnx"
+    onnx.save_model(_proto(), source, save_as_external_data=True, location="out.onnx.data", size_threshold=0)
+    data_before = (tmp_path / "out.onnx.data").read_bytes()
+
+    with pytest.raises(ModelSaveError, match="out.onnx.data"):
+        graphopt.save(graphopt.load(source), tmp_path / "out.onnx")
+
+    assert (tmp_path / "out.onnx.data").read_bytes() == data_before
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_failed_save_leaves_existing_output_and_no_temp_files(tmp_path, monkeypatch):
+    target = tmp_path / "out.onnx"
+    target.write_bytes(b"previous result")
+    model = graphopt.load(_proto())
+
+    def broken_save(*args, **kwargs):
+        Path(args[1]).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ir, "save", broken_save)
+    with pytest.raises(ModelSaveError, match="No space left"):
+        graphopt.save(model, target)
+
+    assert target.read_bytes() == b"previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+
+
+def test_save_leaves_no_temp_files_and_model_unchanged(tmp_path):
+    model = graphopt.load(_proto())
+    before = ir.to_proto(model).SerializeToString()
+
+    graphopt.save(model, tmp_path / "out.onnx")
+
+    assert sorted(os.listdir(tmp_path)) == ["out.onnx"]
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+@pytest.mark.skipif(shutil.disk_usage("/tmp").free < 12 * 2**30, reason="needs 12 GiB of free disk for a >2 GiB model")
+def test_model_over_2gib_loads_memory_mapped_and_saves_with_external_data(tmp_path):
+    # Three 768 MiB zero-filled weights in a sparse data file: 2.25 GiB in all,
+    # beyond what one protobuf can hold.
+    rows = 768 * 2**20 // (4 * 1024)
+    nodes, inits = [], []
+    offset = 0
+    for i in range(3):
+        tensor = onnx.TensorProto(name=f"W{i}", data_type=onnx.TensorProto.FLOAT, dims=[rows, 1024])
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", "big.bin"), ("offset", str(offset)), ("length", str(rows * 1024 * 4))):
+            tensor.external_data.add(key=key, value=value)
+        offset += rows * 1024 * 4
+        inits.append(tensor)
+        nodes.append(onnx.helper.make_node("ReduceSum", [f"W{i}"], [f"s{i}"], keepdims=0))
+    nodes.append(onnx.helper.make_node("Sum", ["s0", "s1", "s2"], ["y"]))
+    graph = onnx.helper.make_graph(nodes, "big", [], [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [])], inits)
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    with open(tmp_path / "big.bin", "wb") as handle:
+        handle.truncate(offset)
+    onnx.save(proto, tmp_path / "big.onnx")
+
+    model = graphopt.load(tmp_path / "big.onnx")
+    result = graphopt.run_pipeline(model, "lift-constants,dce,toposort")
+    out = graphopt.save(result.model, tmp_path / "out" / "big.onnx")
+
+    assert all(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    assert (tmp_path / "out" / "big.onnx.data").stat().st_size == offset
+    assert out.stat().st_size < 1_000_000
+    onnx.checker.check_model(str(out), full_check=True)

@@ -1,0 +1,73 @@
+"""Helpers for tests: run models through onnxruntime and compare outputs."""
+
+from __future__ import annotations
+
+__all__ = [
+    "LOSSLESS_RTOL",
+    "LOSSLESS_ATOL",
+    "run_ort",
+    "assert_same_outputs",
+    "assert_second_run_changes_nothing",
+    "check_full",
+    "parse",
+    "to_proto",
+]
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+# The lossless-pass contract in shared/DESIGN.md.
+LOSSLESS_RTOL = 1e-5
+LOSSLESS_ATOL = 1e-6
+
+
+def parse(text: str) -> ir.Model:
+    """An IR model from onnx's textual syntax."""
+    return ir.serde.deserialize_model(onnx.parser.parse_model(text))
+
+
+def to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
+    return model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
+
+
+def run_ort(model: ir.Model | onnx.ModelProto | str | os.PathLike[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Runs the model on CPU with all graph optimizations off, so what is compared is the graph itself."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    source = str(model) if isinstance(model, (str, os.PathLike)) else to_proto(model).SerializeToString()
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def assert_same_outputs(
+    expected: list[np.ndarray], actual: list[np.ndarray], *, rtol: float = LOSSLESS_RTOL, atol: float = LOSSLESS_ATOL
+) -> None:
+    assert len(expected) == len(actual)
+    for want, got in zip(expected, actual):
+        assert want.shape == got.shape and want.dtype == got.dtype
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
+def check_full(model: ir.Model | onnx.ModelProto | Path) -> None:
+    """onnx.checker with full_check (shape inference included)."""
+    onnx.checker.check_model(str(model) if isinstance(model, Path) else to_proto(model), full_check=True)
+
+
+def assert_second_run_changes_nothing(model: ir.Model, pipeline: str) -> None:
+    """Idempotence: after one run, a second reports no change and leaves identical bytes."""
+    from graphopt import run_pipeline
+
+    run_pipeline(model, pipeline)
+    before = to_proto(model).SerializeToString()
+
+    again = run_pipeline(model, pipeline)
+
+    assert again.modified is False
+    assert to_proto(model).SerializeToString() == before
