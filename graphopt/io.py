@@ -26,6 +26,7 @@ import onnx_ir as ir
 
 from graphopt import stats
 from graphopt.errors import ModelLoadError, ModelSaveError, first_line
+from graphopt.gcpause import gc_paused
 from graphopt.graphs import iter_graphs
 
 if TYPE_CHECKING:
@@ -116,7 +117,8 @@ def save(model: ir.Model, path: str | os.PathLike[str], *, external_data: bool |
     data_name = f"{target.name}.data" if external_data else None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(model, target, data_name)
+        with gc_paused():
+            _write_atomically(model, target, data_name)
     except OSError as exc:
         raise ModelSaveError(f"cannot write {target}: {exc.strerror or exc}") from exc
     logger.debug("saved %s (external data: %s)", target, data_name)
@@ -144,7 +146,8 @@ def _load_path(path: Path) -> ir.Model:
     if not path.is_file():
         raise ModelLoadError(f"not a file: {path}")
     try:
-        model = ir.load(path)
+        with gc_paused():
+            model = ir.load(path)
     except Exception as exc:  # protobuf and onnx raise many unrelated types
         raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
     _check_has_graph(model, str(path))
@@ -155,7 +158,8 @@ def _load_path(path: Path) -> ir.Model:
 
 def _from_proto(proto: onnx.ModelProto, *, origin: str) -> ir.Model:
     try:
-        model = ir.serde.deserialize_model(proto)
+        with gc_paused():
+            model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # malformed protos fail deep inside the deserializer
         raise ModelLoadError(f"{origin}: not a valid ONNX model ({first_line(exc)})") from exc
     _check_has_graph(model, origin)

@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from graphopt import checks, stats
 from graphopt.errors import GraphoptError, PassCheckError
+from graphopt.gcpause import gc_paused
 from graphopt.ledger import Ledger, LedgerRow
 from graphopt.registry import PassFactory, available_passes, create_pass, resolved_options
 from graphopt.spec import PassSpec, load_recipe, parse_spec
@@ -112,7 +113,8 @@ def run_pipeline(
         for index, step in enumerate(steps)
     ]
     try:
-        result = ir.passes.Sequential(*wrapped)(model)
+        with gc_paused():
+            result = ir.passes.Sequential(*wrapped)(model)
     except ir.passes.PassError as exc:
         # Sequential wraps everything in PassError; errors about the user's
         # model or options surface as themselves, bugs keep the full chain.
