@@ -41,6 +41,9 @@ def _assemble(text: str, weights: dict[str, np.ndarray], *, as_constants: bool =
         The assembled model.
     """
     model = onnx.parser.parse_model(_HEADER + text)
+    # Named nodes, so that validation reports can point at "gemm_h", not at "".
+    for node in model.graph.node:
+        node.name = node.name or f"{node.op_type.lower()}_{node.output[0]}"
     tensors = [numpy_helper.from_array(array, name) for name, array in weights.items()]
     if as_constants:
         nodes = [onnx.helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t) for t in tensors]

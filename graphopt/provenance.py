@@ -1,0 +1,42 @@
+"""Name provenance: which original tensor a rewritten tensor stands for.
+
+A pass that replaces a tensor the user could compare against, and cannot keep
+its name, calls :func:`record`. The mapping lives in model metadata under
+``graphopt.provenance`` as JSON, so it survives save/load and lets validation
+align intermediate tensors of the original and the rewritten model.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PROVENANCE_KEY", "record", "read"]
+
+import json
+
+import onnx_ir as ir
+
+PROVENANCE_KEY = "graphopt.provenance"
+
+
+def read(model: ir.Model) -> dict[str, str]:
+    """The ``new_name -> original_name`` mapping recorded in the model (empty if none)."""
+    text = model.metadata_props.get(PROVENANCE_KEY)
+    if not text:
+        return {}
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(mapping, dict):
+        return {}
+    return {str(new): str(old) for new, old in mapping.items()}
+
+
+def record(model: ir.Model, new_name: str, original_name: str) -> None:
+    """Records that ``new_name`` now computes what ``original_name`` computed.
+
+    Chains collapse: if ``original_name`` was itself a rename, the entry points
+    at the name in the model the user started from.
+    """
+    mapping = read(model)
+    mapping[new_name] = mapping.get(original_name, original_name)
+    model.metadata_props[PROVENANCE_KEY] = json.dumps(mapping, sort_keys=True)
