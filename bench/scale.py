@@ -52,7 +52,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
+
+from cli_args import OneLineParser, positive_int  # bench/ is on sys.path when run as a script
 
 # Only the standard library at module level: each worker imports just what its
 # tool needs, so its peak RSS holds no other tool's modules.
@@ -417,13 +419,6 @@ def _compare_outputs(source: Path, out: Path) -> str:
 # Command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, not argparse's usage block: callers grep for it.
-        print(f"scale.py: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def _sizes(text: str) -> list[int]:
     try:
         sizes = sorted({int(part) for part in text.split(",") if part.strip()})
@@ -434,20 +429,10 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-def _repeats(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _Parser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=_sizes, default=list(DEFAULT_SIZES), help="comma-separated node counts")
-    parser.add_argument("--repeats", type=_repeats, default=3, help="runs per tool and size (default 3)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="runs per tool and size (default 3)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)

@@ -1,8 +1,8 @@
-"""The ``graphopt`` command line: optimize, inspect, passes.
+"""The ``graphopt`` command line: optimize, validate, inspect, passes.
 
-Exit codes: 0 ok; 1 a check failed (a pass produced an invalid model); 2 bad
-input or usage, reported as one line on stderr. ``--debug`` adds tracebacks
-and debug logging.
+Exit codes: 0 ok; 1 a check failed (fidelity outside tolerance, or a pass
+produced an invalid model); 2 bad input or usage, reported as one line on
+stderr. ``--debug`` adds tracebacks and debug logging.
 """
 
 from __future__ import annotations
@@ -20,12 +20,17 @@ from pathlib import Path
 import onnx_ir as ir
 
 from graphopt import io
+from graphopt.bisect import bisect_pipeline
 from graphopt.errors import GraphoptError, PassCheckError, first_line
 from graphopt.ledger import format_bytes
+from graphopt.metrics import Tolerance
 from graphopt.pipeline import run_pipeline
 from graphopt.progress import StepProgress
 from graphopt.registry import available_passes, pass_options
+from graphopt.report import FidelityReport
+from graphopt.spec import PassSpec, load_recipe, parse_spec
 from graphopt.summary import summarize
+from graphopt.validate import validate
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_PIPELINE = "lift-constants,dce,toposort"
@@ -68,7 +73,19 @@ def _build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--check-each-pass", action="store_true", help="run onnx.checker and onnxruntime after every pass")
     optimize.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto", help="store weights in OUTPUT.data (default: as the input did, or when over 2 GB)")
     optimize.add_argument("--ledger", type=Path, metavar="FILE", help="also write the pass ledger as JSON")
+    optimize.add_argument("--calib-data", type=Path, metavar="PATH", help=".npz file or folder of .npz feed dicts (also used by --validate)")
+    optimize.add_argument("--validate", metavar="PROVIDERS", help="validate the result against the input on these providers, e.g. cpu,cuda")
+    optimize.add_argument("--bisect", action="store_true", help="with --validate: on failure, name the first pass that breaks the tolerance")
+    _add_fidelity_arguments(optimize)
     optimize.set_defaults(handler=_optimize)
+
+    check = commands.add_parser("validate", help="compare a rewritten model against its original through onnxruntime")
+    check.add_argument("reference", type=Path, help="the original model")
+    check.add_argument("candidate", type=Path, help="the rewritten model")
+    check.add_argument("--data", type=Path, metavar="PATH", help=".npz file or folder of .npz feed dicts (default: synthesized feeds)")
+    check.add_argument("--providers", default="cpu", metavar="LIST", help="comma-separated: cpu, cuda (default: cpu)")
+    _add_fidelity_arguments(check)
+    check.set_defaults(handler=_validate)
 
     inspect = commands.add_parser("inspect", help="describe a model: ops, sizes, opsets, inputs, bad weights")
     inspect.add_argument("input", type=Path)
@@ -80,9 +97,74 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_fidelity_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("fidelity")
+    group.add_argument("--atol", type=float, help="absolute tolerance (default with --rtol: 1e-4 / 1e-3)")
+    group.add_argument("--rtol", type=float, help="relative tolerance")
+    group.add_argument("--min-cosine", type=float, help="pass when each output's cosine similarity is at least this")
+    group.add_argument("--min-snr", type=float, metavar="DB", help="pass when each output's SNR is at least this many dB")
+    group.add_argument("--samples", type=int, default=8, help="synthesized samples when no data is given (default 8)")
+    group.add_argument("--seed", type=int, default=0, help="seed of synthesized samples")
+    group.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS", help="dynamic input shape, e.g. x:1x3x224x224 (repeatable)")
+    group.add_argument("--per-layer", action="store_true", help="localize the first drifting intermediate tensors")
+    group.add_argument("--latency", action="store_true", help="compare median CPU latency (interleaved runs)")
+    group.add_argument("--exact", action="store_true", help="disable onnxruntime graph optimizations")
+    group.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    group.add_argument("--require-providers", action="store_true", help="fail (exit 2) if a requested provider is unavailable")
+    group.add_argument("--report", type=Path, metavar="FILE", help="write the fidelity report as JSON")
+    group.add_argument("--report-md", type=Path, metavar="FILE", help="write the report as Markdown (plots with the plots extra)")
+    group.add_argument("--report-html", type=Path, metavar="FILE", help="write the report as HTML (plots with the plots extra)")
+
+
+def _tolerance(args: argparse.Namespace) -> Tolerance:
+    try:
+        return Tolerance(atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine, min_snr_db=args.min_snr)
+    except ValueError as exc:
+        raise GraphoptError(str(exc)) from exc
+
+
+def _validation_options(args: argparse.Namespace, providers: str) -> dict[str, object]:
+    if args.samples < 1:
+        raise GraphoptError("--samples must be at least 1")
+    return {
+        "providers": [name.strip() for name in providers.split(",") if name.strip()],
+        "tolerance": _tolerance(args),
+        "samples": args.samples,
+        "seed": args.seed,
+        "shapes": args.shape,
+        "optimization": "none" if args.exact else "full",
+        "threads": args.threads,
+        "require_providers": args.require_providers,
+    }
+
+
+def _validate(args: argparse.Namespace) -> int:
+    options = _validation_options(args, args.providers)
+    report = validate(args.reference, args.candidate, args.data, per_layer=args.per_layer, latency=args.latency, **options)
+    return _finish_report(args, report)
+
+
+def _finish_report(args: argparse.Namespace, report: FidelityReport) -> int:
+    print(report.to_text())
+    for path, render in ((args.report, report.to_json), (args.report_md, report.to_markdown), (args.report_html, report.to_html)):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(render() + ("\n" if path.suffix == ".json" else ""), encoding="utf-8")
+    return EXIT_OK if report.passed else EXIT_CHECK_FAILED
+
+
+def _pipeline_steps(args: argparse.Namespace) -> list[PassSpec]:
+    if args.recipe is not None:
+        return load_recipe(args.recipe)
+    return parse_spec(args.passes or DEFAULT_PIPELINE)
+
+
 def _optimize(args: argparse.Namespace) -> int:
-    pipeline: str | Path = args.recipe if args.recipe is not None else (args.passes or DEFAULT_PIPELINE)
+    pipeline = _pipeline_steps(args)
     _refuse_same_file(args.input, args.output)
+    if args.bisect and not args.validate:
+        raise GraphoptError("--bisect needs --validate")
+    options = _validation_options(args, args.validate) if args.validate else None
     progress = StepProgress()
     start = time.perf_counter()
     model = io.load(args.input)
@@ -99,7 +181,14 @@ def _optimize(args: argparse.Namespace) -> int:
     )
     if args.ledger is not None:
         args.ledger.write_text(json.dumps(result.ledger.to_dicts(), indent=2) + "\n", encoding="utf-8")
-    return EXIT_OK
+    if options is None:
+        return EXIT_OK
+    print()
+    report = validate(args.input, written, args.calib_data, per_layer=args.per_layer, latency=args.latency, **options)
+    report.ledger = result.ledger.to_dicts()
+    if not report.passed and args.bisect:
+        report.bisection = bisect_pipeline(args.input, pipeline, lambda model: validate(args.input, model, args.calib_data, **options))
+    return _finish_report(args, report)
 
 
 def _inspect(args: argparse.Namespace) -> int:

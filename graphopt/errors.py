@@ -13,6 +13,7 @@ __all__ = [
     "PipelineSpecError",
     "PassCheckError",
     "InvalidModelError",
+    "DataError",
     "first_line",
 ]
 
@@ -39,6 +40,10 @@ class InvalidModelError(GraphoptError):
 
 class PassCheckError(GraphoptError):
     """A pass produced a model that onnx.checker or onnxruntime rejects."""
+
+
+class DataError(GraphoptError):
+    """Feeds or data files do not match the model."""
 
 
 def first_line(exc: BaseException) -> str:

@@ -1,0 +1,193 @@
+"""Per-layer localization: where, in topological order, the candidate starts to drift.
+
+Both models are run with intermediate tensors exposed as extra outputs, and
+each candidate tensor is compared with the reference tensor it stands for:
+
+- the tensor of the same name;
+- the name recorded by a pass under ``graphopt.provenance`` (a rewrite that
+  could not keep the name);
+- for a DequantizeLinear output, the float tensor it quantizes: the input of
+  the matching QuantizeLinear for activations, or, for a weight, the original
+  initializer named by provenance. This shows each QDQ pair's own error.
+
+Memory stays bounded: one sample at a time, and tensors are exposed in
+chunks of ``chunk_size`` so a big model never materializes all its
+activations at once.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TensorPair", "LayerResult", "LayerReport", "tensor_pairs", "localize"]
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt import provenance
+from graphopt.data import Feeds
+from graphopt.metrics import ComparisonResult, OutputComparator, Tolerance
+from graphopt.runtime import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class TensorPair:
+    """A candidate tensor and the reference tensor it should match."""
+
+    reference: str
+    candidate: str
+    node: str
+    op: str
+    reference_is_weight: bool = False
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    pair: TensorPair
+    result: ComparisonResult
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reference_tensor": self.pair.reference,
+            "candidate_tensor": self.pair.candidate,
+            "node": self.pair.node,
+            "op": self.pair.op,
+            **{key: value for key, value in self.result.to_dict().items() if key != "name"},
+        }
+
+
+@dataclass
+class LayerReport:
+    """All compared tensors in candidate topological order, and the first that drift."""
+
+    provider: str
+    samples: int
+    layers: list[LayerResult] = field(default_factory=list)
+    limit: int = 5
+
+    @property
+    def first_divergent(self) -> list[LayerResult]:
+        return [layer for layer in self.layers if not layer.result.passed][: self.limit]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "samples": self.samples,
+            "compared": len(self.layers),
+            "first_divergent": [layer.to_dict() for layer in self.first_divergent],
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+
+def tensor_pairs(reference: ir.Model, candidate: ir.Model) -> list[TensorPair]:
+    """Candidate main-graph tensors that have a reference counterpart, in candidate order."""
+    ref_values = {value.name for node in reference.graph for value in node.outputs if value.name}
+    ref_weights = set(reference.graph.initializers)
+    renamed = provenance.read(candidate)
+    pairs = []
+    for node in candidate.graph:
+        for value in node.outputs:
+            if not value.name:
+                continue
+            target, is_weight = _reference_name(node, value, renamed, ref_values, ref_weights)
+            if target is not None:
+                pairs.append(TensorPair(target, value.name, node.name or "", node.op_type, is_weight))
+    return pairs
+
+
+def _reference_name(
+    node: ir.Node, value: ir.Value, renamed: dict[str, str], ref_values: set[str], ref_weights: set[str]
+) -> tuple[str | None, bool]:
+    name = renamed.get(value.name, value.name)
+    if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and node.inputs[0] is not None:
+        quantized = node.inputs[0]
+        producer = quantized.producer()
+        if producer is not None and producer.op_type == "QuantizeLinear" and producer.inputs[0] is not None:
+            source = producer.inputs[0].name or ""
+            name = renamed.get(source, source)
+        elif quantized.const_value is not None:
+            # A quantized weight: the pass records which float weight it replaced.
+            name = renamed.get(value.name) or renamed.get(quantized.name or "", "")
+            return (name, True) if name in ref_weights else (None, False)
+    if name in ref_values:
+        return name, False
+    return None, False
+
+
+def localize(
+    reference: ir.Model | str | os.PathLike[str],
+    candidate: ir.Model | str | os.PathLike[str],
+    samples: Sequence[Feeds],
+    *,
+    tolerance: Tolerance,
+    provider: str = "cpu",
+    optimization: str = "full",
+    threads: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    limit: int = 5,
+) -> LayerReport:
+    """Compares every aligned intermediate tensor on the given samples.
+
+    Args:
+        reference: The original model (path or IR).
+        candidate: The rewritten model (path or IR).
+        samples: Feed dicts; a few suffice (validation passes the worst one).
+        tolerance: Applied to each tensor as to the outputs.
+        provider: Execution provider name, as in graphopt.runtime.
+        optimization: onnxruntime graph optimization level name.
+        threads: intra-op threads; None lets onnxruntime decide.
+        chunk_size: Tensors exposed per session; bounds activation memory.
+        limit: How many first divergent tensors the report lists.
+    """
+    from graphopt import io
+
+    ref_model, cand_model = io.load(reference), io.load(candidate)
+    pairs = tensor_pairs(ref_model, cand_model)
+    report = LayerReport(provider=provider, samples=len(samples), limit=limit)
+    for start in range(0, len(pairs), chunk_size):
+        chunk = pairs[start : start + chunk_size]
+        comparators = _compare_chunk(ref_model, reference, candidate, chunk, samples, tolerance, provider, optimization, threads)
+        report.layers.extend(LayerResult(pair, comparator.result()) for pair, comparator in zip(chunk, comparators))
+    logger.debug("localize: compared %d tensors, %d diverge", len(report.layers), len(report.first_divergent))
+    return report
+
+
+def _compare_chunk(
+    ref_model: ir.Model,
+    reference: Any,
+    candidate: Any,
+    chunk: list[TensorPair],
+    samples: Iterable[Feeds],
+    tolerance: Tolerance,
+    provider: str,
+    optimization: str,
+    threads: int | None,
+) -> list[OutputComparator]:
+    ref_names = list(dict.fromkeys(p.reference for p in chunk if not p.reference_is_weight))
+    cand_names = list(dict.fromkeys(p.candidate for p in chunk))
+    comparators = [OutputComparator(pair.candidate, tolerance) for pair in chunk]
+    options = {"optimization": optimization, "threads": threads}
+    with ModelRunner(reference, provider, extra_outputs=ref_names, **options) as ref_runner, ModelRunner(
+        candidate, provider, extra_outputs=cand_names, **options
+    ) as cand_runner:
+        for feeds in samples:
+            ref_out = ref_runner.run({k: v for k, v in feeds.items() if k in ref_runner.input_names})
+            cand_out = cand_runner.run({k: v for k, v in feeds.items() if k in cand_runner.input_names})
+            for pair, comparator in zip(chunk, comparators):
+                expected = _weight(ref_model, pair.reference) if pair.reference_is_weight else ref_out[pair.reference]
+                comparator.update(expected, cand_out[pair.candidate])
+    return comparators
+
+
+def _weight(model: ir.Model, name: str) -> np.ndarray:
+    tensor = model.graph.initializers[name].const_value
+    assert tensor is not None  # tensor_pairs only pairs readable initializers
+    return tensor.numpy()

@@ -1,0 +1,325 @@
+"""Compare a reference output with a candidate output, one sample at a time.
+
+:class:`OutputComparator` keeps running sums, never the samples, so the
+statistics over many samples cost the memory of one. All arithmetic is in
+float64 on the flattened arrays (integer and bool outputs are cast too), over
+all samples together:
+
+- ``max_abs = max|c - r|``, ``mean_abs = mean|c - r|``;
+- ``rel_l2 = ||c - r|| / ||r||`` (0 when ``c == r``; inf when ``||r|| = 0 != ||c - r||``);
+- ``cosine = <r, c> / (||r|| ||c||)`` (1 when both are all zero, 0 when exactly one is);
+- ``snr_db = 10 log10(||r||^2 / ||c - r||^2)`` (inf when ``c == r``, -inf when ``r`` is
+  all zero and ``c`` is not);
+- ``violations``: elements with ``|c - r| > atol + rtol * |r|`` (numpy's isclose rule),
+  counted only when the tolerance uses atol or rtol.
+
+NaN and Inf: positions where both sides are NaN, or both the same infinity,
+agree; they are left out of the statistics above (``elements`` still counts
+them). Any other position with a NaN or Inf on either side is a mismatch: it
+stays in the statistics (which then read nan or inf) and fails the comparison.
+
+Classifier-shaped outputs, float ``(N, C)`` or ``(N, C, 1, 1)`` with ``C >= 2``
+in every sample, also get ``top1`` (fraction of rows whose argmax agrees) and,
+when ``C >= 5``, ``top5`` (fraction of rows whose reference argmax is among the
+candidate's five largest).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DEFAULT_ATOL",
+    "DEFAULT_RTOL",
+    "Tolerance",
+    "ComparisonResult",
+    "OutputComparator",
+    "compare_arrays",
+]
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# onnxruntime's graph optimizations fuse and reorder float math, so two
+# correct float32 models rarely agree bit for bit; lossless passes are held to
+# the tighter 1e-6 / 1e-5 in their own tests.
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass criteria for one output; every criterion that is set must hold.
+
+    With all four left as None, the default applies: ``atol=1e-4, rtol=1e-3``
+    (:data:`DEFAULT_ATOL`, :data:`DEFAULT_RTOL`). It is not bit-exactness
+    because onnxruntime's graph optimizations reorder float math; the
+    lossless passes are tested at ``atol=1e-6, rtol=1e-5``. Setting only one
+    of atol and rtol makes the other 0.
+
+    Attributes:
+        atol: Absolute tolerance of ``|c - r| <= atol + rtol * |r|``.
+        rtol: Relative tolerance of the same rule.
+        min_cosine: Lowest accepted cosine similarity, in [-1, 1].
+        min_snr_db: Lowest accepted signal-to-noise ratio in dB, >= 0.
+
+    Raises:
+        ValueError: A value is NaN or negative, or min_cosine is outside [-1, 1].
+    """
+
+    atol: float | None = None
+    rtol: float | None = None
+    min_cosine: float | None = None
+    min_snr_db: float | None = None
+
+    def __post_init__(self) -> None:
+        if all(v is None for v in (self.atol, self.rtol, self.min_cosine, self.min_snr_db)):
+            object.__setattr__(self, "atol", DEFAULT_ATOL)
+            object.__setattr__(self, "rtol", DEFAULT_RTOL)
+        for label, value in (("atol", self.atol), ("rtol", self.rtol), ("min_snr_db", self.min_snr_db)):
+            if value is not None and not value >= 0:  # also rejects NaN
+                raise ValueError(f"{label} must be a number >= 0, got {value}")
+        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
+            raise ValueError(f"min_cosine must lie in [-1, 1], got {self.min_cosine}")
+
+    @property
+    def uses_allclose(self) -> bool:
+        """Whether the elementwise ``atol + rtol * |r|`` rule is in use."""
+        return self.atol is not None or self.rtol is not None
+
+    def describe(self) -> str:
+        """One line such as ``"atol=0.0001, rtol=0.001"`` or ``"cosine >= 0.99"``."""
+        parts = []
+        if self.atol is not None:
+            parts.append(f"atol={self.atol:g}")
+        if self.rtol is not None:
+            parts.append(f"rtol={self.rtol:g}")
+        if self.min_cosine is not None:
+            parts.append(f"cosine >= {self.min_cosine:g}")
+        if self.min_snr_db is not None:
+            parts.append(f"SNR >= {self.min_snr_db:g} dB")
+        return ", ".join(parts)
+
+
+@dataclass
+class ComparisonResult:
+    """Statistics of one output over all samples, and the verdict (see the module docstring)."""
+
+    name: str
+    samples: int
+    elements: int
+    max_abs: float
+    mean_abs: float
+    rel_l2: float
+    cosine: float
+    snr_db: float
+    nan_reference: int
+    inf_reference: int
+    nan_candidate: int
+    inf_candidate: int
+    violations: int
+    top1: float | None
+    top5: float | None
+    passed: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict: non-finite floats become the strings ``"inf"``, ``"-inf"``, ``"nan"``."""
+        return {key: _json_float(value) for key, value in dataclasses.asdict(self).items()}
+
+
+class OutputComparator:
+    """Accumulates one output's statistics across samples without keeping the samples."""
+
+    def __init__(self, name: str, tolerance: Tolerance) -> None:
+        self.name = name
+        self.tolerance = tolerance
+        self._samples = 0
+        self._elements = 0
+        self._counted = 0  # positions that enter the numeric statistics
+        self._max_abs = 0.0
+        self._sums = np.zeros(5)  # |d|, r.r, c.c, r.c, d.d
+        self._violations = 0
+        self._nonfinite = np.zeros(4, dtype=np.int64)  # nan ref, inf ref, nan cand, inf cand
+        self._candidate_only = {"NaN": 0, "Inf": 0}
+        self._reference_only = 0
+        self._shape_error = ""
+        self._rows = 0
+        self._top1_hits = 0
+        self._top5_hits: int | None = 0
+        self._classifier = True
+
+    def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        """Adds one sample's pair of arrays to the running statistics."""
+        self._samples += 1
+        reference, candidate = np.asarray(reference), np.asarray(candidate)
+        if reference.shape != candidate.shape:
+            self._classifier = False
+            if not self._shape_error:
+                self._shape_error = f"shape {_shape(candidate.shape)} != reference {_shape(reference.shape)}"
+            return
+        self._update_classification(reference, candidate)
+        ref = reference.astype(np.float64, copy=False).ravel()
+        cand = candidate.astype(np.float64, copy=False).ravel()
+        self._elements += ref.size
+        if not (np.isfinite(ref).all() and np.isfinite(cand).all()):
+            ref, cand = self._split_nonfinite(ref, cand)
+        self._accumulate(ref, cand)
+
+    def result(self) -> ComparisonResult:
+        """The statistics and verdict so far; the comparator can keep accumulating."""
+        abs_sum, rr, cc, rc, dd = (float(v) for v in self._sums)
+        failures = self._failures(_cosine(rr, cc, rc), _snr_db(rr, dd))
+        nan_ref, inf_ref, nan_cand, inf_cand = (int(v) for v in self._nonfinite)
+        rows = self._rows if self._classifier else 0
+        return ComparisonResult(
+            name=self.name,
+            samples=self._samples,
+            elements=self._elements,
+            max_abs=self._max_abs,
+            mean_abs=abs_sum / self._counted if self._counted else 0.0,
+            rel_l2=_rel_l2(rr, dd),
+            cosine=_cosine(rr, cc, rc),
+            snr_db=_snr_db(rr, dd),
+            nan_reference=nan_ref,
+            inf_reference=inf_ref,
+            nan_candidate=nan_cand,
+            inf_candidate=inf_cand,
+            violations=self._violations,
+            top1=self._top1_hits / rows if rows else None,
+            top5=self._top5_hits / rows if rows and self._top5_hits is not None else None,
+            passed=not failures,
+            reason="; ".join(failures),
+        )
+
+    def _split_nonfinite(self, ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Counts NaN/Inf per side and returns the positions that are not agreeing non-finite pairs."""
+        ref_nan, cand_nan = np.isnan(ref), np.isnan(cand)
+        ref_inf, cand_inf = np.isinf(ref), np.isinf(cand)
+        self._nonfinite += [ref_nan.sum(), ref_inf.sum(), cand_nan.sum(), cand_inf.sum()]
+        agree = (ref_nan & cand_nan) | (ref_inf & (ref == cand))
+        self._candidate_only["NaN"] += int((cand_nan & ~ref_nan).sum())
+        self._candidate_only["Inf"] += int((cand_inf & ~agree).sum())
+        self._reference_only += int((~np.isfinite(ref) & np.isfinite(cand)).sum())
+        keep = ~agree
+        return ref[keep], cand[keep]
+
+    def _accumulate(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        if ref.size == 0:
+            return
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = cand - ref
+            abs_diff = np.abs(diff)
+            self._max_abs = float(np.maximum(self._max_abs, abs_diff.max()))  # np.maximum keeps NaN
+            self._sums += [abs_diff.sum(), ref @ ref, cand @ cand, ref @ cand, diff @ diff]
+            if self.tolerance.uses_allclose:
+                bound = (self.tolerance.atol or 0.0) + (self.tolerance.rtol or 0.0) * np.abs(ref)
+                self._violations += int(np.count_nonzero(~(abs_diff <= bound)))  # NaN counts as a violation
+        self._counted += ref.size
+
+    def _update_classification(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        shape = reference.shape
+        is_classifier = (
+            reference.dtype.kind == "f"
+            and (len(shape) == 2 or (len(shape) == 4 and shape[2:] == (1, 1)))
+            and shape[1] >= 2
+        )
+        if not is_classifier:
+            self._classifier = False
+            return
+        ref = reference.reshape(shape[0], shape[1])
+        cand = candidate.reshape(shape[0], shape[1])
+        expected = ref.argmax(axis=1)
+        self._rows += shape[0]
+        self._top1_hits += int((cand.argmax(axis=1) == expected).sum())
+        if shape[1] < 5 or self._top5_hits is None:
+            self._top5_hits = None
+            return
+        top5 = np.argpartition(-cand, 4, axis=1)[:, :5]
+        self._top5_hits += int((top5 == expected[:, None]).any(axis=1).sum())
+
+    def _failures(self, cosine: float, snr_db: float) -> list[str]:
+        if self._samples == 0:
+            return ["no samples compared"]
+        if self._shape_error:
+            return [self._shape_error]
+        failures = [f"{kind} in candidate only ({_elements(n)})" for kind, n in self._candidate_only.items() if n]
+        if self._reference_only:
+            failures.append(f"NaN/Inf in reference only ({_elements(self._reference_only)})")
+        if failures:  # the statistics below read nan or inf then; they would only repeat the cause
+            return failures
+        tol = self.tolerance
+        if tol.uses_allclose and self._violations:
+            limits = ", ".join(f"{k}={v:g}" for k, v in (("atol", tol.atol), ("rtol", tol.rtol)) if v is not None)
+            failures.append(f"{_elements(self._violations)} beyond {limits} (max abs {self._max_abs:.3g})")
+        if tol.min_cosine is not None and not cosine >= tol.min_cosine:
+            failures.append(f"cosine {_below(cosine, tol.min_cosine)}")
+        if tol.min_snr_db is not None and not snr_db >= tol.min_snr_db:
+            failures.append(f"SNR {_below(snr_db, tol.min_snr_db)} dB")
+        return failures
+
+
+def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance) -> ComparisonResult:
+    """Compares one pair of arrays: a comparator fed with a single sample."""
+    comparator = OutputComparator(name, tolerance)
+    comparator.update(reference, candidate)
+    return comparator.result()
+
+
+def _rel_l2(rr: float, dd: float) -> float:
+    if dd == 0.0:
+        return 0.0
+    if rr == 0.0:
+        return math.inf
+    return math.sqrt(dd) / math.sqrt(rr)
+
+
+def _cosine(rr: float, cc: float, rc: float) -> float:
+    if rr == 0.0 and cc == 0.0:
+        return 1.0
+    if rr == 0.0 or cc == 0.0:
+        return 0.0
+    with np.errstate(invalid="ignore"):
+        value = float(np.float64(rc) / (np.sqrt(rr) * np.sqrt(cc)))
+    return value if math.isnan(value) else min(1.0, max(-1.0, value))  # rounding can step past +-1
+
+
+def _snr_db(rr: float, dd: float) -> float:
+    if math.isnan(rr) or math.isnan(dd):
+        return math.nan
+    if dd == 0.0:
+        return math.inf
+    if rr == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(rr / dd)
+
+
+def _below(value: float, threshold: float) -> str:
+    """``"value < threshold"`` with enough digits that the two never print alike."""
+    for digits in range(3, 18):
+        shown = f"{value:.{digits}g}"
+        if shown != f"{threshold:.{digits}g}":
+            break
+    return f"{shown} < {threshold:g}"
+
+
+def _elements(count: int) -> str:
+    return f"{count} element" if count == 1 else f"{count} elements"
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ",".join(str(d) for d in shape) + ")"
+
+
+def _json_float(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value

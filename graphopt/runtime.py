@@ -1,0 +1,407 @@
+"""Everything that touches onnxruntime sessions: providers, options, runners, timing.
+
+Following Polygraphy's layering, this module only runs models; comparison and
+reporting live elsewhere. Three onnxruntime behaviours shape it:
+
+- Asking for a provider that is missing or cannot start does not fail: it warns
+  and silently runs on CPU. :func:`resolve_providers` therefore checks which
+  provider a tiny session really got, and reports the native loader's message
+  (written to file descriptor 2, never raised) as the reason.
+- Graph outputs may lack a type (onnxruntime infers it), so exposing
+  intermediate tensors needs no shape inference.
+- External data is read relative to the model file, so in-memory models are
+  written to a scratch folder and opened by path; >2 GB models work too.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PROVIDERS", "OPTIMIZATION_LEVELS", "ProviderStatus", "resolve_providers", "session_options",
+    "ModelRunner", "measure_latency",
+]
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+from graphopt import io, stats
+from graphopt.errors import GraphoptError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+OPTIMIZATION_LEVELS = {
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "full": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+_NOT_IN_BUILD = "{ort_name} is not in this onnxruntime build (install graphopt[cuda], i.e. onnxruntime-gpu)"
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+_NATIVE_LOG_LINE = re.compile(r"\[([EW]):onnxruntime:[^\]]*\]\s*(.*)")
+_ORT_ERROR_PREFIX = re.compile(r"^.*?\[ONNXRuntimeError\] : \d+ : \w+ : ")
+# Session-creation errors can dump whole nodes; a report line stays readable.
+_MESSAGE_LIMIT = 400
+# Above this many weight bytes, scratch copies store weights as external data.
+_INLINE_WEIGHT_LIMIT_BYTES = 16 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderStatus:
+    """Whether one execution provider can run models in this process.
+
+    Attributes:
+        name: graphopt's name for it, a key of :data:`PROVIDERS`.
+        ort_name: onnxruntime's name, e.g. ``CUDAExecutionProvider``.
+        available: True when a session really runs on it.
+        reason: Empty when available; otherwise one line saying why not.
+    """
+
+    name: str
+    ort_name: str
+    available: bool
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_providers(names: Sequence[str]) -> list[ProviderStatus]:
+    """Checks each named provider, in order; the probe runs once per process.
+
+    Raises:
+        GraphoptError: A name is not a key of :data:`PROVIDERS`.
+    """
+    for name in names:
+        if name not in PROVIDERS:
+            raise GraphoptError(f"unknown provider {name!r}; valid: {', '.join(PROVIDERS)}")
+    return [_probe(name) for name in names]
+
+
+@functools.cache
+def _probe(name: str) -> ProviderStatus:
+    ort_name = PROVIDERS[name]
+    if ort_name not in ort.get_available_providers():
+        return ProviderStatus(name, ort_name, False, _NOT_IN_BUILD.format(ort_name=ort_name))
+    if name == "cpu":
+        return ProviderStatus(name, ort_name, True)
+    reason = _probe_session(ort_name)
+    logger.debug("provider %s: %s", name, reason or "available")
+    return ProviderStatus(name, ort_name, not reason, reason)
+
+
+def _probe_session(ort_name: str) -> str:
+    """Runs an Identity model on the provider alone; returns why it failed, or ''."""
+    options = session_options(optimization="none")
+    with _native_stderr() as native, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            session = ort.InferenceSession(_identity_model(), options, providers=[ort_name])
+            used = session.get_providers()
+            if ort_name in used:
+                session.run(None, {"x": np.zeros(1, np.float32)})
+        except Exception as exc:  # onnxruntime raises its own unrelated types
+            return f"cannot start {ort_name}: {_ort_message(exc)}"
+    if ort_name in used:
+        return ""
+    detail = _native_reason("".join(native)) or next((_one_line(str(w.message)) for w in caught), "")
+    return f"{ort_name} could not start, so onnxruntime fell back to {', '.join(used)}" + (
+        f": {detail}" if detail else " (no CUDA device, driver or CUDA/cuDNN libraries)"
+    )
+
+
+def _identity_model() -> bytes:
+    text = '<ir_version: 8, opset_import: ["" : 13]> probe (float[1] x) => (float[1] y) { y = Identity(x) }'
+    return onnx.parser.parse_model(text).SerializeToString()
+
+
+@contextlib.contextmanager
+def _native_stderr() -> Iterator[list[str]]:
+    """Collects what native code writes to fd 2 in the block (appended on exit).
+
+    Only onnxruntime's C++ logger says why a provider library failed to load.
+    """
+    captured: list[str] = []
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 to borrow: run without capturing
+        yield captured
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace")
+            captured.append(text)
+            if text.strip():
+                logger.debug("onnxruntime native log during provider probe:\n%s", text)
+
+
+def _native_reason(text: str) -> str:
+    """The first error (else warning) message of onnxruntime's native log, plus its requirement hint."""
+    entries = [m.groups() for m in map(_NATIVE_LOG_LINE.search, _ANSI_ESCAPE.sub("", text).splitlines()) if m]
+    messages = [msg for level, msg in entries if level == "E"] or [msg for _, msg in entries]
+    if not messages:
+        return ""
+    reason = _ORT_ERROR_PREFIX.sub("", messages[0]).strip()
+    hints = [msg[msg.index("Require ") :].split(". ")[0] for _, msg in entries if "Require " in msg]
+    return _one_line(f"{reason} ({hints[0]})" if hints and hints[0] not in reason else reason)
+
+
+def session_options(*, optimization: str = "full", threads: int | None = None) -> ort.SessionOptions:
+    """onnxruntime options for one session.
+
+    Args:
+        optimization: A key of :data:`OPTIMIZATION_LEVELS`; ``"none"`` runs
+            the graph exactly as written.
+        threads: Intra-op threads, with inter-op pinned to 1 so that sessions
+            timed against each other share one parallelism. None: defaults.
+
+    Raises:
+        ValueError: Unknown level, or fewer than one thread.
+    """
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ValueError(f"unknown optimization level {optimization!r}; valid: {', '.join(OPTIMIZATION_LEVELS)}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+    options.log_severity_level = 3
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+class ModelRunner:
+    """One onnxruntime session for one model on one provider.
+
+    Attributes:
+        input_names: Required inputs (overridable initializers are accepted as feeds but not listed).
+        output_names: The model's outputs followed by the exposed extra ones.
+        provider: graphopt's provider name; label: how messages name the model.
+    """
+
+    def __init__(
+        self,
+        model: ir.Model | str | os.PathLike[str],
+        provider: str = "cpu",
+        *,
+        optimization: str = "full",
+        threads: int | None = None,
+        extra_outputs: Sequence[str] = (),
+    ) -> None:
+        """Opens the session.
+
+        Args:
+            model: An IR model (never modified) or a path to an ``.onnx`` file.
+            provider: A key of :data:`PROVIDERS`. CUDA sessions keep CPU as a
+                fallback so that ops without a CUDA kernel still run.
+            optimization: A key of :data:`OPTIMIZATION_LEVELS`.
+            threads: Intra-op threads; see :func:`session_options`.
+            extra_outputs: Names of main-graph node outputs to expose as
+                additional outputs, for per-layer comparison.
+
+        Raises:
+            GraphoptError: Unknown or unavailable provider, or onnxruntime
+                cannot open the model.
+            ValueError: Bad options, or an extra output that no main-graph
+                node produces.
+        """
+        options = session_options(optimization=optimization, threads=threads)
+        status = resolve_providers([provider])[0]
+        if not status.available:
+            raise GraphoptError(f"provider {provider} is unavailable: {status.reason}")
+        self.provider = provider
+        self.label = _label(model)
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        self._session: ort.InferenceSession | None = None
+        try:
+            path = self._materialize(model, extra_outputs)
+            self._session = _open_session(path, options, status.ort_name, self.label)
+        except BaseException:
+            self.close()
+            raise
+        self.input_names: list[str] = [arg.name for arg in self._session.get_inputs()]
+        self.output_names: list[str] = [arg.name for arg in self._session.get_outputs()]
+        self._optional_inputs = {arg.name for arg in self._session.get_overridable_initializers()}
+
+    @property
+    def scratch_dir(self) -> Path | None:
+        """The folder holding the written model, if one was needed and is still open."""
+        return Path(self._scratch.name) if self._scratch is not None else None
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs once and returns every output by name.
+
+        Raises:
+            GraphoptError: Missing or unexpected feed names, or onnxruntime
+                rejects the feeds (shape, type) or fails while running.
+        """
+        if self._session is None:
+            raise RuntimeError(f"the runner for {self.label} is closed")
+        self._check_feed_names(feeds)
+        try:
+            values = self._session.run(self.output_names, dict(feeds))
+        except InvalidArgument as exc:
+            raise GraphoptError(f"onnxruntime rejected the feeds for {self.label}: {_ort_message(exc)}") from exc
+        except Exception as exc:  # kernels fail with several unrelated types
+            raise GraphoptError(f"onnxruntime failed running {self.label}: {_ort_message(exc)}") from exc
+        return dict(zip(self.output_names, values))
+
+    def close(self) -> None:
+        """Releases the session and deletes the scratch folder; safe to call twice."""
+        # The session maps the scratch files, so it must go first.
+        self._session = None
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
+
+    def __enter__(self) -> ModelRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _materialize(self, model: ir.Model | str | os.PathLike[str], extra_outputs: Sequence[str]) -> Path:
+        """The path the session opens: the user's file, or a copy in the scratch folder."""
+        if isinstance(model, (str, os.PathLike)) and not extra_outputs:
+            path = Path(model)
+            if not path.is_file():
+                raise ModelLoadError(f"no such file: {path}")
+            return path
+        working = model if isinstance(model, ir.Model) else io.load(model)
+        # Outputs are appended for the save and taken off again, so the
+        # caller's IR ends as it was without the cost of cloning it.
+        added = _expose_values(working, extra_outputs)
+        try:
+            self._scratch = tempfile.TemporaryDirectory(prefix="graphopt-run-")
+            # Raw external data is written far faster than protobuf serializes
+            # large weights (0.1 s vs 0.3 s for 90 MB), and onnxruntime maps it.
+            external = True if stats.param_bytes(working) > _INLINE_WEIGHT_LIMIT_BYTES else None
+            return io.save(working, Path(self._scratch.name) / "model.onnx", external_data=external)
+        finally:
+            for value in added:
+                working.graph.outputs.remove(value)
+
+    def _check_feed_names(self, feeds: Mapping[str, Any]) -> None:
+        listed = ", ".join(self.input_names) or "none"
+        missing = [name for name in self.input_names if name not in feeds]
+        if missing:
+            raise GraphoptError(f"missing {_names('input', missing)} (model inputs: {listed})")
+        extra = [name for name in feeds if name not in self.input_names and name not in self._optional_inputs]
+        if extra:
+            raise GraphoptError(f"unexpected {_names('input', extra)} for {self.label} (model inputs: {listed})")
+
+
+def _open_session(path: Path, options: ort.SessionOptions, ort_name: str, label: str) -> ort.InferenceSession:
+    providers = [ort_name] if ort_name == PROVIDERS["cpu"] else [ort_name, PROVIDERS["cpu"]]
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception hierarchy
+        raise GraphoptError(f"onnxruntime cannot open {label}: {_ort_message(exc)}") from exc
+    if ort_name not in session.get_providers():  # rare after a good probe, e.g. out of device memory
+        raise GraphoptError(f"onnxruntime opened {label} without {ort_name}: it fell back to {session.get_providers()}")
+    logger.debug("opened %s on %s", label, session.get_providers())
+    return session
+
+
+def _expose_values(model: ir.Model, names: Sequence[str]) -> list[ir.Value]:
+    """Appends the named main-graph node outputs to the graph outputs, in place; returns those added."""
+    produced = {value.name: value for node in model.graph for value in node.outputs if value.name}
+    unknown = [name for name in names if name not in produced]
+    if unknown:
+        raise ValueError(
+            f"cannot expose {_names('tensor', unknown)}: not produced by a node of the main graph "
+            "(initializers, graph inputs and subgraph values cannot be exposed)"
+        )
+    present = {value.name for value in model.graph.outputs}
+    added = [produced[name] for name in dict.fromkeys(names) if name not in present]
+    # Untyped values go in as they are: onnxruntime 1.20 and 1.32 infer output
+    # types, while onnx shape inference here cost 1.6 s on a 20k-node graph.
+    model.graph.outputs.extend(added)
+    logger.debug("exposed %d intermediate tensors as outputs", len(added))
+    return added
+
+
+class _Runs(Protocol):
+    def run(self, feeds: Mapping[str, np.ndarray]) -> Any: ...
+
+
+def measure_latency(
+    runners: Sequence[ModelRunner | _Runs], feeds: Mapping[str, np.ndarray], *, warmup: int = 3, repeats: int = 20
+) -> list[float]:
+    """Median seconds per run of each runner, timed interleaved.
+
+    Runs alternate (r0, r1, r0, r1, ...) so that drift in clock speed, cache
+    state or machine load hits every runner alike instead of whichever ran last.
+
+    Args:
+        runners: Objects with ``run(feeds)``, usually :class:`ModelRunner`.
+        feeds: One feed dict given to every runner.
+        warmup: Untimed rounds first (allocations, kernel selection).
+        repeats: Timed rounds.
+
+    Raises:
+        ValueError: ``repeats`` < 1 or ``warmup`` < 0.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must not be negative, got {warmup}")
+    for _ in range(warmup):
+        for runner in runners:
+            runner.run(feeds)
+    seconds: list[list[float]] = [[] for _ in runners]
+    for _ in range(repeats):
+        for runner, times in zip(runners, seconds):
+            start = time.perf_counter()
+            runner.run(feeds)
+            times.append(time.perf_counter() - start)
+    return [statistics.median(times) for times in seconds]
+
+
+def _label(model: ir.Model | str | os.PathLike[str]) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model).name
+    source = io.source_path(model)
+    return source.name if source else (f"model {model.graph.name!r}" if model.graph.name else "the in-memory model")
+
+
+def _names(noun: str, names: Sequence[str]) -> str:
+    quoted = ", ".join(repr(name) for name in names)
+    return f"{noun} {quoted}" if len(names) == 1 else f"{noun}s {quoted}"
+
+
+def _ort_message(exc: BaseException) -> str:
+    # All lines are kept, joined: onnxruntime often puts the useful part (which
+    # dimension is wrong) on the second line. Its error-code prefix goes.
+    return _one_line(_ORT_ERROR_PREFIX.sub("", str(exc).strip()) or type(exc).__name__)
+
+
+def _one_line(text: str) -> str:
+    joined = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return joined if len(joined) <= _MESSAGE_LIMIT else joined[: _MESSAGE_LIMIT - 3] + "..."

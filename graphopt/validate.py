@@ -1,0 +1,226 @@
+"""Fidelity validation: does the rewritten model still compute what the original computed?
+
+``validate`` streams samples (real data or synthesized feeds) through both
+models on each requested onnxruntime provider and accumulates, per output,
+the metrics of graphopt.metrics against a Tolerance. It also measures each
+non-CPU provider's own noise (reference on CPU vs reference on that provider),
+and, on request, localizes the first drifting tensors (graphopt.localize) on
+the sample where the outputs drifted most, and compares latency and size.
+
+Runtime concerns live in graphopt.runtime, comparison in graphopt.metrics,
+presentation in graphopt.report; this module only orchestrates.
+"""
+
+from __future__ import annotations
+
+__all__ = ["validate", "ValidationSetupError"]
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt import io, stats
+from graphopt.data import Feeds, feed_stream, parse_shape_overrides
+from graphopt.errors import DataError, GraphoptError
+from graphopt.localize import localize
+from graphopt.metrics import OutputComparator, Tolerance
+from graphopt.report import FidelityReport, ModelFacts
+from graphopt.runtime import ModelRunner, ProviderStatus, measure_latency, resolve_providers
+
+logger = logging.getLogger(__name__)
+
+ModelSource = str | os.PathLike[str] | ir.Model
+
+
+class ValidationSetupError(GraphoptError):
+    """The two models cannot be compared: different inputs or outputs, or no provider."""
+
+
+def validate(
+    reference: ModelSource,
+    candidate: ModelSource,
+    data: Any = None,
+    *,
+    providers: Sequence[str] = ("cpu",),
+    tolerance: Tolerance | None = None,
+    samples: int = 8,
+    seed: int = 0,
+    shapes: Mapping[str, tuple[int, ...]] | Sequence[str] | None = None,
+    per_layer: bool = False,
+    latency: bool = False,
+    optimization: str = "full",
+    threads: int | None = None,
+    require_providers: bool = False,
+) -> FidelityReport:
+    """Compares ``candidate`` against ``reference`` through onnxruntime.
+
+    Args:
+        reference: The original model: a path or an ``onnx_ir.Model``.
+        candidate: The rewritten model, same inputs and outputs.
+        data: ``.npz`` file or folder, iterable of feed dicts, or a
+            CalibrationDataReader; None synthesizes ``samples`` feeds.
+        providers: ``"cpu"`` and/or ``"cuda"``.
+        tolerance: Pass criteria; None uses Tolerance's default.
+        samples: Number of synthesized samples (ignored with real data).
+        seed: Seed of the synthesized feeds.
+        shapes: Values for dynamic dims: ``{"x": (1, 3, 224, 224)}`` or
+            ``["x:1x3x224x224"]``.
+        per_layer: Also localize the first drifting intermediate tensors.
+        latency: Also compare median latency on CPU (interleaved runs).
+        optimization: onnxruntime graph optimization level; ``"none"`` for
+            exact graphs (``--exact``).
+        threads: onnxruntime intra-op threads for every session.
+        require_providers: Raise instead of reporting an unavailable provider.
+
+    Raises:
+        ValidationSetupError, DataError, GraphoptError: the models or data
+            cannot be compared (CLI exit code 2).
+    """
+    tolerance = tolerance or Tolerance()
+    ref_model, cand_model = io.load(reference), io.load(candidate)
+    _check_interfaces(ref_model, cand_model)
+    statuses = _usable_providers(providers, require_providers)
+    available = [status.name for status in statuses if status.available]
+    overrides = parse_shape_overrides(shapes) if isinstance(shapes, Sequence) else dict(shapes or {})
+    report = FidelityReport(
+        reference=_facts(ref_model, reference),
+        candidate=_facts(cand_model, candidate),
+        tolerance=tolerance,
+        data_source=_describe_data(data, seed),
+        samples=0,
+        seed=seed,
+        optimization=optimization,
+        providers=statuses,
+    )
+    with contextlib.ExitStack() as stack:
+        def runner(source: ModelSource, loaded: ir.Model, provider: str) -> ModelRunner:
+            opened = ModelRunner(_source(source, loaded), provider, optimization=optimization, threads=threads)
+            return stack.enter_context(opened)
+
+        pairs = {p: (runner(reference, ref_model, p), runner(candidate, cand_model, p)) for p in available}
+        noise = {p: pairs[p][0] for p in available if p != "cpu"}
+        cpu_reference = pairs["cpu"][0] if "cpu" in pairs else (runner(reference, ref_model, "cpu") if noise else None)
+        stream = feed_stream(ref_model, data, count=samples, seed=seed, shapes=overrides)
+        worst, first = _compare_stream(report, stream, pairs, cpu_reference, noise, tolerance)
+        if per_layer:
+            report.per_layer = localize(
+                _source(reference, ref_model),
+                _source(candidate, cand_model),
+                [worst],
+                tolerance=tolerance,
+                provider=available[0],
+                optimization=optimization,
+                threads=threads,
+            )
+        if latency:
+            timed = "cpu" if "cpu" in pairs else available[0]
+            report.latency = _latency(pairs[timed], first, timed, threads)
+    logger.info("validation %s over %d samples", "passed" if report.passed else "failed", report.samples)
+    return report
+
+
+def _compare_stream(
+    report: FidelityReport,
+    stream: Iterable[Feeds],
+    pairs: dict[str, tuple[ModelRunner, ModelRunner]],
+    cpu_reference: ModelRunner | None,
+    noise: dict[str, ModelRunner],
+    tolerance: Tolerance,
+) -> tuple[Feeds, Feeds]:
+    """Runs every sample once per provider; returns the worst and the first sample."""
+    comparators: dict[tuple[str, str], OutputComparator] = {}
+    noise_comparators: dict[tuple[str, str], OutputComparator] = {}
+    worst: tuple[float, Feeds] | None = None
+    first: Feeds | None = None
+    for feeds in stream:
+        first = first or feeds
+        reference_cpu = cpu_reference.run(feeds) if cpu_reference is not None and "cpu" not in pairs else None
+        sample_error = 0.0
+        for provider, (ref_runner, cand_runner) in pairs.items():
+            ref_out, cand_out = ref_runner.run(feeds), cand_runner.run(feeds)
+            if provider == "cpu":
+                reference_cpu = ref_out
+            for name in ref_runner.output_names:
+                comparators.setdefault((provider, name), OutputComparator(name, tolerance)).update(ref_out[name], cand_out[name])
+                sample_error = max(sample_error, _relative_error(ref_out[name], cand_out[name]))
+            if provider in noise and reference_cpu is not None:
+                for name in ref_runner.output_names:
+                    noise_comparators.setdefault((provider, name), OutputComparator(name, tolerance)).update(reference_cpu[name], ref_out[name])
+        if worst is None or sample_error > worst[0]:
+            worst = (sample_error, feeds)
+        report.samples += 1
+    if first is None or worst is None:
+        raise DataError("no samples to validate with: the data source is empty")
+    report.outputs = [(provider, comparator.result()) for (provider, _), comparator in comparators.items()]
+    report.noise_floor = [(provider, comparator.result()) for (provider, _), comparator in noise_comparators.items()]
+    return worst[1], first
+
+
+def _relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    if reference.shape != candidate.shape:
+        return float("inf")
+    ref = np.asarray(reference, dtype=np.float64)
+    diff = np.linalg.norm(np.nan_to_num(np.asarray(candidate, dtype=np.float64) - ref, nan=1e30))
+    return float(diff / (np.linalg.norm(np.nan_to_num(ref)) + 1e-30))
+
+
+def _latency(pair: tuple[ModelRunner, ModelRunner], feeds: Feeds, provider: str, threads: int | None) -> dict[str, Any]:
+    warmup, repeats = 3, 20
+    ref_seconds, cand_seconds = measure_latency(list(pair), feeds, warmup=warmup, repeats=repeats)
+    return {
+        "provider": provider,
+        "threads": threads,
+        "warmup": warmup,
+        "repeats": repeats,
+        "reference_ms": ref_seconds * 1000,
+        "candidate_ms": cand_seconds * 1000,
+        "ratio": cand_seconds / ref_seconds if ref_seconds > 0 else None,
+    }
+
+
+def _check_interfaces(reference: ir.Model, candidate: ir.Model) -> None:
+    def real_inputs(model: ir.Model) -> list[str]:
+        return [v.name or "" for v in model.graph.inputs if v.name not in model.graph.initializers]
+
+    ref_in, cand_in = real_inputs(reference), real_inputs(candidate)
+    if sorted(ref_in) != sorted(cand_in):
+        raise ValidationSetupError(f"the models take different inputs: reference {ref_in}, candidate {cand_in}")
+    ref_out = [v.name for v in reference.graph.outputs]
+    cand_out = [v.name for v in candidate.graph.outputs]
+    if ref_out != cand_out:
+        raise ValidationSetupError(f"the models have different outputs: reference {ref_out}, candidate {cand_out}")
+
+
+def _usable_providers(names: Sequence[str], require: bool) -> list[ProviderStatus]:
+    statuses = resolve_providers(names)
+    missing = [status for status in statuses if not status.available]
+    if missing and require:
+        raise ValidationSetupError(f"provider {missing[0].name} is unavailable: {missing[0].reason}")
+    if not any(status.available for status in statuses):
+        raise ValidationSetupError("none of the requested providers is available: " + "; ".join(f"{s.name}: {s.reason}" for s in statuses))
+    return statuses
+
+
+def _facts(model: ir.Model, given: ModelSource) -> ModelFacts:
+    # An IR model may have been rewritten since it was read: its file says nothing about it.
+    on_disk = isinstance(given, (str, os.PathLike))
+    path = str(io.source_path(model)) if on_disk else None
+    return ModelFacts(path, io.stored_bytes(model) if on_disk else None, stats.node_count(model), stats.param_bytes(model))
+
+
+def _describe_data(data: Any, seed: int) -> str:
+    if data is None:
+        return f"synthesized (seed {seed})"
+    if isinstance(data, (str, os.PathLike)):
+        return str(data)
+    return type(data).__name__
+
+
+def _source(source: ModelSource, loaded: ir.Model) -> ModelSource:
+    # A path lets onnxruntime open the file without serializing the IR again.
+    return source if isinstance(source, (str, os.PathLike)) else loaded

@@ -1,0 +1,213 @@
+"""graphopt.validate and the validate / optimize --validate commands, on model_zoo models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import graphopt
+import model_zoo
+import passes
+from graphopt import provenance
+from graphopt.bisect import bisect_pipeline
+from graphopt.cli import main
+from graphopt.errors import GraphoptError
+from graphopt.metrics import Tolerance
+from graphopt.runtime import resolve_providers
+from graphopt.spec import PassSpec
+
+CUDA = resolve_providers(["cuda"])[0]
+
+
+def _save(name: str, folder: Path) -> Path:
+    return model_zoo.build(name).save(folder)
+
+
+def _perturbed_copy(source: Path, target: Path, weight: str, factor: float = 1.5) -> Path:
+    """The same model with one weight initializer scaled: a planted fault."""
+    proto = onnx.load(source)
+    for tensor in proto.graph.initializer:
+        if tensor.name == weight:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor) * factor, weight))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, target)
+    return target
+
+
+def _consumer_of(path: Path, weight: str) -> onnx.NodeProto:
+    return next(node for node in onnx.load(path).graph.node if weight in node.input)
+
+
+class _ScaleFirstWeightPass(ir.passes.InPlacePass):
+    """A lossy test pass: scales the first 2-D float initializer by 1.5."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        for value in model.graph.initializers.values():
+            array = value.const_value.numpy()
+            if array.ndim == 2 and array.dtype == np.float32:
+                value.const_value = ir.tensor(array * 1.5, name=value.name)
+                return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, False)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "attention", "if_outer_scope", "squeezenet"])
+def test_identical_models_pass(tmp_path, name):
+    path = _save(name, tmp_path)
+
+    report = graphopt.validate(path, path, samples=3, per_layer=True)
+
+    assert report.passed is True and bool(report)
+    assert report.samples == 3
+    assert all(result.max_abs == 0.0 for _, result in report.outputs)
+    assert report.per_layer is not None and report.per_layer.first_divergent == []
+    assert len(report.per_layer.layers) > 0
+
+
+def test_planted_weight_change_fails_and_is_localized_to_its_node(tmp_path):
+    reference = _save("cnn_bn", tmp_path / "ref")
+    weight = "conv2_weight"  # the second Conv: its input still matches, its output drifts
+    candidate = _perturbed_copy(reference, tmp_path / "cand" / "cnn_bn.onnx", weight)
+
+    report = graphopt.validate(reference, candidate, samples=2, per_layer=True)
+
+    assert report.passed is False
+    first = report.per_layer.first_divergent[0]
+    expected = _consumer_of(candidate, weight)
+    assert (first.pair.node, first.pair.op, first.pair.candidate) == (expected.name, expected.op_type, expected.output[0])
+    assert expected.name == "conv_c2"
+
+
+def test_renamed_tensors_are_aligned_through_provenance(tmp_path):
+    reference = _save("mlp", tmp_path / "ref")
+    model = graphopt.load(reference)
+    hidden = model.graph.node(0).outputs[0]
+    original_name = hidden.name
+    hidden.name = "renamed_by_a_pass"
+    provenance.record(model, "renamed_by_a_pass", original_name)
+    candidate = graphopt.save(model, tmp_path / "cand" / "mlp.onnx")
+
+    report = graphopt.validate(reference, candidate, samples=2, per_layer=True)
+
+    assert report.passed is True
+    pairs = {(layer.pair.reference, layer.pair.candidate) for layer in report.per_layer.layers}
+    assert (original_name, "renamed_by_a_pass") in pairs
+
+
+def test_in_memory_candidate_and_json_report_schema(tmp_path):
+    reference = _save("residual", tmp_path)
+    candidate = graphopt.load(reference)
+    graphopt.run_pipeline(candidate, "dce,toposort")
+
+    report = graphopt.validate(reference, candidate, samples=2, latency=True, tolerance=Tolerance(min_cosine=0.999))
+
+    data = json.loads(report.to_json())
+    assert data["schema"] == "graphopt.fidelity/1" and data["passed"] is True
+    assert data["outputs"][0]["provider"] == "cpu" and data["outputs"][0]["cosine"] == pytest.approx(1.0)
+    assert data["latency"]["reference_ms"] > 0 and data["latency"]["ratio"] > 0
+    assert data["size"]["reference_bytes"] > 0 and data["candidate"]["path"] is None
+    assert "PASS" in report.to_text()
+
+
+def test_different_outputs_or_inputs_cannot_be_compared(tmp_path):
+    mlp = _save("mlp", tmp_path / "a")
+    cnn = _save("cnn_bn", tmp_path / "b")
+
+    with pytest.raises(GraphoptError, match="different inputs"):
+        graphopt.validate(mlp, cnn)
+
+
+def test_unavailable_provider_is_reported_or_required(tmp_path):
+    path = _save("mlp", tmp_path)
+    if CUDA.available:
+        pytest.skip("a CUDA device is present")
+
+    report = graphopt.validate(path, path, providers=("cpu", "cuda"), samples=1)
+    assert report.passed is True
+    assert [s.name for s in report.providers if not s.available] == ["cuda"]
+    assert "cuda: unavailable" in report.to_text()
+    with pytest.raises(GraphoptError, match="provider cuda is unavailable"):
+        graphopt.validate(path, path, providers=("cuda",), samples=1, require_providers=True)
+
+
+@pytest.mark.skipif(not CUDA.available, reason=f"no CUDA device: {CUDA.reason}")
+def test_cuda_validation_reports_noise_floor(tmp_path):
+    path = _save("cnn_bn", tmp_path)
+
+    report = graphopt.validate(path, path, providers=("cpu", "cuda"), samples=2, tolerance=Tolerance(atol=1e-3, rtol=1e-3))
+
+    assert report.passed is True
+    assert {provider for provider, _ in report.outputs} == {"cpu", "cuda"}
+    assert [provider for provider, _ in report.noise_floor] == ["cuda"]
+
+
+def test_bisection_names_the_pass_that_breaks_the_tolerance(tmp_path):
+    source = _save("mlp", tmp_path)
+    steps = [PassSpec("dce"), _ScaleFirstWeightPass(), PassSpec("toposort")]
+
+    found = bisect_pipeline(source, steps, lambda model: graphopt.validate(source, model, samples=2))
+
+    assert found == {"first_failing_pass": "_ScaleFirstWeightPass", "step": 2, "checked": 2}
+
+
+def test_cli_validate_exit_codes_and_reports(tmp_path, capsys):
+    reference = _save("mlp", tmp_path / "ref")
+    weight = onnx.load(reference).graph.initializer[0].name
+    candidate = _perturbed_copy(reference, tmp_path / "cand" / "mlp.onnx", weight)
+    report_path = tmp_path / "r" / "report.json"
+
+    assert main(["validate", str(reference), str(reference), "--samples", "2"]) == 0
+    code = main(["validate", str(reference), str(candidate), "--per-layer", "--report", str(report_path), "--report-md", str(tmp_path / "r.md"), "--report-html", str(tmp_path / "r.html")])
+
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL" in out and "per-layer" in out
+    assert json.loads(report_path.read_text())["passed"] is False
+    assert "graphopt fidelity report" in (tmp_path / "r.md").read_text()
+    assert (tmp_path / "r.html").read_text().startswith("<!doctype html>")
+
+
+def test_cli_optimize_validate_and_bisect(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(passes.BUILTIN_PASSES, "scale-weight", _ScaleFirstWeightPass)
+    source = _save("mlp", tmp_path)
+    report_path = tmp_path / "report.json"
+
+    code = main(["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "--passes", "dce,scale-weight,toposort", "--validate", "cpu", "--bisect", "--report", str(report_path)])
+
+    assert code == 1
+    report = json.loads(report_path.read_text())
+    assert report["bisection"] == {"first_failing_pass": "scale-weight", "step": 2, "checked": 2}
+    assert [row["name"] for row in report["ledger"]] == ["dce", "scale-weight", "toposort"]
+    assert "first pass breaking the tolerance: scale-weight" in capsys.readouterr().out
+
+    assert main(["optimize", str(source), "-o", str(tmp_path / "ok.onnx"), "--passes", "dce", "--validate", "cpu"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["validate", "{ref}", "{missing}"], "no such file"),
+        (["validate", "{ref}", "{other}"], "different inputs"),
+        (["validate", "{ref}", "{ref}", "--data", "{bad_npz}"], "missing input"),
+        (["validate", "{ref}", "{ref}", "--data", "{wrong_shape}"], "shape"),
+        (["validate", "{ref}", "{ref}", "--providers", "tpu"], "unknown provider"),
+        (["validate", "{ref}", "{ref}", "--min-cosine", "3"], "cosine"),
+        (["optimize", "{ref}", "-o", "{out}", "--bisect"], "--bisect needs --validate"),
+    ],
+)
+def test_cli_bad_input_is_a_one_line_error_with_exit_2(tmp_path, capsys, args, message):
+    ref = _save("mlp", tmp_path / "ref")
+    other = _save("cnn_bn", tmp_path / "other")
+    np.savez(tmp_path / "bad.npz", wrong_name=np.zeros((2, 64), np.float32))
+    np.savez(tmp_path / "wrong_shape.npz", x=np.zeros((2, 65), np.float32))
+    values = {"ref": ref, "missing": tmp_path / "nope.onnx", "other": other, "bad_npz": tmp_path / "bad.npz", "wrong_shape": tmp_path / "wrong_shape.npz", "out": tmp_path / "o.onnx"}
+
+    code = main([arg.format(**values) for arg in args])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
