@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_MODEL ?= constant_weights
 DEMO_DIR := out/demo
 
-.PHONY: demo test bench-scale clean
+.PHONY: demo test bench-scale bench-validate clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed
 	$(PY) -m model_zoo save $(DEMO_MODEL) $(DEMO_DIR)
-	$(VENV)/bin/graphopt optimize $(DEMO_DIR)/$(DEMO_MODEL).onnx -o $(DEMO_DIR)/$(DEMO_MODEL).opt.onnx --check-each-pass
+	$(VENV)/bin/graphopt optimize $(DEMO_DIR)/$(DEMO_MODEL).onnx -o $(DEMO_DIR)/$(DEMO_MODEL).opt.onnx \
+		--check-each-pass --validate cpu --per-layer --latency --report $(DEMO_DIR)/fidelity.json
 	$(VENV)/bin/graphopt inspect $(DEMO_DIR)/$(DEMO_MODEL).opt.onnx
 
 test: $(VENV)/.installed
@@ -23,6 +24,9 @@ test: $(VENV)/.installed
 
 bench-scale: $(VENV)/.installed
 	$(PY) bench/scale.py --markdown
+
+bench-validate: $(VENV)/.installed
+	$(PY) bench/validate.py --markdown
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 __all__ = ["TensorPair", "LayerResult", "LayerReport", "tensor_pairs", "localize"]
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,12 +177,15 @@ def _compare_chunk(
     cand_names = list(dict.fromkeys(p.candidate for p in chunk))
     comparators = [OutputComparator(pair.candidate, tolerance) for pair in chunk]
     options = {"optimization": optimization, "threads": threads}
-    with ModelRunner(reference, provider, extra_outputs=ref_names, **options) as ref_runner, ModelRunner(
-        candidate, provider, extra_outputs=cand_names, **options
-    ) as cand_runner:
+    # The two sessions open and run side by side: onnxruntime releases the GIL.
+    with ThreadPoolExecutor(max_workers=1) as pool, contextlib.ExitStack() as stack:
+        pending = pool.submit(ModelRunner, candidate, provider, extra_outputs=cand_names, **options)
+        ref_runner = stack.enter_context(ModelRunner(reference, provider, extra_outputs=ref_names, **options))
+        cand_runner = stack.enter_context(pending.result())
         for feeds in samples:
+            running = pool.submit(cand_runner.run, {k: v for k, v in feeds.items() if k in cand_runner.input_names})
             ref_out = ref_runner.run({k: v for k, v in feeds.items() if k in ref_runner.input_names})
-            cand_out = cand_runner.run({k: v for k, v in feeds.items() if k in cand_runner.input_names})
+            cand_out = running.result()
             for pair, comparator in zip(chunk, comparators):
                 expected = _weight(ref_model, pair.reference) if pair.reference_is_weight else ref_out[pair.reference]
                 comparator.update(expected, cand_out[pair.candidate])

@@ -131,11 +131,12 @@ class FidelityReport:
             for layer in divergent:
                 lines.append(
                     f"  {layer.pair.candidate} <- {layer.pair.op} node {layer.pair.node!r}: "
-                    f"max abs {_num(layer.result.max_abs)}, cosine {_num(layer.result.cosine)} ({layer.result.reason})"
+                    f"max abs {_num(layer.result.max_abs)}, cosine {_num(layer.result.cosine, 6)} ({layer.result.reason})"
                 )
         if self.latency is not None:
+            threads = self.latency["threads"] or "default"
             lines.append(
-                f"latency ({self.latency['provider']}, {self.latency['threads']} threads): "
+                f"latency ({self.latency['provider']}, {threads} threads): "
                 f"{self.latency['reference_ms']:.2f} ms -> {self.latency['candidate_ms']:.2f} ms (x{self.latency['ratio']:.2f})"
             )
         size = self._size()
@@ -217,7 +218,7 @@ def _layer_plot_png(per_layer: LayerReport) -> bytes | None:
     figure, axis = plt.subplots(figsize=(9, 3.2))
     axis.semilogy(range(len(errors)), [max(e, 1e-12) for e in errors], marker=".", linewidth=0.8)
     axis.set_xlabel("tensor (candidate topological order)")
-    axis.set_ylabel("relative L2 error")
+    axis.set_ylabel("relative L2 error (exact = 1e-12)")
     axis.set_title(f"per-layer error ({per_layer.provider}, {per_layer.samples} sample(s))")
     buffer = std_io.BytesIO()
     figure.tight_layout()

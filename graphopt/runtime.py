@@ -9,8 +9,10 @@ reporting live elsewhere. Three onnxruntime behaviours shape it:
   (written to file descriptor 2, never raised) as the reason.
 - Graph outputs may lack a type (onnxruntime infers it), so exposing
   intermediate tensors needs no shape inference.
-- External data is read relative to the model file, so in-memory models are
-  written to a scratch folder and opened by path; >2 GB models work too.
+- Initializers can be handed to a session from memory
+  (``SessionOptions.add_external_initializers``), so an in-memory model is
+  opened from a small graph-only protobuf without writing or copying its
+  weights; this also keeps >2 GB models under protobuf's limit.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from graphopt import io, stats
 from graphopt.errors import GraphoptError, ModelLoadError
+from graphopt.graphs import iter_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +63,14 @@ _NATIVE_LOG_LINE = re.compile(r"\[([EW]):onnxruntime:[^\]]*\]\s*(.*)")
 _ORT_ERROR_PREFIX = re.compile(r"^.*?\[ONNXRuntimeError\] : \d+ : \w+ : ")
 # Session-creation errors can dump whole nodes; a report line stays readable.
 _MESSAGE_LIMIT = 400
-# Above this many weight bytes, scratch copies store weights as external data.
-_INLINE_WEIGHT_LIMIT_BYTES = 16 * 2**20
+# Weights at least this large are lent to sessions from memory, not copied
+# into the protobuf (copying 90 MB of weights cost ~0.3 s per session).
+_LEND_THRESHOLD_BYTES = 64 * 2**10
+# Element types OrtValue.ortvalue_from_numpy takes without ml_dtypes.
+_NUMPY_NATIVE_DTYPES = frozenset(
+    getattr(ir.DataType, name)
+    for name in ("FLOAT", "DOUBLE", "FLOAT16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "BOOL")
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,22 +246,14 @@ class ModelRunner:
             raise GraphoptError(f"provider {provider} is unavailable: {status.reason}")
         self.provider = provider
         self.label = _label(model)
-        self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._session: ort.InferenceSession | None = None
-        try:
-            path = self._materialize(model, extra_outputs)
-            self._session = _open_session(path, options, status.ort_name, self.label)
-        except BaseException:
-            self.close()
-            raise
+        # Arrays onnxruntime reads in place for the session's whole life.
+        self._lent: list[np.ndarray] = []
+        source = self._prepare(model, extra_outputs, options)
+        self._session = _open_session(source, options, status.ort_name, self.label)
         self.input_names: list[str] = [arg.name for arg in self._session.get_inputs()]
         self.output_names: list[str] = [arg.name for arg in self._session.get_outputs()]
         self._optional_inputs = {arg.name for arg in self._session.get_overridable_initializers()}
-
-    @property
-    def scratch_dir(self) -> Path | None:
-        """The folder holding the written model, if one was needed and is still open."""
-        return Path(self._scratch.name) if self._scratch is not None else None
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Runs once and returns every output by name.
@@ -273,12 +274,9 @@ class ModelRunner:
         return dict(zip(self.output_names, values))
 
     def close(self) -> None:
-        """Releases the session and deletes the scratch folder; safe to call twice."""
-        # The session maps the scratch files, so it must go first.
+        """Releases the session and the weights lent to it; safe to call twice."""
         self._session = None
-        if self._scratch is not None:
-            self._scratch.cleanup()
-            self._scratch = None
+        self._lent = []
 
     def __enter__(self) -> ModelRunner:
         return self
@@ -286,26 +284,26 @@ class ModelRunner:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _materialize(self, model: ir.Model | str | os.PathLike[str], extra_outputs: Sequence[str]) -> Path:
-        """The path the session opens: the user's file, or a copy in the scratch folder."""
+    def _prepare(self, model: ir.Model | str | os.PathLike[str], extra_outputs: Sequence[str], options: ort.SessionOptions) -> str | bytes:
+        """What the session opens: the user's file, or a graph-only protobuf with lent weights."""
         if isinstance(model, (str, os.PathLike)) and not extra_outputs:
             path = Path(model)
             if not path.is_file():
                 raise ModelLoadError(f"no such file: {path}")
-            return path
+            return str(path)
         working = model if isinstance(model, ir.Model) else io.load(model)
-        # Outputs are appended for the save and taken off again, so the
+        # Outputs are appended for serialization and taken off again, so the
         # caller's IR ends as it was without the cost of cloning it.
         added = _expose_values(working, extra_outputs)
         try:
-            self._scratch = tempfile.TemporaryDirectory(prefix="graphopt-run-")
-            # Raw external data is written far faster than protobuf serializes
-            # large weights (0.1 s vs 0.3 s for 90 MB), and onnxruntime maps it.
-            external = True if stats.param_bytes(working) > _INLINE_WEIGHT_LIMIT_BYTES else None
-            return io.save(working, Path(self._scratch.name) / "model.onnx", external_data=external)
+            payload, names, arrays = _serialize_lending_weights(working)
         finally:
             for value in added:
                 working.graph.outputs.remove(value)
+        if names:
+            options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays])
+        self._lent = arrays
+        return payload
 
     def _check_feed_names(self, feeds: Mapping[str, Any]) -> None:
         listed = ", ".join(self.input_names) or "none"
@@ -317,10 +315,53 @@ class ModelRunner:
             raise GraphoptError(f"unexpected {_names('input', extra)} for {self.label} (model inputs: {listed})")
 
 
-def _open_session(path: Path, options: ort.SessionOptions, ort_name: str, label: str) -> ort.InferenceSession:
+def _serialize_lending_weights(model: ir.Model) -> tuple[bytes, list[str], list[np.ndarray]]:
+    """The model as protobuf bytes, large or on-disk main-graph weights left out and returned as arrays.
+
+    Left-out weights are serialized as external-data placeholders, which
+    onnxruntime fills from the arrays instead of reading a file. Subgraph
+    weights that live on disk are read into the protobuf, since external
+    data would be resolved against a model folder that bytes do not have.
+    """
+    swapped: list[tuple[ir.Value, ir.TensorProtocol | None]] = []
+    names, arrays = [], []
+    try:
+        for graph in iter_graphs(model, functions=False):
+            for name, value in graph.initializers.items():
+                tensor = value.const_value
+                if tensor is None:
+                    continue
+                lend = graph is model.graph and _lendable(tensor)
+                if not lend and not isinstance(tensor, ir.ExternalTensor):
+                    continue
+                swapped.append((value, tensor))
+                if lend:
+                    names.append(name)
+                    arrays.append(np.ascontiguousarray(tensor.numpy()))
+                    value.const_value = _placeholder(tensor, name)
+                else:
+                    value.const_value = ir.Tensor(tensor.numpy(), name=name)
+        return ir.to_proto(model).SerializeToString(), names, arrays
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
+def _lendable(tensor: ir.TensorProtocol) -> bool:
+    worth_it = isinstance(tensor, ir.ExternalTensor) or stats.tensor_nbytes(tensor) >= _LEND_THRESHOLD_BYTES
+    return worth_it and tensor.dtype in _NUMPY_NATIVE_DTYPES
+
+
+def _placeholder(tensor: ir.TensorProtocol, name: str) -> ir.ExternalTensor:
+    return ir.ExternalTensor(
+        "graphopt-lent-from-memory", 0, stats.tensor_nbytes(tensor), tensor.dtype, shape=tensor.shape, name=name
+    )
+
+
+def _open_session(source: str | bytes, options: ort.SessionOptions, ort_name: str, label: str) -> ort.InferenceSession:
     providers = [ort_name] if ort_name == PROVIDERS["cpu"] else [ort_name, PROVIDERS["cpu"]]
     try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception hierarchy
         raise GraphoptError(f"onnxruntime cannot open {label}: {_ort_message(exc)}") from exc
     if ort_name not in session.get_providers():  # rare after a good probe, e.g. out of device memory

@@ -278,27 +278,41 @@ def test_measure_latency_rejects_bad_counts(warmup, repeats):
         measure_latency([_Recorder("a", [])], FEEDS, warmup=warmup, repeats=repeats)
 
 
-def test_close_removes_the_scratch_folder_and_ends_the_runner():
+def test_close_ends_the_runner_and_can_be_called_twice():
     runner = ModelRunner(_model())
-    scratch = runner.scratch_dir
-    assert scratch is not None and (scratch / "model.onnx").is_file()
 
     runner.close()
     runner.close()
 
-    assert not scratch.exists() and runner.scratch_dir is None
     with pytest.raises(RuntimeError, match="closed"):
         runner.run(FEEDS)
 
 
-def test_a_path_without_extra_outputs_is_opened_in_place(tmp_path):
-    with ModelRunner(_write(tmp_path)) as runner:
-        assert runner.scratch_dir is None
+def test_large_weights_are_lent_from_memory_not_copied_into_the_protobuf():
+    # 512x256 float32 = 512 KiB: above the lending threshold.
+    weight = RNG.standard_normal((512, 256)).astype(np.float32)
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,512] x) => (float[2,256] y) {
+          y = MatMul(x, W)
+        }
+        """
+    )
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, "W"))
+    model = graphopt.load(proto)
+    x = RNG.standard_normal((2, 512)).astype(np.float32)
+    before = ir.to_proto(model).SerializeToString()
+
+    with ModelRunner(model, extra_outputs=()) as runner:
+        assert len(runner._lent) == 1 and runner._lent[0].nbytes == weight.nbytes
+        np.testing.assert_allclose(runner.run({"x": x})["y"], x @ weight, rtol=1e-5, atol=1e-5)
+
+    assert ir.to_proto(model).SerializeToString() == before
 
 
 @pytest.mark.parametrize("extra_outputs", [(), ("h",)], ids=["outputs", "extra-outputs"])
 def test_model_with_external_data_runs_from_path_and_from_ir(tmp_path, extra_outputs):
-    # Large enough that graphopt.save keeps it external in the scratch folder too.
     weight = RNG.standard_normal((3, 256)).astype(np.float32)
     feeds = {"x": X, "c": np.ones((2, 256), np.float32)}
     expected = np.maximum(X @ weight + 1, 0)
@@ -309,10 +323,9 @@ def test_model_with_external_data_runs_from_path_and_from_ir(tmp_path, extra_out
     by_path = ModelRunner(path, extra_outputs=extra_outputs)
     by_ir = ModelRunner(loaded, extra_outputs=extra_outputs)
     with by_path, by_ir:
-        scratch = by_ir.scratch_dir
-        assert scratch is not None and (scratch / "model.onnx.data").is_file()
         for runner in (by_path, by_ir):
             np.testing.assert_allclose(runner.run(feeds)["y"], expected, rtol=1e-5, atol=1e-5)
-    # The IR still reads its weights from the user's folder, not the deleted scratch.
+    # The IR still reads its weights from the user's folder.
+    assert isinstance(loaded.graph.initializers["W"].const_value, ir.ExternalTensor)
     with ModelRunner(loaded) as again:
         np.testing.assert_allclose(again.run(feeds)["y"], expected, rtol=1e-5, atol=1e-5)
