@@ -1,0 +1,111 @@
+"""Per-layer localization: pairing by name, provenance and QDQ, and chunked exposure."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from helpers import parse
+
+import graphopt
+from graphopt import provenance
+from graphopt.data import integer_input_ranges, synthesize_feeds
+from graphopt.localize import localize, tensor_pairs
+from graphopt.metrics import Tolerance
+from model_zoo.encoder import build_encoder
+
+RNG = np.random.default_rng(11)
+X = {"x": RNG.standard_normal((2, 4)).astype(np.float32)}
+
+_REFERENCE = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[2,4] x) => (float[2,4] y)
+<float[4,4] W = {0.5,0,0,0, 0,0.25,0,0, 0,0,1,0, 0,0,0,2}> {
+  r = Relu(x)
+  y = MatMul(r, W)
+}
+"""
+
+# The same model with QDQ on the activation r and on the weight W (int8,
+# scale 1/64), as a quantization pass would write it.
+_QDQ_CANDIDATE = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[2,4] x) => (float[2,4] y)
+<int8[4,4] W_q = {32,0,0,0, 0,16,0,0, 0,0,64,0, 0,0,0,127}, float s = {0.015625}, int8 z = {0},
+ float sa = {0.05}, uint8 za = {0}> {
+  r = Relu(x)
+  r_q = QuantizeLinear(r, sa, za)
+  r_dq = DequantizeLinear(r_q, sa, za)
+  W_dq = DequantizeLinear(W_q, s, z)
+  y = MatMul(r_dq, W_dq)
+}
+"""
+
+
+def test_qdq_outputs_pair_with_the_float_tensors_they_quantize():
+    reference = parse(_REFERENCE)
+    candidate = parse(_QDQ_CANDIDATE)
+    provenance.record(candidate, "W_dq", "W")
+
+    pairs = {(p.reference, p.candidate, p.op, p.reference_is_weight) for p in tensor_pairs(reference, candidate)}
+
+    assert pairs == {
+        ("r", "r", "Relu", False),
+        ("r", "r_dq", "DequantizeLinear", False),
+        ("W", "W_dq", "DequantizeLinear", True),
+        ("y", "y", "MatMul", False),
+    }
+
+
+def test_localize_reports_each_qdq_pairs_own_error():
+    reference, candidate = parse(_REFERENCE), parse(_QDQ_CANDIDATE)
+    provenance.record(candidate, "W_dq", "W")
+
+    report = localize(reference, candidate, [X], tolerance=Tolerance(atol=1e-6, rtol=0.0))
+
+    by_tensor = {layer.pair.candidate: layer.result for layer in report.layers}
+    assert by_tensor["r"].max_abs == 0.0 and by_tensor["r"].passed
+    # Activation QDQ: error within half a quantization step (scale 0.05).
+    assert 0 < by_tensor["r_dq"].max_abs <= 0.025 + 1e-7
+    # 127/64 = 1.984375 stands for 2.0; the other weights are exact.
+    assert by_tensor["W_dq"].max_abs == pytest.approx(2.0 - 127 / 64)
+    assert [layer.pair.candidate for layer in report.first_divergent] == ["r_dq", "W_dq", "y"]
+
+
+def test_chunked_exposure_gives_the_same_results():
+    reference, candidate = parse(_REFERENCE), parse(_QDQ_CANDIDATE)
+    provenance.record(candidate, "W_dq", "W")
+
+    whole = localize(reference, candidate, [X], tolerance=Tolerance())
+    chunked = localize(reference, candidate, [X], tolerance=Tolerance(), chunk_size=1)
+
+    assert [layer.to_dict() for layer in chunked.layers] == [layer.to_dict() for layer in whole.layers]
+
+
+def test_synthesized_token_ids_stay_inside_the_embedding_table_of_a_zoo_encoder():
+    zoo = build_encoder(layers=1, hidden=32, heads=2, intermediate=64, vocab=50, max_positions=64, sequence=16)
+    model = graphopt.load(zoo.model)
+
+    ranges = integer_input_ranges(model)
+    feeds = list(synthesize_feeds(model, count=20, seed=3, shapes={"input_ids": (2, 64), "attention_mask": (2, 64)}))
+
+    assert ranges["input_ids"] == (0, 50)
+    assert all(0 <= f["input_ids"].min() and f["input_ids"].max() < 50 for f in feeds)
+    report = graphopt.validate(model, model, samples=4, per_layer=True)
+    assert report.passed and report.per_layer.first_divergent == []
+
+
+def test_encoder_validation_localizes_a_scaled_ffn_weight(tmp_path):
+    zoo = build_encoder(layers=2, hidden=32, heads=2, intermediate=64, vocab=100, max_positions=64, sequence=16)
+    reference = zoo.save(tmp_path / "ref")
+    proto = onnx.load(reference)
+    weight = next(t for t in proto.graph.initializer if "layer1" in t.name and "ffn" in t.name and len(t.dims) == 2)
+    weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) * 1.5, weight.name))
+    candidate = tmp_path / "cand.onnx"
+    onnx.save(proto, candidate)
+
+    report = graphopt.validate(reference, candidate, samples=3, per_layer=True)
+
+    assert not report.passed
+    first = report.per_layer.first_divergent[0]
+    assert first.pair.node.startswith("layer1/ffn/") and first.pair.op == "MatMul"
