@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_MODEL ?= constant_weights
+DEMO_MODEL ?= resnet50
 DEMO_DIR := out/demo
 
 .PHONY: demo test bench-scale bench-validate clean

@@ -33,7 +33,7 @@ from graphopt.summary import summarize
 from graphopt.validate import validate
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
-DEFAULT_PIPELINE = "lift-constants,dce,toposort"
+DEFAULT_PIPELINE = "fold"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,10 +202,10 @@ def _list_passes(args: argparse.Namespace) -> int:
     for name, factory in sorted(available_passes().items()):
         doc = (factory.__doc__ or "").strip().splitlines()
         scope = "subgraphs too" if getattr(factory, "visits_subgraphs", False) else "main graph only"
-        print(f"{name:<16} {doc[0] if doc else ''} [{scope}]")
+        print(f"{name:<20} {doc[0] if doc else ''} [{scope}]")
         for option in pass_options(factory).values():
             kind = f": {option.annotation}" if option.annotation else ""
-            print(f"{'':<18}{option.name}{kind} = {option.default!r}")
+            print(f"{'':<22}{option.name}{kind} = {option.default!r}")
     return EXIT_OK
 
 

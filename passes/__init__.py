@@ -10,6 +10,18 @@ from __future__ import annotations
 __all__ = ["BUILTIN_PASSES"]
 
 from passes.dce import EliminateDeadCodePass
+from passes.fold import (
+    CollapseReshapesPass,
+    DeduplicateInitializersPass,
+    EliminateCommonSubexpressionsPass,
+    EliminateNoOpsPass,
+    FoldBatchNormPass,
+    FoldConstantsPass,
+    FoldElementwisePass,
+    FoldTransposesPass,
+    FuseMatMulAddPass,
+    fold,
+)
 from passes.lift_constants import LiftConstantsPass
 from passes.toposort import SortTopologicallyPass
 
@@ -17,4 +29,15 @@ BUILTIN_PASSES = {
     "dce": EliminateDeadCodePass,
     "lift-constants": LiftConstantsPass,
     "toposort": SortTopologicallyPass,
+    # The lossless fold group and each of its members.
+    "fold": fold,
+    "fold-constants": FoldConstantsPass,
+    "eliminate-noops": EliminateNoOpsPass,
+    "fold-transposes": FoldTransposesPass,
+    "collapse-reshapes": CollapseReshapesPass,
+    "fold-batchnorm": FoldBatchNormPass,
+    "fold-elementwise": FoldElementwisePass,
+    "fuse-matmul-add": FuseMatMulAddPass,
+    "dedup-initializers": DeduplicateInitializersPass,
+    "cse": EliminateCommonSubexpressionsPass,
 }

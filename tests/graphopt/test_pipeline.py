@@ -95,7 +95,7 @@ def test_precondition_errors_surface_unwrapped():
 
 
 def test_unknown_pass_and_option_list_valid_choices():
-    with pytest.raises(PipelineSpecError, match="unknown pass 'nope'; valid passes: dce, lift-constants, toposort"):
+    with pytest.raises(PipelineSpecError, match="unknown pass 'nope'; valid passes: collapse-reshapes, cse, dce, .*, toposort$"):
         run_pipeline(_model(), "dce,nope")
     with pytest.raises(PipelineSpecError, match="valid options: min_elements"):
         run_pipeline(_model(), "lift-constants(size=3)")
