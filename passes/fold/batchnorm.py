@@ -55,7 +55,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.graphs import GraphLike, apply_to_graphs, iter_graphs
+from graphopt.graphs import GraphLike, apply_to_graphs
+from graphopt.naming import NameAllocator
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         self.standalone = standalone
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        names = _all_names(model)
-        context = _Context(model=model, names=names, standalone=self.standalone)
+        context = _Context(model=model, names=NameAllocator(model), standalone=self.standalone)
         modified = apply_to_graphs(model, context.rewrite_graph)
         return ir.passes.PassResult(model, modified)
 
@@ -94,7 +94,7 @@ class _Context:
     """Per-run state: the model, the names in use, and per-graph settings."""
 
     model: ir.Model
-    names: set[str]
+    names: NameAllocator
     standalone: bool
     opset: int = 0
     use_initializers: bool = True
@@ -119,12 +119,7 @@ class _Context:
         return modified
 
     def fresh(self, base: str) -> str:
-        name, index = base, 0
-        while name in self.names:
-            index += 1
-            name = f"{base}_{index}"
-        self.names.add(name)
-        return name
+        return self.names.fresh(base)
 
     def constant(self, anchor: ir.Node, base: str, array: np.ndarray) -> ir.Value:
         """A new constant holding ``array``, visible to ``anchor``."""
@@ -147,17 +142,6 @@ class _BnParams:
     scale: np.ndarray  # s, float64 [C]
     shift: np.ndarray  # t, float64 [C]
     inputs: tuple[ir.Value, ...]  # scale, B, mean, var: removed when unused
-
-
-def _all_names(model: ir.Model) -> set[str]:
-    names: set[str] = set()
-    for graph in iter_graphs(model):
-        names.update(v.name for v in graph.inputs if v.name)
-        if isinstance(graph, ir.Graph):
-            names.update(graph.initializers)
-        for node in graph:
-            names.update(v.name for v in node.outputs if v.name)
-    return names
 
 
 def _read(value: ir.Value | None) -> np.ndarray | None:

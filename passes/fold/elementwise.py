@@ -43,7 +43,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.graphs import GraphLike, apply_to_graphs, iter_graphs
+from graphopt.graphs import GraphLike, apply_to_graphs
+from graphopt.naming import NameAllocator
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class FoldElementwisePass(ir.passes.InPlacePass):
         super().__init__()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        names = _NameAllocator(model)
+        names = NameAllocator(model)
         opset = _default_opset(model)
         modified = _rewrite_nodes(model, lambda node: _try_fold(node, names, opset))
         return ir.passes.PassResult(model, modified)
@@ -96,26 +97,6 @@ def _rewrite_nodes(model: ir.Model, try_site: Callable[[ir.Node], bool]) -> bool
         return changed
 
     return apply_to_graphs(model, rewrite)
-
-
-class _NameAllocator:
-    """Hands out value names not used anywhere in the model (built once per run)."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self._used: set[str] = set()
-        for graph in iter_graphs(model):
-            values = [*graph.inputs, *graph.outputs, *(v for node in graph for v in node.outputs)]
-            if isinstance(graph, ir.Graph):
-                values.extend(graph.initializers.values())
-            self._used.update(value.name for value in values if value.name)
-
-    def fresh(self, base: str) -> str:
-        name, index = base, 0
-        while name in self._used:
-            index += 1
-            name = f"{base}_{index}"
-        self._used.add(name)
-        return name
 
 
 def _default_opset(model: ir.Model) -> int:
@@ -175,7 +156,7 @@ def _match_site(node: ir.Node) -> tuple[ir.Node, ir.Value, np.ndarray, bool] | N
     return None
 
 
-def _try_fold(node: ir.Node, names: _NameAllocator, opset: int) -> bool:
+def _try_fold(node: ir.Node, names: NameAllocator, opset: int) -> bool:
     site = _match_site(node)
     if site is None:
         return False
@@ -306,7 +287,7 @@ def _plan_matmul(matmul: ir.Node, op: str, c: np.ndarray) -> _Plan | None:
 
 
 def _apply_plan(
-    producer: ir.Node, new_inputs: dict[int, np.ndarray], attributes: dict[str, float], names: _NameAllocator
+    producer: ir.Node, new_inputs: dict[int, np.ndarray], attributes: dict[str, float], names: NameAllocator
 ) -> None:
     for index, array in sorted(new_inputs.items()):
         old = producer.inputs[index] if len(producer.inputs) > index else None

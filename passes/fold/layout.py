@@ -45,7 +45,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.graphs import GraphLike, apply_to_graphs, iter_graphs
+from graphopt.graphs import GraphLike, apply_to_graphs
+from graphopt.naming import NameAllocator
 from passes.fold.noops import constant_array
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class FoldTransposesPass(ir.passes.InPlacePass):
         super().__init__()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        make_name = _name_maker(model)
+        make_name = NameAllocator(model).fresh
 
         def rewrite(graph: GraphLike) -> bool:
             can_fold = _can_add_initializers(model, graph)
@@ -92,7 +93,7 @@ class CollapseReshapesPass(ir.passes.InPlacePass):
         super().__init__()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        make_name = _name_maker(model)
+        make_name = NameAllocator(model).fresh
 
         def rewrite(graph: GraphLike) -> bool:
             can_add = _can_add_initializers(model, graph)
@@ -108,28 +109,6 @@ class CollapseReshapesPass(ir.passes.InPlacePass):
 def _can_add_initializers(model: ir.Model, graph: GraphLike) -> bool:
     """Functions hold no initializers; below IR 4 every initializer must also be an input."""
     return isinstance(graph, ir.Graph) and model.ir_version >= _IR_VERSION_SEPARATE_INITIALIZERS
-
-
-def _name_maker(model: ir.Model) -> NameMaker:
-    """A function returning names unused anywhere in the model (per run, not on self)."""
-    taken: set[str] = set()
-    for graph in iter_graphs(model):
-        taken.update(v.name for v in graph.inputs if v.name)
-        taken.update(v.name for v in graph.outputs if v.name)
-        if isinstance(graph, ir.Graph):
-            taken.update(graph.initializers)
-        for node in graph:
-            taken.update(v.name for v in node.outputs if v.name)
-
-    def make(base: str) -> str:
-        name, suffix = base, 0
-        while name in taken:
-            suffix += 1
-            name = f"{base}_{suffix}"
-        taken.add(name)
-        return name
-
-    return make
 
 
 def _perm(node: ir.Node, rank: int | None = None) -> list[int] | None:
