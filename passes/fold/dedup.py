@@ -94,7 +94,25 @@ def _try_merge(graph: ir.Graph, duplicate: ir.Value, keep: ir.Value) -> bool:
     return True
 
 
+_DIGEST_KEY = "graphopt.content_digest"
+
+
 def _digest(tensor: ir.TensorProtocol) -> bytes:
+    """The tensor's content hash, computed once per tensor object.
+
+    IR tensors are immutable (a rewrite installs a new tensor object), so the
+    digest is cached in the tensor's own metadata: the fold group's later
+    rounds reuse it instead of re-reading every weight each round.
+    """
+    cached = tensor.meta.get(_DIGEST_KEY)
+    if cached is not None:
+        return cached
+    digest = _compute_digest(tensor)
+    tensor.meta[_DIGEST_KEY] = digest
+    return digest
+
+
+def _compute_digest(tensor: ir.TensorProtocol) -> bytes:
     hasher = hashlib.blake2b(digest_size=32)
     if tensor.dtype == ir.DataType.STRING:
         # Length-prefixed, so ["ab", "c"] and ["a", "bc"] differ.

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from helpers import assert_same_outputs, check_full, parse, run_ort, to_proto
 
+import graphopt
 from graphopt import provenance, run_pipeline
 from passes.fold.dedup import DeduplicateInitializersPass, EliminateCommonSubexpressionsPass
 
@@ -318,3 +320,28 @@ def test_cse_second_run_changes_nothing(factory):
 def test_cse_rejects_invalid_size_limit(size_limit):
     with pytest.raises(ValueError, match="size_limit"):
         EliminateCommonSubexpressionsPass(size_limit=size_limit)
+
+
+def test_content_hash_is_computed_once_per_tensor_across_runs(monkeypatch):
+    from passes.fold import dedup
+
+    weights = np.ones((4, 4), np.float32)
+    proto = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("MatMul", ["x", "A"], ["h"]), onnx.helper.make_node("MatMul", ["h", "B"], ["y"])],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])],
+            [onnx.numpy_helper.from_array(weights, "A"), onnx.numpy_helper.from_array(weights * 2, "B")],
+        ),
+        opset_imports=[onnx.helper.make_opsetid("", 17)],
+    )
+    model = graphopt.load(proto)
+    computed = []
+    real = dedup._compute_digest
+    monkeypatch.setattr(dedup, "_compute_digest", lambda tensor: computed.append(tensor) or real(tensor))
+
+    for _ in range(3):
+        graphopt.run_pipeline(model, [dedup.DeduplicateInitializersPass()])
+
+    assert len(computed) == 2
