@@ -306,7 +306,8 @@ def _apply_plan(
 
 def _new_constant(like: ir.Value, anchor: ir.Node, name: str, array: np.ndarray) -> ir.Value:
     """A constant holding ``array``, stored where ``like`` is (initializer or Constant node)."""
-    tensor = ir.tensor(array, name=name)
+    # ir.Tensor, not ir.tensor: the latter's Protocol checks cost ~60 us per call.
+    tensor = ir.Tensor(array, name=name)
     if like.is_initializer() and isinstance(like.graph, ir.Graph):
         shape, dtype = ir.Shape(array.shape), ir.TensorType(tensor.dtype)
         value = ir.Value(name=name, shape=shape, type=dtype, const_value=tensor)
