@@ -30,3 +30,23 @@ bench-validate: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis
+
+# The fold benchmark compares graphopt with onnxsim, onnxslim and onnxoptimizer.
+# They are anchors, never project dependencies, so they live in their own
+# virtualenv; one that fails to install is reported as "not installed" by the
+# script, so its pip failure does not stop the target.
+BENCH_VENV ?= .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install --quiet --disable-pip-version-check -e .
+	for tool in onnxsim onnxslim onnxoptimizer; do \
+		$(BENCH_PY) -m pip install --quiet --disable-pip-version-check $$tool \
+			|| echo "bench-fold: could not install $$tool; it will be reported as not installed" >&2; \
+	done
+	touch $@
+
+.PHONY: bench-fold
+bench-fold: $(BENCH_VENV)/.installed
+	$(BENCH_PY) bench/fold.py --markdown
