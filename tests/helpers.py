@@ -8,6 +8,8 @@ __all__ = [
     "run_ort",
     "assert_same_outputs",
     "assert_second_run_changes_nothing",
+    "assert_valid_and_equal",
+    "run_through_pipeline",
     "check_full",
     "parse",
     "to_proto",
@@ -60,8 +62,31 @@ def check_full(model: ir.Model | onnx.ModelProto | Path) -> None:
     onnx.checker.check_model(str(model) if isinstance(model, Path) else to_proto(model), full_check=True)
 
 
-def assert_second_run_changes_nothing(model: ir.Model, pipeline: str) -> None:
-    """Idempotence: after one run, a second reports no change and leaves identical bytes."""
+def run_through_pipeline(model: ir.Model, pipeline: str | list | ir.passes.PassBase):
+    """Serializes the original first (passes change the model in place), then runs the pipeline.
+
+    ``pipeline`` is a spec string, a list of passes, or one pass instance.
+    Returns ``(original_proto, PipelineResult)``.
+    """
+    from graphopt import run_pipeline
+
+    original = to_proto(model)
+    steps = [pipeline] if isinstance(pipeline, ir.passes.PassBase) else pipeline
+    return original, run_pipeline(model, steps)
+
+
+def assert_valid_and_equal(original: onnx.ModelProto, model: ir.Model, feeds: dict[str, np.ndarray]) -> None:
+    """Full onnx.checker on the rewritten model, and the same outputs within the lossless tolerances."""
+    check_full(model)
+    assert_same_outputs(run_ort(original, feeds), run_ort(model, feeds))
+
+
+def assert_second_run_changes_nothing(model: ir.Model, pipeline: str | list) -> None:
+    """Idempotence: after one run, a second reports no change and leaves identical bytes.
+
+    ``pipeline`` is a spec string or a list of pass instances (they keep no
+    per-run state, so one instance serves both runs).
+    """
     from graphopt import run_pipeline
 
     run_pipeline(model, pipeline)
