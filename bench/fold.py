@@ -4,7 +4,7 @@ Run from the repository root (``make bench-fold`` makes ``.venv-bench`` with
 the three anchor tools, which are never project dependencies)::
 
     .venv-bench/bin/python bench/fold.py [--models a,b|none] [--sizes 5000,20000,80000|none]
-        [--repeats 3] [--timeout 240] [--quick] [--markdown]
+        [--tools onnxsim,onnxslim,onnxoptimizer] [--repeats 3] [--timeout 240] [--quick] [--markdown]
 
 Models: every ``model_zoo`` model, plus the synthetic chains of
 ``bench/scale.py`` (``build_chain``) at each of ``--sizes`` nodes. ``--quick``
@@ -12,8 +12,9 @@ keeps the tiny zoo models and the 5,000-node chain (explicit ``--models`` /
 ``--sizes`` still win).
 
 Each tool processes the same file in a fresh subprocess, so that its peak RSS
-(``ru_maxrss``, imports included) is its own; a run longer than ``--timeout``
-seconds is killed and shown as "timeout":
+(``VmHWM``, imports included) is its own; a run longer than ``--timeout``
+seconds is killed and shown as "timeout". ``--tools`` picks the anchors to run
+(graphopt always runs):
 
 - graphopt: ``graphopt.load`` / ``graphopt.run_pipeline(model, "fold")`` /
   ``graphopt.save``;
@@ -56,7 +57,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from cli_args import OneLineParser, positive_int  # bench/ is on sys.path when run as a script
+from peak_rss import peak_rss_kib
 from scale import build_chain
 
 # Only the standard library (and scale's lazy-importing build_chain) at module
@@ -163,8 +164,7 @@ def op_counts(path: Path) -> dict[str, int]:
 
 def run_tool_worker(tool: str, path: Path, out: Path) -> None:
     phases = _optimize_graphopt(path, out) if tool == "graphopt" else _optimize_onnx(tool, path, out)
-    # ru_maxrss is in KiB on Linux; read before op_counts, which is not part of the run.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss = peak_rss_kib()  # before op_counts, which is not part of the run
     report = {"phases": phases, "total": sum(phases.values()), "maxrss_kib": rss}
     print(json.dumps({**report, "ops": op_counts(out), "out": str(out)}))
 
@@ -346,6 +346,12 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _cell_status(tool: str, selected: list[str]) -> str:
+    if tool != "graphopt" and tool not in selected:
+        return "not selected"
+    return "" if _installed(tool) else "not installed"
+
+
 def _installed(tool: str) -> bool:
     return tool == "graphopt" or importlib.util.find_spec(tool) is not None
 
@@ -363,7 +369,6 @@ def _prepare_zoo(name: str, folder: Path) -> Path:
 
 def _prepare_chain(size: int, folder: Path) -> Path:
     import numpy as np
-
     from scale import HIDDEN
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -379,7 +384,7 @@ def run_model(name: str, size: int, folder: Path, args: argparse.Namespace) -> M
     mib = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.suffix != ".npz") / 2**20
     ops = op_counts(source)
     _progress(f"{name}: {sum(ops.values()):,} nodes, {mib:.1f} MiB, built in {time.perf_counter() - start:.1f} s")
-    cells = {tool: Cell(tool, status="" if _installed(tool) else "not installed") for tool in TOOLS}
+    cells = {tool: Cell(tool, status=_cell_status(tool, args.tools)) for tool in TOOLS}
     repeats = 1 if size >= SINGLE_RUN_NODES else args.repeats
     measure(source, folder, cells, repeats, args.timeout)
     latency = check(source, folder / "feeds.npz", cells, max(args.timeout, 600.0))
@@ -507,7 +512,7 @@ def print_report(results: list[ModelResult], markdown: bool) -> None:
         print(f"### {title}\n" if markdown else f"{title}")
         print(format_table(model_rows(result), markdown))
         print()
-    legend = ("time: median of runs, load+optimize+save, one thread; peak RSS: largest ru_maxrss; max |diff|: "
+    legend = ("time: median of runs, load+optimize+save, one thread; peak RSS: largest VmHWM; max |diff|: "
               "vs the original in onnxruntime; latency ratio: median onnxruntime CPU latency (1 thread) / original's")
     for line in [machine_line(), legend, *goal_lines(results), *diagnosis_lines(results)]:
         print(f"{bullet}{line}")
@@ -545,6 +550,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=_list_arg, help="comma-separated zoo models, or 'none' (default: all)")
     parser.add_argument("--sizes", type=_sizes, help="comma-separated chain node counts, or 'none' (default 5000,20000,80000)")
+    parser.add_argument("--tools", type=_list_arg, default=list(ANCHORS), help="comma-separated anchors to run (default: all three)")
     parser.add_argument("--repeats", type=positive_int, default=3, help="runs per tool and model (default 3; 1 at 80k+ nodes)")
     parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, help="seconds per tool run (default 240)")
     parser.add_argument("--quick", action="store_true", help="tiny zoo models and the 5,000-node chain only")
@@ -560,6 +566,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         return args
     if args.candidates:
         parser.error(f"unexpected arguments: {' '.join(args.candidates)}")
+    unknown_tools = [tool for tool in args.tools if tool not in ANCHORS]
+    if unknown_tools:
+        parser.error(f"unknown tool(s) {', '.join(unknown_tools)}; valid: {', '.join(ANCHORS)}")
     sys.path.insert(0, str(_REPO_ROOT))
     import model_zoo
 
@@ -585,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _TIMEOUT[0] = args.timeout
     started = time.perf_counter()
-    missing = [tool for tool in ANCHORS if not _installed(tool)]
+    missing = [tool for tool in args.tools if not _installed(tool)]
     if missing:
         _progress(f"not installed (reported as such): {', '.join(missing)}")
     results = []

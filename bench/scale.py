@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from cli_args import OneLineParser, positive_int  # bench/ is on sys.path when run as a script
+from peak_rss import peak_rss_kib
 
 # Only the standard library at module level: each worker imports just what its
 # tool needs, so its peak RSS holds no other tool's modules.
@@ -221,8 +221,7 @@ def run_worker(tool: str, path: Path, out: Path) -> None:
     """Measures one tool once and prints the result as JSON on stdout."""
     report = _WORKERS[tool](path, out)
     report["total"] = sum(report["phases"].values())
-    # ru_maxrss is in KiB on Linux.
-    report["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    report["maxrss_kib"] = peak_rss_kib()
     print(json.dumps(report))
 
 
@@ -473,7 +472,7 @@ def print_report(by_size: dict[int, dict[str, Cell]], checks: list[str], markdow
     notes = [f"{c.tool} at {c.size:,} nodes: {c.note}" for c in cells if c.note]
     notes += [f"{c.tool} at {c.size:,} nodes: {len(c.errors)} failed run(s): {c.errors[0]}" for c in cells if c.errors]
     details = [f"{c.tool} at {c.size:,} nodes, sub-steps (median s): {c.detail()}" for c in cells if c.runs]
-    legend = "timings: median of runs in seconds; peak RSS: largest ru_maxrss of the runs; workers use OMP_NUM_THREADS=1"
+    legend = "timings: median of runs in seconds; peak RSS: largest VmHWM of the runs; workers use OMP_NUM_THREADS=1"
     bullet = "- " if markdown else ""
     for line in [legend, *notes, *details, *goal_lines(by_size), *checks]:
         print(f"{bullet}{line}")

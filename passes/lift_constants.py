@@ -43,6 +43,8 @@ class LiftConstantsPass(ir.passes.InPlacePass):
     """Turn Constant nodes into initializers (main graph and subgraphs)."""
 
     visits_subgraphs = True
+    # FixedPointGroup skips the pass while the model has none of these.
+    trigger_ops = frozenset({"Constant"})
 
     def __init__(self, *, min_elements: int = 0) -> None:
         """Args:

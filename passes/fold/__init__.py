@@ -1,10 +1,13 @@
 """``fold``: the lossless simplification group, run to a fixed point.
 
 Each member is also registered under its own name (see passes/__init__.py).
-The group runs them in the order below inside ``onnx_ir.passes.PassManager``
-with ``early_stop=True``, so it repeats until a whole round changes nothing
-(or ``max_rounds`` rounds ran): one rewrite often exposes another, e.g. a
-folded BatchNorm leaves a Conv whose following Mul can then fold too.
+The group runs them in the order below and repeats until a whole round
+changes nothing (or ``max_rounds`` rounds ran): one rewrite often exposes
+another, e.g. a folded BatchNorm leaves a Conv whose following Mul can then
+fold too. That is ``onnx_ir.passes.PassManager(early_stop=True)`` plus one
+shortcut (see :class:`FixedPointGroup`): a member that declares
+``trigger_ops`` is skipped while the model holds none of those op types, so
+the final, confirming round costs a few walks instead of every member's.
 
 Standalone BatchNorm -> Mul+Add is off inside the group: on its own it adds
 a node, and the group only keeps rewrites that shrink the graph. Rewriting
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 __all__ = [
     "fold",
+    "FixedPointGroup",
     "FoldBatchNormPass",
     "FoldConstantsPass",
     "DeduplicateInitializersPass",
@@ -28,8 +32,11 @@ __all__ = [
     "EliminateNoOpsPass",
 ]
 
+from collections.abc import Sequence
+
 import onnx_ir as ir
 
+from graphopt.graphs import iter_graphs
 from passes.dce import EliminateDeadCodePass
 from passes.fold.batchnorm import FoldBatchNormPass
 from passes.fold.constants import FoldConstantsPass
@@ -63,7 +70,52 @@ def fold(*, max_rounds: int = 8, max_growth: float = 4.0, max_output_bytes: int 
         EliminateCommonSubexpressionsPass(),
         EliminateDeadCodePass(),
     ]
-    return ir.passes.PassManager(members, steps=max_rounds, early_stop=True)
+    return FixedPointGroup(members, max_rounds=max_rounds)
+
+
+class FixedPointGroup(ir.passes.InPlacePass):
+    """Runs in-place passes in order, round after round, until a round changes nothing.
+
+    A member with a ``trigger_ops`` attribute (a set of op types) is skipped
+    when no node of the model, its subgraphs or functions has one of those op
+    types; members without it always run. The op-type set is recomputed only
+    after a member changed the model, so a round in which nothing changes
+    costs one walk plus the members that cannot be gated this way.
+    """
+
+    visits_subgraphs = True
+
+    def __init__(self, passes: Sequence[ir.passes.PassBase], *, max_rounds: int) -> None:
+        super().__init__()
+        self.passes = list(passes)
+        self.max_rounds = max_rounds
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for _ in range(self.max_rounds):
+            round_modified = False
+            present: frozenset[str] | None = None
+            for pass_ in self.passes:
+                triggers = getattr(pass_, "trigger_ops", None)
+                if triggers is not None:
+                    present = _op_types(model) if present is None else present
+                    if present.isdisjoint(triggers):
+                        continue
+                result = pass_(model)
+                if result.model is not model:
+                    raise ir.passes.PassError(f"{type(pass_).__name__} returned a new model; fold members work in place")
+                if result.modified:
+                    round_modified = True
+                    present = None
+            modified = modified or round_modified
+            if not round_modified:
+                break
+        return ir.passes.PassResult(model, modified)
+
+
+def _op_types(model: ir.Model) -> frozenset[str]:
+    """Op types of every node in the model, its subgraphs and functions (any domain)."""
+    return frozenset(node.op_type for graph in iter_graphs(model) for node in graph)
 
 
 fold.visits_subgraphs = True  # type: ignore[attr-defined]

@@ -72,6 +72,8 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
     """Fold inference BatchNormalization into Conv/ConvTranspose/Gemm/MatMul, else into Mul+Add."""
 
     visits_subgraphs = True
+    # FixedPointGroup skips the pass while the model has none of these.
+    trigger_ops = frozenset({"BatchNormalization"})
 
     def __init__(self, *, standalone: bool = True) -> None:
         """Args:

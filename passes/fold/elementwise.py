@@ -59,6 +59,8 @@ class FoldElementwisePass(ir.passes.InPlacePass):
     """Fold Mul/Div/Add/Sub by a per-channel constant into Conv/Gemm/MatMul weights."""
 
     visits_subgraphs = True
+    # FixedPointGroup skips the pass while the model has none of these.
+    trigger_ops = frozenset(_ELEMENTWISE_OPS)
 
     def __init__(self) -> None:
         super().__init__()
@@ -74,6 +76,8 @@ class FuseMatMulAddPass(ir.passes.InPlacePass):
     """Turn a 2-D ``MatMul(A, B) + bias`` with constant B and bias into one Gemm."""
 
     visits_subgraphs = True
+    # FixedPointGroup skips the pass while the model has none of these.
+    trigger_ops = frozenset({"Add"})
 
     def __init__(self) -> None:
         super().__init__()

@@ -62,6 +62,8 @@ class FoldTransposesPass(ir.passes.InPlacePass):
     """Merge consecutive Transposes and fold Transposes of constants."""
 
     visits_subgraphs = True
+    # FixedPointGroup skips the pass while the model has none of these.
+    trigger_ops = frozenset({"Transpose"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,6 +90,8 @@ class CollapseReshapesPass(ir.passes.InPlacePass):
     """Collapse chains of Reshape/Flatten/Squeeze/Unsqueeze into one Reshape."""
 
     visits_subgraphs = True
+    # FixedPointGroup skips the pass while the model has none of these.
+    trigger_ops = frozenset(_RESHAPE_LIKE)
 
     def __init__(self) -> None:
         super().__init__()
