@@ -6,7 +6,7 @@ only tensor metadata, so a memory-mapped 2 GB model is not paged in.
 
 from __future__ import annotations
 
-__all__ = ["node_count", "param_bytes", "param_count", "constant_tensors", "tensor_nbytes"]
+__all__ = ["node_count", "param_bytes", "param_count", "constant_tensors", "tensor_layout", "tensor_nbytes"]
 
 import math
 from collections.abc import Iterator
@@ -47,13 +47,17 @@ def param_bytes(model: ir.Model) -> int:
     return sum(tensor_nbytes(tensor) for _, tensor in constant_tensors(model))
 
 
-def tensor_nbytes(tensor: ir.TensorProtocol) -> int:
-    """``tensor.nbytes`` computed from dtype and dims, without building an ir.Shape."""
+def tensor_layout(tensor: ir.TensorProtocol) -> tuple[ir.DataType, tuple[int, ...]]:
+    """``(dtype, dims)`` of a tensor, without building an ir.Shape."""
     if isinstance(tensor, ir.serde.TensorProtoTensor):
         # Its shape and dtype properties build new objects on every access.
-        dims, dtype = tensor.raw.dims, ir.DataType(tensor.raw.data_type)
-    else:
-        dims, dtype = tensor.shape.dims, tensor.dtype
+        return ir.DataType(tensor.raw.data_type), tuple(tensor.raw.dims)
+    return tensor.dtype, tuple(tensor.shape.dims)
+
+
+def tensor_nbytes(tensor: ir.TensorProtocol) -> int:
+    """``tensor.nbytes`` computed from dtype and dims, without building an ir.Shape."""
+    dtype, dims = tensor_layout(tensor)
     if dtype == ir.DataType.STRING:
         return tensor.nbytes
     # ceil: 4-bit types pack two elements per byte.

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedFunctionsPass
 
-from graphopt.graphs import GraphLike, apply_to_graphs
+from graphopt.graphs import GraphLike, apply_to_graphs, bodies, iter_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def _live_nodes(roots: Iterable[ir.Value]) -> set[ir.Node]:
             continue
         live.add(node)
         stack.extend(value.producer() for value in node.inputs if value is not None)
-        for body in _bodies(node):
+        for body in bodies(node):
             stack.extend(value.producer() for value in body.outputs)
     return live
 
@@ -64,7 +64,7 @@ def _live_nodes(roots: Iterable[ir.Value]) -> set[ir.Node]:
 def _sweep(graph: ir.Graph, live: set[ir.Node]) -> bool:
     """Removes every node of ``graph`` and its live subgraphs that is not live."""
     dead_by_graph: dict[ir.Graph, list[ir.Node]] = {}
-    for node in ir.traversal.RecursiveGraphIterator(graph):
+    for node in iter_nodes(graph):
         if node not in live:
             # Detach first, so values read only by dead code lose all their uses,
             # including uses from inside the bodies of a dead If/Loop/Scan.
@@ -73,7 +73,7 @@ def _sweep(graph: ir.Graph, live: set[ir.Node]) -> bool:
                     node.replace_input_with(index, None)
             dead_by_graph.setdefault(node.graph, []).append(node)
     # A body of a dead node disappears with that node; only edit kept graphs.
-    kept = {graph} | {body for node in live for body in _bodies(node)}
+    kept = {graph} | {body for node in live for body in bodies(node)}
     removed = 0
     for owner, dead in dead_by_graph.items():
         if owner in kept:
@@ -81,16 +81,6 @@ def _sweep(graph: ir.Graph, live: set[ir.Node]) -> bool:
             removed += len(dead)
             logger.debug("dce: removed %d nodes from graph %s", len(dead), owner.name)
     return removed > 0
-
-
-def _bodies(node: ir.Node) -> list[ir.Graph]:
-    bodies: list[ir.Graph] = []
-    for attr in node.attributes.values():
-        if attr.type == ir.AttributeType.GRAPH:
-            bodies.append(attr.as_graph())
-        elif attr.type == ir.AttributeType.GRAPHS:
-            bodies.extend(attr.as_graphs())
-    return bodies
 
 
 def _remove_unused_initializers(graph: GraphLike) -> bool:

@@ -26,6 +26,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.graphs import iter_nodes
+
 logger = logging.getLogger(__name__)
 
 # The element type ONNX gives each list/scalar form of Constant.
@@ -58,7 +60,7 @@ class LiftConstantsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         legacy_ir = model.ir_version < _IR_VERSION_SEPARATE_INITIALIZERS
         lifted = 0
-        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        for node in list(iter_nodes(model.graph)):
             if self._try_lift(node, model.graph, legacy_ir):
                 lifted += 1
         if lifted:

@@ -108,6 +108,9 @@ class FoldConstantsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, apply_to_graphs(model, fold_graph, functions=False))
 
     def _try_fold(self, node: ir.Node, opset: int) -> bool:
+        # Cheapest test first: most nodes of a real graph read a non-constant.
+        if node.op_type not in ("Shape", "Size") and not _all_inputs_constant(node):
+            return False
         if not _foldable_op(node):
             return False
         if any(output.is_graph_output() for output in node.outputs):
@@ -155,8 +158,25 @@ def _foldable_op(node: ir.Node) -> bool:
         return False
     if node.op_type in _NEVER_FOLD:
         return False
-    for attr in node.attributes.values():
+    for attr in node.attributes.data.values():  # UserDict.data: the plain dict, cheaper to walk
         if attr.is_ref() or attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+            return False
+    return True
+
+
+def _all_inputs_constant(node: ir.Node) -> bool:
+    """True when every present input is an initializer or a Constant output, and one is present.
+
+    Looks at metadata only; ``_constant_inputs`` reads the arrays afterwards.
+    """
+    present = [value for value in node.inputs if value is not None]
+    if not present:
+        return False
+    for value in present:
+        if value.const_value is not None and not value.is_graph_input():
+            continue
+        producer = value.producer()
+        if producer is None or producer.op_type != "Constant":
             return False
     return True
 

@@ -41,6 +41,7 @@ import onnx_ir as ir
 
 from graphopt import provenance
 from graphopt.graphs import GraphLike, apply_to_graphs
+from graphopt.stats import tensor_layout
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def _dedup_graph(graph: GraphLike) -> bool:
         tensor = value.const_value
         if value.is_graph_input() or value.is_graph_output() or tensor is None:
             continue
-        by_layout.setdefault((tensor.dtype, tuple(tensor.shape.numpy())), []).append(value)
+        by_layout.setdefault(tensor_layout(tensor), []).append(value)
     modified = False
     for values in by_layout.values():
         if len(values) < 2:
@@ -144,6 +145,11 @@ class EliminateCommonSubexpressionsPass(ir.passes.InPlacePass):
             seen: dict[Hashable, ir.Node] = {}
             modified = False
             for node in list(graph):
+                # A twin reads the very same values, so each input of a node
+                # with a twin has two uses or more; most nodes fail this test
+                # and skip building a key.
+                if any(value is not None and len(value.uses()) < 2 for value in node.inputs):
+                    continue
                 key = _node_key(node, self.size_limit)
                 if key is None:
                     continue
