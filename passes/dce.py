@@ -38,30 +38,35 @@ class EliminateDeadCodePass(ir.passes.InPlacePass):
         super().__init__()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        modified = RemoveUnusedFunctionsPass()(model).modified
-        modified = _sweep(model.graph, _live_nodes(model.graph.outputs)) or modified
+        # onnx_ir's pass walks every node even when there is no function to drop.
+        modified = bool(model.functions) and RemoveUnusedFunctionsPass()(model).modified
+        modified = _sweep(model.graph, *_live_nodes(model.graph.outputs)) or modified
         for function in model.functions.values():
-            modified = _sweep(function.graph, _live_nodes(function.outputs)) or modified
+            modified = _sweep(function.graph, *_live_nodes(function.outputs)) or modified
         modified = apply_to_graphs(model, _remove_unused_initializers, functions=False) or modified
         return ir.passes.PassResult(model, modified)
 
 
-def _live_nodes(roots: Iterable[ir.Value]) -> set[ir.Node]:
-    """Nodes that some root value depends on, across subgraph boundaries."""
+def _live_nodes(roots: Iterable[ir.Value]) -> tuple[set[ir.Node], set[ir.Graph]]:
+    """Nodes that some root value depends on, across subgraph boundaries, and the bodies of those nodes."""
     live: set[ir.Node] = set()
+    live_bodies: set[ir.Graph] = set()
     stack = [value.producer() for value in roots]
     while stack:
         node = stack.pop()
         if node is None or node in live:
             continue
         live.add(node)
-        stack.extend(value.producer() for value in node.inputs if value is not None)
+        for value in node.inputs:
+            if value is not None:
+                stack.append(value.producer())
         for body in bodies(node):
+            live_bodies.add(body)
             stack.extend(value.producer() for value in body.outputs)
-    return live
+    return live, live_bodies
 
 
-def _sweep(graph: ir.Graph, live: set[ir.Node]) -> bool:
+def _sweep(graph: ir.Graph, live: set[ir.Node], live_bodies: set[ir.Graph]) -> bool:
     """Removes every node of ``graph`` and its live subgraphs that is not live."""
     dead_by_graph: dict[ir.Graph, list[ir.Node]] = {}
     for node in iter_nodes(graph):
@@ -73,10 +78,9 @@ def _sweep(graph: ir.Graph, live: set[ir.Node]) -> bool:
                     node.replace_input_with(index, None)
             dead_by_graph.setdefault(node.graph, []).append(node)
     # A body of a dead node disappears with that node; only edit kept graphs.
-    kept = {graph} | {body for node in live for body in bodies(node)}
     removed = 0
     for owner, dead in dead_by_graph.items():
-        if owner in kept:
+        if owner is graph or owner in live_bodies:
             owner.remove(dead, safe=True)
             removed += len(dead)
             logger.debug("dce: removed %d nodes from graph %s", len(dead), owner.name)

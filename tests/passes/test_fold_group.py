@@ -91,8 +91,9 @@ def test_fixed_point_group_skips_members_whose_ops_are_absent():
 
 
 def test_fixed_point_group_runs_a_gated_member_once_its_op_appears():
-    # Round 1: the producer turns Relu into Identity, so the gated member runs
-    # after it; round 2 confirms the fixed point and runs the gated member again.
+    # The producer turns Relu into Identity, so the gated member runs after it
+    # and finds nothing; the producer's second run, finding nothing either,
+    # ends the group: both members have seen the final model.
     producer = _Recording(rewrite_relu_to="Identity")
     gated = _Recording(trigger_ops={"Identity"})
 
@@ -100,7 +101,17 @@ def test_fixed_point_group_runs_a_gated_member_once_its_op_appears():
 
     assert result.modified is True
     assert [node.op_type for node in result.model.graph] == ["Identity"]
-    assert (producer.calls, gated.calls) == (2, 2)
+    assert (producer.calls, gated.calls) == (2, 1)
+
+
+def test_fixed_point_group_reruns_members_before_the_last_change_only():
+    before, changer, after = _Recording(), _Recording(rewrite_relu_to="Identity"), _Recording()
+
+    FixedPointGroup([before, changer, after], max_rounds=5)(parse(_RELU))
+
+    # Round 1: all three run, the changer changes. Round 2: before and the
+    # changer find nothing; after already saw the final model.
+    assert (before.calls, changer.calls, after.calls) == (2, 2, 1)
 
 
 def test_fixed_point_group_stops_after_max_rounds():
