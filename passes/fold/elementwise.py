@@ -366,7 +366,7 @@ def _try_fuse_matmul_add(node: ir.Node) -> bool:
         logger.debug("fuse-matmul-add: %s has other uses or is a graph output; left", y.name)
         return False
     a, b = matmul.inputs[0], matmul.inputs[1]
-    if a is None or a.shape is None or len(a.shape) != 2:
+    if a is None or not _known_2d(a):
         logger.debug("fuse-matmul-add: %s: A is not known to be 2-D; left to onnxruntime", matmul.name)
         return False
     b_array, c = _constant(b), _constant(bias)
@@ -385,3 +385,24 @@ def _try_fuse_matmul_add(node: ir.Node) -> bool:
     out.name, out.shape, out.type = z.name, z.shape, z.type
     logger.debug("fuse-matmul-add: fused %s and %s into Gemm", matmul.name, node.name)
     return True
+
+
+def _known_2d(value: ir.Value) -> bool:
+    """True when ``value`` is 2-D: by its recorded shape, or by what its producer always makes.
+
+    Exported graphs often carry no shapes (nothing ran shape inference), but a
+    Flatten or Gemm output is 2-D by definition, and a Reshape to a constant
+    two-element shape is too.
+    """
+    if value.shape is not None:
+        return len(value.shape) == 2
+    producer = value.producer()
+    if producer is None or producer.domain not in _DEFAULT_DOMAINS:
+        return False
+    if producer.op_type in ("Flatten", "Gemm"):
+        return True
+    if producer.op_type == "Reshape" and len(producer.inputs) > 1:
+        target = _constant(producer.inputs[1])
+        return target is not None and target.ndim == 1 and target.size == 2
+    return False
+

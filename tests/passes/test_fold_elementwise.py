@@ -556,3 +556,41 @@ def test_fold_then_fuse_handles_matmul_mul_add_chain():
     assert result.modified is True
     assert _ops(result.model.graph) == ["Gemm"]
     _assert_lossless(original, result.model, GEMM_FEEDS)
+
+
+def _reshaped_matmul_add_model(kind: str) -> ir.Model:
+    #   x [ROWS, 2, K/2] -> Flatten | Reshape(shape) -> MatMul(B) -> Add(bias) -> z
+    # No value_info: the intermediate shapes are unknown, as in most exports.
+    rng = _rng()
+    shapes = {"reshape_2d": [ROWS, K], "reshape_3d": [1, ROWS, K]}
+    if kind == "flatten":
+        head, initializers = [helper.make_node("Flatten", ["x"], ["a"])], []
+    else:
+        head = [helper.make_node("Reshape", ["x", "shape"], ["a"])]
+        initializers = [numpy_helper.from_array(np.array(shapes[kind], dtype=np.int64), "shape")]
+    out_shape = [1, ROWS, COLS] if kind == "reshape_3d" else [ROWS, COLS]
+    return _model(
+        [*head, helper.make_node("MatMul", ["a", "B"], ["y"]), helper.make_node("Add", ["y", "bias"], ["z"])],
+        [helper.make_tensor_value_info("x", FLOAT, [ROWS, 2, K // 2])],
+        [_out("z", out_shape)],
+        [*initializers, _init("B", rng.standard_normal((K, COLS))), _init("bias", _constant_array((COLS,)))],
+    )
+
+
+@pytest.mark.parametrize("kind", ["flatten", "reshape_2d"])
+def test_fuses_matmul_add_when_a_is_2d_by_its_producer(kind):
+    model = _reshaped_matmul_add_model(kind)
+    assert model.graph.node(0).outputs[0].shape is None
+    original, result = _run(model, FuseMatMulAddPass())
+
+    assert result.modified is True
+    assert _ops(result.model.graph)[-1] == "Gemm" and "MatMul" not in _ops(result.model.graph)
+    feeds = {"x": _rng(8).standard_normal((ROWS, 2, K // 2)).astype(np.float32)}
+    _assert_lossless(original, result.model, feeds)
+
+
+def test_leaves_matmul_add_when_a_is_reshaped_to_3d():
+    _, result = _run(_reshaped_matmul_add_model("reshape_3d"), FuseMatMulAddPass())
+
+    assert result.modified is False
+    assert _ops(result.model.graph) == ["Reshape", "MatMul", "Add"]
