@@ -17,12 +17,22 @@ activations at once.
 
 from __future__ import annotations
 
-__all__ = ["TensorPair", "LayerResult", "LayerReport", "tensor_pairs", "localize"]
+__all__ = [
+    "TensorPair",
+    "LayerResult",
+    "LayerReport",
+    "tensor_pairs",
+    "localize",
+    "reference_tensors",
+    "candidate_tensors",
+    "update_layers",
+    "DEFAULT_CHUNK_SIZE",
+]
 
 import contextlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,23 +183,41 @@ def _compare_chunk(
     optimization: str,
     threads: int | None,
 ) -> list[OutputComparator]:
-    ref_names = list(dict.fromkeys(p.reference for p in chunk if not p.reference_is_weight))
-    cand_names = list(dict.fromkeys(p.candidate for p in chunk))
     comparators = [OutputComparator(pair.candidate, tolerance) for pair in chunk]
     options = {"optimization": optimization, "threads": threads}
     # The two sessions open and run side by side: onnxruntime releases the GIL.
     with ThreadPoolExecutor(max_workers=1) as pool, contextlib.ExitStack() as stack:
-        pending = pool.submit(ModelRunner, candidate, provider, extra_outputs=cand_names, **options)
-        ref_runner = stack.enter_context(ModelRunner(reference, provider, extra_outputs=ref_names, **options))
+        pending = pool.submit(ModelRunner, candidate, provider, extra_outputs=candidate_tensors(chunk), **options)
+        ref_runner = stack.enter_context(ModelRunner(reference, provider, extra_outputs=reference_tensors(chunk), **options))
         cand_runner = stack.enter_context(pending.result())
         for feeds in samples:
             running = pool.submit(cand_runner.run, {k: v for k, v in feeds.items() if k in cand_runner.input_names})
             ref_out = ref_runner.run({k: v for k, v in feeds.items() if k in ref_runner.input_names})
-            cand_out = running.result()
-            for pair, comparator in zip(chunk, comparators):
-                expected = _weight(ref_model, pair.reference) if pair.reference_is_weight else ref_out[pair.reference]
-                comparator.update(expected, cand_out[pair.candidate])
+            update_layers(ref_model, chunk, ref_out, running.result(), comparators)
     return comparators
+
+
+def reference_tensors(pairs: Sequence[TensorPair]) -> list[str]:
+    """The reference tensors to expose for ``pairs`` (weights are read from the model instead)."""
+    return list(dict.fromkeys(p.reference for p in pairs if not p.reference_is_weight))
+
+
+def candidate_tensors(pairs: Sequence[TensorPair]) -> list[str]:
+    """The candidate tensors to expose for ``pairs``."""
+    return list(dict.fromkeys(p.candidate for p in pairs))
+
+
+def update_layers(
+    ref_model: ir.Model,
+    pairs: Sequence[TensorPair],
+    ref_out: Mapping[str, np.ndarray],
+    cand_out: Mapping[str, np.ndarray],
+    comparators: Sequence[OutputComparator],
+) -> None:
+    """Feeds one sample's exposed tensors of both models to the comparators of ``pairs``."""
+    for pair, comparator in zip(pairs, comparators):
+        expected = _weight(ref_model, pair.reference) if pair.reference_is_weight else ref_out[pair.reference]
+        comparator.update(expected, cand_out[pair.candidate])
 
 
 def _weight(model: ir.Model, name: str) -> np.ndarray:

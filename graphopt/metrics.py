@@ -170,9 +170,14 @@ class OutputComparator:
         ref = reference.astype(np.float64, copy=False).ravel()
         cand = candidate.astype(np.float64, copy=False).ravel()
         self._elements += ref.size
-        if not (np.isfinite(ref).all() and np.isfinite(cand).all()):
+        with np.errstate(invalid="ignore", over="ignore"):
+            squares = (float(ref @ ref), float(cand @ cand))
+        # Finite sums of squares mean finite arrays (float32 values cannot
+        # overflow them in float64): two passes fewer than testing each element.
+        if not (math.isfinite(squares[0]) and math.isfinite(squares[1])):
             ref, cand = self._split_nonfinite(ref, cand)
-        self._accumulate(ref, cand)
+            squares = None
+        self._accumulate(ref, cand, squares)
 
     def result(self) -> ComparisonResult:
         """The statistics and verdict so far; the comparator can keep accumulating."""
@@ -212,16 +217,21 @@ class OutputComparator:
         keep = ~agree
         return ref[keep], cand[keep]
 
-    def _accumulate(self, ref: np.ndarray, cand: np.ndarray) -> None:
+    def _accumulate(self, ref: np.ndarray, cand: np.ndarray, squares: tuple[float, float] | None = None) -> None:
+        """Adds finite-or-agreeing positions; ``squares`` is (ref.ref, cand.cand) when already known."""
         if ref.size == 0:
             return
         with np.errstate(invalid="ignore", over="ignore"):
             diff = cand - ref
             abs_diff = np.abs(diff)
-            self._max_abs = float(np.maximum(self._max_abs, abs_diff.max()))  # np.maximum keeps NaN
-            self._sums += [abs_diff.sum(), ref @ ref, cand @ cand, ref @ cand, diff @ diff]
-            if self.tolerance.uses_allclose:
-                bound = (self.tolerance.atol or 0.0) + (self.tolerance.rtol or 0.0) * np.abs(ref)
+            sample_max = abs_diff.max()
+            self._max_abs = float(np.maximum(self._max_abs, sample_max))  # np.maximum keeps NaN
+            rr, cc = squares if squares is not None else (ref @ ref, cand @ cand)
+            self._sums += [abs_diff.sum(), rr, cc, ref @ cand, diff @ diff]
+            atol, rtol = self.tolerance.atol or 0.0, self.tolerance.rtol or 0.0
+            # Every difference within atol is within atol + rtol*|ref|: skip the per-element bound.
+            if self.tolerance.uses_allclose and not sample_max <= atol:
+                bound = atol + rtol * np.abs(ref)
                 self._violations += int(np.count_nonzero(~(abs_diff <= bound)))  # NaN counts as a violation
         self._counted += ref.size
 

@@ -211,6 +211,7 @@ class ModelRunner:
     Attributes:
         input_names: Required inputs (overridable initializers are accepted as feeds but not listed).
         output_names: The model's outputs followed by the exposed extra ones.
+        model_output_names: The model's own outputs only.
         provider: graphopt's provider name; label: how messages name the model.
     """
 
@@ -249,14 +250,21 @@ class ModelRunner:
         self._session: ort.InferenceSession | None = None
         # Arrays onnxruntime reads in place for the session's whole life.
         self._lent: list[np.ndarray] = []
+        self._exposed = 0  # how many extra outputs _prepare added
         source = self._prepare(model, extra_outputs, options)
         self._session = _open_session(source, options, status.ort_name, self.label)
         self.input_names: list[str] = [arg.name for arg in self._session.get_inputs()]
         self.output_names: list[str] = [arg.name for arg in self._session.get_outputs()]
+        self.model_output_names: list[str] = self.output_names[: len(self.output_names) - self._exposed]
         self._optional_inputs = {arg.name for arg in self._session.get_overridable_initializers()}
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Runs once and returns every output by name.
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Runs once and returns the outputs by name.
+
+        Args:
+            feeds: Input arrays by name.
+            outputs: Which of :attr:`output_names` to fetch; None fetches all.
+                Exposed tensors not fetched are not copied out.
 
         Raises:
             GraphoptError: Missing or unexpected feed names, or onnxruntime
@@ -265,13 +273,14 @@ class ModelRunner:
         if self._session is None:
             raise RuntimeError(f"the runner for {self.label} is closed")
         self._check_feed_names(feeds)
+        names = self.output_names if outputs is None else list(outputs)
         try:
-            values = self._session.run(self.output_names, dict(feeds))
+            values = self._session.run(names, dict(feeds))
         except InvalidArgument as exc:
             raise GraphoptError(f"onnxruntime rejected the feeds for {self.label}: {_ort_message(exc)}") from exc
         except Exception as exc:  # kernels fail with several unrelated types
             raise GraphoptError(f"onnxruntime failed running {self.label}: {_ort_message(exc)}") from exc
-        return dict(zip(self.output_names, values))
+        return dict(zip(names, values))
 
     def close(self) -> None:
         """Releases the session and the weights lent to it; safe to call twice."""
@@ -295,6 +304,7 @@ class ModelRunner:
         # Outputs are appended for serialization and taken off again, so the
         # caller's IR ends as it was without the cost of cloning it.
         added = _expose_values(working, extra_outputs)
+        self._exposed = len(added)
         try:
             payload, names, arrays = _serialize_lending_weights(working)
         finally:

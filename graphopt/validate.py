@@ -28,7 +28,17 @@ import onnx_ir as ir
 from graphopt import io, stats
 from graphopt.data import Feeds, feed_stream, parse_shape_overrides
 from graphopt.errors import DataError, GraphoptError
-from graphopt.localize import localize
+from graphopt.localize import (
+    DEFAULT_CHUNK_SIZE,
+    LayerReport,
+    LayerResult,
+    TensorPair,
+    candidate_tensors,
+    localize,
+    reference_tensors,
+    tensor_pairs,
+    update_layers,
+)
 from graphopt.metrics import OutputComparator, Tolerance
 from graphopt.report import FidelityReport, ModelFacts
 from graphopt.runtime import ModelRunner, ProviderStatus, measure_latency, resolve_providers
@@ -98,28 +108,51 @@ def validate(
         optimization=optimization,
         providers=statuses,
     )
+    # Localization needs sessions that expose intermediate tensors. They are
+    # separate from the stream's: exposing a tensor keeps onnxruntime from
+    # fusing across it, which would change the outputs being validated.
+    layer_pairs = tensor_pairs(ref_model, cand_model) if per_layer else []
+    instrument = 0 < len(layer_pairs) <= DEFAULT_CHUNK_SIZE
+    layer_provider = available[0]
     with contextlib.ExitStack() as stack:
-        def runner(source: ModelSource, loaded: ir.Model, provider: str) -> ModelRunner:
-            opened = ModelRunner(loaded, provider, optimization=optimization, threads=threads)
+        def runner(loaded: ir.Model, provider: str, extra: Sequence[str] = ()) -> ModelRunner:
+            opened = ModelRunner(loaded, provider, optimization=optimization, threads=threads, extra_outputs=extra)
             return stack.enter_context(opened)
 
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="graphopt-candidate"))
         pairs = {}
         for provider in available:
             # Sessions open side by side too: onnxruntime releases the GIL while it optimizes.
-            pending = pool.submit(runner, candidate, cand_model, provider)
-            pairs[provider] = (runner(reference, ref_model, provider), pending.result())
+            pending = pool.submit(runner, cand_model, provider)
+            pairs[provider] = (runner(ref_model, provider), pending.result())
         noise = {p: pairs[p][0] for p in available if p != "cpu"}
-        cpu_reference = pairs["cpu"][0] if "cpu" in pairs else (runner(reference, ref_model, "cpu") if noise else None)
+        cpu_reference = pairs["cpu"][0] if "cpu" in pairs else (runner(ref_model, "cpu") if noise else None)
+        layer_runners = None
+        if instrument:
+            # They open while the stream runs, in the gaps it leaves between
+            # runs; only now, since opening a session reads (and briefly
+            # edits) the same IR as the sessions above.
+            opener = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="graphopt-layers"))
+            layer_runners = opener.submit(
+                lambda: (
+                    runner(ref_model, layer_provider, reference_tensors(layer_pairs)),
+                    runner(cand_model, layer_provider, candidate_tensors(layer_pairs)),
+                )
+            )
         stream = feed_stream(ref_model, data, count=samples, seed=seed, shapes=overrides)
         worst, first = _compare_stream(report, stream, pairs, cpu_reference, noise, tolerance, pool)
-        if per_layer:
+        if layer_runners is not None:
+            ref_layers, cand_layers = layer_runners.result()
+            report.per_layer = _localize_worst(
+                ref_model, layer_pairs, ref_layers, cand_layers, worst, tolerance, layer_provider, pool
+            )
+        elif per_layer:
             report.per_layer = localize(
                 ref_model,
                 cand_model,
                 [worst],
                 tolerance=tolerance,
-                provider=available[0],
+                provider=layer_provider,
                 optimization=optimization,
                 threads=threads,
             )
@@ -146,17 +179,20 @@ def _compare_stream(
     first: Feeds | None = None
     for feeds in stream:
         first = first or feeds
-        reference_cpu = cpu_reference.run(feeds) if cpu_reference is not None and "cpu" not in pairs else None
+        if cpu_reference is not None and "cpu" not in pairs:
+            reference_cpu = cpu_reference.run(feeds, cpu_reference.model_output_names)
+        else:
+            reference_cpu = None
         sample_error = 0.0
         for provider, (ref_runner, cand_runner) in pairs.items():
             ref_out, cand_out = _run_pair(ref_runner, cand_runner, feeds, pool)
             if provider == "cpu":
                 reference_cpu = ref_out
-            for name in ref_runner.output_names:
+            for name in ref_runner.model_output_names:
                 comparators.setdefault((provider, name), OutputComparator(name, tolerance)).update(ref_out[name], cand_out[name])
                 sample_error = max(sample_error, _relative_error(ref_out[name], cand_out[name]))
             if provider in noise and reference_cpu is not None:
-                for name in ref_runner.output_names:
+                for name in ref_runner.model_output_names:
                     noise_comparators.setdefault((provider, name), OutputComparator(name, tolerance)).update(reference_cpu[name], ref_out[name])
         if worst is None or sample_error > worst[0]:
             worst = (sample_error, feeds)
@@ -169,17 +205,36 @@ def _compare_stream(
 
 
 def _run_pair(
-    ref_runner: ModelRunner, cand_runner: ModelRunner, feeds: Feeds, pool: ThreadPoolExecutor
+    ref_runner: ModelRunner, cand_runner: ModelRunner, feeds: Feeds, pool: ThreadPoolExecutor, everything: bool = False
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Runs both models on one sample at the same time.
 
     onnxruntime releases the GIL while it runs, so on a multi-core machine the
     pair costs about one run instead of two; the results are the same as
-    running them one after the other.
+    running them one after the other. Only the models' own outputs are
+    fetched unless ``everything`` is set (exposed tensors too).
     """
-    pending = pool.submit(cand_runner.run, feeds)
-    ref_out = ref_runner.run(feeds)
+    pending = pool.submit(cand_runner.run, feeds, None if everything else cand_runner.model_output_names)
+    ref_out = ref_runner.run(feeds, None if everything else ref_runner.model_output_names)
     return ref_out, pending.result()
+
+
+def _localize_worst(
+    ref_model: ir.Model,
+    layer_pairs: list[TensorPair],
+    ref_runner: ModelRunner,
+    cand_runner: ModelRunner,
+    worst: Feeds,
+    tolerance: Tolerance,
+    provider: str,
+    pool: ThreadPoolExecutor,
+) -> LayerReport:
+    """Compares every aligned intermediate tensor on the worst sample, with sessions that expose them."""
+    ref_out, cand_out = _run_pair(ref_runner, cand_runner, worst, pool, everything=True)
+    comparators = [OutputComparator(pair.candidate, tolerance) for pair in layer_pairs]
+    update_layers(ref_model, layer_pairs, ref_out, cand_out, comparators)
+    layers = [LayerResult(pair, comparator.result()) for pair, comparator in zip(layer_pairs, comparators)]
+    return LayerReport(provider=provider, samples=1, layers=layers)
 
 
 def _relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -240,8 +295,3 @@ def _describe_data(data: Any, seed: int) -> str:
     if isinstance(data, (str, os.PathLike)):
         return str(data)
     return type(data).__name__
-
-
-def _source(source: ModelSource, loaded: ir.Model) -> ModelSource:
-    # A path lets onnxruntime open the file without serializing the IR again.
-    return source if isinstance(source, (str, os.PathLike)) else loaded

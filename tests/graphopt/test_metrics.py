@@ -306,3 +306,22 @@ def test_to_dict_is_strict_json_when_statistics_are_not_finite():
     assert broken.to_dict()["max_abs"] == "nan"
     assert broken.to_dict()["top1"] is None
     assert set(identical.to_dict()) == {field.name for field in dataclasses.fields(identical)}
+
+
+def test_huge_finite_float64_values_count_as_finite_when_their_squares_overflow():
+    reference = np.array([1e200, -3e250, 1.0])
+
+    result = compare_arrays("y", reference, reference.copy(), Tolerance())
+
+    assert result.passed is True
+    assert (result.nan_reference, result.inf_reference, result.nan_candidate, result.inf_candidate) == (0, 0, 0, 0)
+    assert result.max_abs == 0.0 and result.violations == 0
+
+
+def test_violations_are_counted_when_some_differences_exceed_atol_but_not_all():
+    reference = np.zeros(4, dtype=np.float32)
+    candidate = np.array([0.0, 5e-5, 2e-4, 1.0], dtype=np.float32)
+
+    result = compare_arrays("y", reference, candidate, Tolerance(atol=1e-4, rtol=0.0))
+
+    assert result.violations == 2 and result.passed is False

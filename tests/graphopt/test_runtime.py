@@ -128,6 +128,16 @@ def test_extra_outputs_from_a_path_leave_the_file_unchanged(tmp_path):
 def test_extra_outputs_that_are_already_outputs_are_not_added_twice():
     with ModelRunner(_model(), extra_outputs=["y", "h", "h"]) as runner:
         assert runner.output_names == ["y", "h"]
+        assert runner.model_output_names == ["y"]
+
+
+def test_run_fetches_only_the_named_outputs_when_given_a_subset():
+    with ModelRunner(_model(), extra_outputs=["h", "s"]) as runner:
+        outputs = runner.run(FEEDS, runner.model_output_names)
+
+    assert runner.model_output_names == ["y"]
+    assert list(outputs) == ["y"]
+    np.testing.assert_allclose(outputs["y"], EXPECTED_Y, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["nope", "W", "x"], ids=["unknown", "initializer", "graph-input"])
