@@ -159,8 +159,21 @@ def _pipeline_steps(args: argparse.Namespace) -> list[PassSpec]:
     return parse_spec(args.passes or DEFAULT_PIPELINE)
 
 
+def _with_calibration_data(pipeline: list[PassSpec], data: Path | None) -> list[PassSpec]:
+    """Hands ``--calib-data`` to every pass that takes a ``data`` option not set in the spec."""
+    if data is None:
+        return pipeline
+    passes = available_passes()
+    return [
+        PassSpec(spec.name, {**spec.options, "data": str(data)})
+        if spec.name in passes and "data" in pass_options(passes[spec.name]) and "data" not in spec.options
+        else spec
+        for spec in pipeline
+    ]
+
+
 def _optimize(args: argparse.Namespace) -> int:
-    pipeline = _pipeline_steps(args)
+    pipeline = _with_calibration_data(_pipeline_steps(args), args.calib_data)
     _refuse_same_file(args.input, args.output)
     if args.bisect and not args.validate:
         raise GraphoptError("--bisect needs --validate")
@@ -174,6 +187,9 @@ def _optimize(args: argparse.Namespace) -> int:
     written = io.save(result.model, args.output, external_data=external)
     seconds = time.perf_counter() - start
     print(result.ledger.to_table())
+    for row in result.ledger.rows:
+        if row.details.get("summary"):
+            print(f"{row.name}: {row.details['summary']}")
     after = io.stored_bytes(io.load(written)) or 0
     print(
         f"\nwrote {written} ({format_bytes(after)}, was {format_bytes(before)}) "

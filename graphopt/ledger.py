@@ -20,6 +20,8 @@ class LedgerRow:
     param_bytes_before: int
     param_bytes_after: int
     modified: bool
+    # What a lossy pass reports about its work (layers touched, float layers and why, ...).
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; the schema is the field list above."""

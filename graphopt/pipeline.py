@@ -10,7 +10,7 @@ onnxruntime session so that a broken model is blamed on the pass that broke it.
 
 from __future__ import annotations
 
-__all__ = ["PipelineResult", "build_steps", "run_pipeline"]
+__all__ = ["PipelineResult", "adopt_model", "build_steps", "run_pipeline"]
 
 import logging
 import time
@@ -159,7 +159,7 @@ class _LedgeredPass(ir.passes.InPlacePass):
         seconds = time.perf_counter() - start
         if result.model is not model:
             # Keep the in-place contract of the wrapper for functional inner passes.
-            _adopt(model, result.model)
+            adopt_model(model, result.model)
         # An unmodified model has the same figures; skipping the walk matters
         # on 100k-node graphs, where it costs more than most passes.
         changed = result.modified or result.model is not model
@@ -173,6 +173,7 @@ class _LedgeredPass(ir.passes.InPlacePass):
                 param_bytes_before=bytes_before,
                 param_bytes_after=stats.param_bytes(model) if changed else bytes_before,
                 modified=result.modified,
+                details=_details(self.step.pass_),
             )
         )
         logger.info("pass %s: modified=%s in %.3f s", self.step.label, result.modified, seconds)
@@ -198,8 +199,14 @@ class _LedgeredPass(ir.passes.InPlacePass):
             ) from exc
 
 
-def _adopt(target: ir.Model, source: ir.Model) -> None:
-    """Moves a functional pass's output model into the caller's model object."""
+def _details(pass_: ir.passes.PassBase) -> dict[str, Any]:
+    """A pass's own report of its last run: its ``details()`` method, when it has one."""
+    report = getattr(pass_, "details", None)
+    return dict(report()) if callable(report) else {}
+
+
+def adopt_model(target: ir.Model, source: ir.Model) -> None:
+    """Moves ``source``'s content into the ``target`` object (for passes that must work in place)."""
     target.graph = source.graph  # opset imports live on the graph
     target.functions.clear()
     target.functions.update(source.functions)

@@ -23,6 +23,7 @@ from passes.fold import (
     fold,
 )
 from passes.lift_constants import LiftConstantsPass
+from passes.qdq import QuantizePass
 from passes.toposort import SortTopologicallyPass
 
 BUILTIN_PASSES = {
@@ -40,4 +41,6 @@ BUILTIN_PASSES = {
     "fuse-matmul-add": FuseMatMulAddPass,
     "dedup-initializers": DeduplicateInitializersPass,
     "cse": EliminateCommonSubexpressionsPass,
+    # Lossy passes.
+    "qdq": QuantizePass,
 }

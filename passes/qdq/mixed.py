@@ -1,0 +1,184 @@
+"""Mixed precision and the speed guard of the ``qdq`` pass.
+
+``choose`` starts from the fully quantized model. With a fidelity target it
+ranks the quantized layers by sensitivity, the error each adds on top of the
+error it receives, measured once on a held-back sample with every layer's
+input and output exposed, and returns the most sensitive ones to float,
+finding the fewest that meet the target by bisection (one model build and
+one onnxruntime session per probe). Then it times the result against the
+float model (interleaved medians) and, if int8 is slower, keeps the model
+float: the result must never be slower than what the user had.
+"""
+
+from __future__ import annotations
+
+__all__ = ["choose", "sensitivity"]
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphopt.data import Feeds
+from graphopt.metrics import OutputComparator, Tolerance
+from graphopt.runtime import ModelRunner, measure_latency
+
+logger = logging.getLogger(__name__)
+
+# Builds the quantized model with the named layers kept float; returns it and its summary.
+Build = Callable[[Iterable[str]], tuple[ir.Model, Any]]
+# Latency ratio (int8 / float) above which the model stays float.
+SLOWER_THAN_FLOAT = 1.0
+_LOOSE = Tolerance(atol=float("inf"))
+
+
+def choose(
+    float_model: onnx.ModelProto,
+    build: Build,
+    layers: Sequence[str],
+    held_back: Sequence[Feeds],
+    *,
+    target_cosine: float | None,
+    target_snr: float | None,
+    check_speed: bool,
+    threads: int | None,
+):
+    """The quantized model to keep and its summary (see module docstring)."""
+    reference = ir.serde.deserialize_model(float_model)
+    with ModelRunner(reference, threads=threads) as runner:
+        expected = [runner.run(feeds) for feeds in held_back]
+    model, summary = build([])
+    cosine, snr = _fidelity(model, held_back, expected, threads)
+    if not _meets(cosine, snr, target_cosine, target_snr):
+        ranking = sensitivity(reference, model, held_back[0], threads)
+        model, summary, cosine, snr, kept_float = _fewest_float_layers(
+            build, ranking, held_back, expected, threads, target_cosine, target_snr
+        )
+        reason = f"sensitive: kept float to reach {_target_text(target_cosine, target_snr)}"
+        summary.float_layers.update({name: reason for name in kept_float})
+    summary.fidelity = {"cosine": cosine, "snr_db": snr}
+    if check_speed and summary.quantized:
+        ratio = _latency_ratio(reference, model, held_back[0], threads)
+        summary.latency_ratio = ratio
+        if ratio > SLOWER_THAN_FLOAT:
+            summary.backed_off = f"int8 took {ratio:.2f}x the float latency on onnxruntime CPU; the model stays float"
+            logger.warning("qdq: %s", summary.backed_off)
+            for name in summary.quantized:
+                summary.float_layers[name] = "int8 model slower than float"
+            summary.quantized = []
+            return ir.serde.deserialize_model(float_model), summary
+    return model, summary
+
+
+def sensitivity(reference: ir.Model, quantized: ir.Model, feeds: Feeds, threads: int | None) -> list[str]:
+    """Quantized layers, most sensitive first: output error minus input error, relative L2."""
+    layers = []
+    for node in quantized.graph:
+        if node.op_type in ("Conv", "MatMul", "Gemm") and node.outputs[0].name:
+            source = _float_input(node)
+            layers.append((node.name or "", source, node.outputs[0].name))
+    names = sorted({name for _, source, out in layers for name in (source, out) if name})
+    in_reference, in_quantized = _node_outputs(reference), _node_outputs(quantized)
+    ref_names = [n for n in names if n in in_reference]
+    quant_names = [n for n in names if n in in_quantized]
+    with ModelRunner(reference, threads=threads, extra_outputs=ref_names) as runner:
+        ref_out = runner.run(_own(runner, feeds))
+    with ModelRunner(quantized, threads=threads, extra_outputs=quant_names) as runner:
+        quant_out = runner.run(_own(runner, feeds))
+    scores = []
+    for name, source, out in layers:
+        added = _rel_l2(ref_out, quant_out, out) - (_rel_l2(ref_out, quant_out, source) if source else 0.0)
+        scores.append((added, name))
+    return [name for _, name in sorted(scores, reverse=True)]
+
+
+def _fewest_float_layers(build: Build, ranking: list[str], held_back, expected, threads, target_cosine, target_snr):
+    """Bisects the number of top-ranked layers kept float; all float always meets any target."""
+    low, high = 0, len(ranking)  # low fails, high meets (nothing quantized = the float model)
+    best = None
+    while high - low > 1:
+        middle = (low + high) // 2
+        model, summary = build(ranking[:middle])
+        cosine, snr = _fidelity(model, held_back, expected, threads)
+        logger.info("qdq: %d layers float -> cosine %.5f, SNR %.1f dB", middle, cosine, snr)
+        if _meets(cosine, snr, target_cosine, target_snr):
+            high, best = middle, (model, summary, cosine, snr)
+        else:
+            low = middle
+    if best is None:  # only "everything float" met the target
+        model, summary = build(ranking[:high])
+        cosine, snr = _fidelity(model, held_back, expected, threads)
+        best = (model, summary, cosine, snr)
+    return (*best, ranking[:high])
+
+
+def _fidelity(model: ir.Model, held_back: Sequence[Feeds], expected: list[dict[str, np.ndarray]], threads: int | None) -> tuple[float, float]:
+    """Worst cosine and SNR over the outputs, accumulated over the held-back samples."""
+    comparators: dict[str, OutputComparator] = {}
+    with ModelRunner(model, threads=threads) as runner:
+        for feeds, reference in zip(held_back, expected):
+            got = runner.run(_own(runner, feeds))
+            for name, value in reference.items():
+                comparators.setdefault(name, OutputComparator(name, _LOOSE)).update(value, got[name])
+    results = [c.result() for c in comparators.values()]
+    return min(r.cosine for r in results), min(r.snr_db for r in results)
+
+
+def _meets(cosine: float, snr: float, target_cosine: float | None, target_snr: float | None) -> bool:
+    return (target_cosine is None or cosine >= target_cosine) and (target_snr is None or snr >= target_snr)
+
+
+def _target_text(target_cosine: float | None, target_snr: float | None) -> str:
+    parts = [f"cosine {target_cosine:g}" if target_cosine is not None else "", f"SNR {target_snr:g} dB" if target_snr is not None else ""]
+    return " and ".join(p for p in parts if p)
+
+
+def _latency_ratio(reference: ir.Model, quantized: ir.Model, feeds: Feeds, threads: int | None) -> float:
+    with ModelRunner(reference, threads=threads) as float_runner, ModelRunner(quantized, threads=threads) as int8_runner:
+        float_seconds, int8_seconds = measure_latency(
+            [_Fed(float_runner), _Fed(int8_runner)], feeds, warmup=3, repeats=20
+        )
+    return int8_seconds / float_seconds if float_seconds > 0 else 1.0
+
+
+class _Fed:
+    """A runner that takes only the feeds its model needs."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    def run(self, feeds: Feeds) -> object:
+        return self.runner.run(_own(self.runner, feeds))
+
+
+def _own(runner: ModelRunner, feeds: Feeds) -> Feeds:
+    return {name: value for name, value in feeds.items() if name in runner.input_names}
+
+
+def _float_input(node: ir.Node) -> str | None:
+    """The float tensor behind a node's first input (through a Q/DQ pair), by name."""
+    value = node.inputs[0] if node.inputs else None
+    if value is None:
+        return None
+    producer = value.producer()
+    if producer is not None and producer.op_type == "DequantizeLinear" and producer.inputs[0] is not None:
+        quantize = producer.inputs[0].producer()
+        if quantize is not None and quantize.op_type == "QuantizeLinear" and quantize.inputs[0] is not None:
+            value = quantize.inputs[0]
+    return value.name if value.producer() is not None else None
+
+
+def _node_outputs(model: ir.Model) -> set[str]:
+    return {value.name for node in model.graph for value in node.outputs if value.name}
+
+
+def _rel_l2(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], name: str) -> float:
+    if name not in reference or name not in candidate:
+        return 0.0
+    ref = reference[name].astype(np.float64).ravel()
+    diff = candidate[name].astype(np.float64).ravel() - ref
+    norm = float(np.linalg.norm(ref))
+    return float(np.linalg.norm(diff)) / norm if norm > 0 else float(np.linalg.norm(diff))

@@ -1,0 +1,232 @@
+"""Where QDQ goes: which nodes get int8 weights and which activations get Q/DQ pairs.
+
+The placement follows onnxruntime's CPU fusion rules (shared/ORT_QDQ.md):
+
+- **Targets** are Conv, MatMul and Gemm nodes of the main graph with a
+  constant float weight that nothing else reads. Their activation input is
+  quantized, their weight becomes int8 per channel, and a Conv's output is
+  quantized too, because QLinearConv needs a trailing Q. When a Conv's only
+  consumer is a Relu or Clip, the Q goes after that activation instead; the
+  Q then makes the activation redundant and onnxruntime absorbs it.
+- **Shared parameters.** Data-movement ops (MaxPool, Reshape, Transpose,
+  ...) only drop their Q/DQ when input and output use identical parameters,
+  so such an output reuses its input's range; all inputs of a Concat and its
+  output share one range (the union), as the issue requires.
+- Graph outputs stay float: a quantized tensor that is also a graph output
+  keeps its float value there.
+- If/Loop/Scan bodies and functions are left float, and ``Placement``
+  says how many nodes that leaves.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Target", "Placement", "plan", "representative", "TARGET_OPS", "weight_axis"]
+
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.graphs import iter_graphs
+
+logger = logging.getLogger(__name__)
+
+TARGET_OPS = ("Conv", "MatMul", "Gemm")
+_ONNX_DOMAINS = ("", "ai.onnx")
+_FLOAT = (ir.DataType.FLOAT,)
+# Ops whose int8 form needs the same scale and zero point on input and output.
+_SAME_PARAMS_OPS = frozenset(
+    {"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather", "Expand", "Tile", "Resize"}
+)
+_ABSORBED_ACTIVATIONS = ("Relu", "Clip")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A node whose weight becomes int8; ``weight_axis`` is its per-channel axis."""
+
+    node: ir.Node
+    weight: ir.Value
+    weight_axis: int
+    bias: ir.Value | None
+    # The node that reads the bias: the target itself, or the Add after a MatMul.
+    bias_reader: ir.Node | None = None
+
+
+@dataclass
+class Placement:
+    """The plan: targets, activation tensors to quantize, and which tensors share parameters."""
+
+    targets: list[Target] = field(default_factory=list)
+    activations: list[ir.Value] = field(default_factory=list)
+    # tensor name -> name of the tensor whose range it uses (its group's representative)
+    shared: dict[str, str] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
+    float_subgraph_nodes: int = 0
+
+
+def weight_axis(node: ir.Node, weight: np.ndarray) -> int | None:
+    """The output-channel axis of ``node``'s weight, or None when per-channel does not apply."""
+    if node.op_type == "Conv":
+        return 0 if weight.ndim >= 3 else None
+    if node.op_type == "MatMul":
+        return 1 if weight.ndim == 2 else None
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    return None
+
+
+def plan(model: ir.Model, *, exclude: Collection[str] = (), weight_only: bool = False) -> Placement:
+    """Decides the targets and activation tensors of ``model``'s main graph.
+
+    Args:
+        model: The model, with weights lifted to initializers.
+        exclude: Node names or op types to leave float.
+        weight_only: Only weights (int4 weight-only mode): no activation Q/DQ,
+            and only MatMul/Gemm targets.
+    """
+    graph = model.graph
+    placement = Placement()
+    for node in graph:
+        target = _target(node, exclude, weight_only, placement)
+        if target is not None:
+            placement.targets.append(target)
+    placement.float_subgraph_nodes = sum(len(g) for g in iter_graphs(model) if g is not graph)
+    if placement.float_subgraph_nodes:
+        logger.info("qdq: %d nodes in If/Loop/Scan bodies or functions stay float", placement.float_subgraph_nodes)
+    if weight_only:
+        return placement
+    chosen: dict[str, ir.Value] = {}
+    for target in placement.targets:
+        x = target.node.inputs[0]
+        if x is not None and _is_float_activation(x):
+            chosen.setdefault(x.name or "", x)
+        if target.node.op_type == "Conv":
+            out = _after_absorbed_activation(target.node.outputs[0])
+            if _is_float_activation(out) and out.uses():
+                chosen.setdefault(out.name or "", out)
+    _extend_through_shared_ops(graph, chosen, placement.shared)
+    order = {value: index for index, value in enumerate(v for node in graph for v in node.outputs)}
+    placement.activations = sorted(chosen.values(), key=lambda v: order.get(v, -1))
+    return placement
+
+
+def _target(node: ir.Node, exclude: Collection[str], weight_only: bool, placement: Placement) -> Target | None:
+    if node.op_type not in TARGET_OPS or node.domain not in _ONNX_DOMAINS:
+        return None
+    label = node.name or node.op_type
+    if weight_only and node.op_type == "Conv":
+        return None
+    if node.name in exclude or node.op_type in exclude:
+        placement.skipped.append((label, "excluded"))
+        return None
+    if any(_from_dequantize(value) for value in node.inputs if value is not None):
+        placement.skipped.append((label, "already quantized"))
+        return None
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    array = _constant_float(weight)
+    if weight is None or array is None:
+        placement.skipped.append((label, "weight is not a float initializer"))
+        return None
+    if any(user is not node for user, _ in weight.uses()):
+        placement.skipped.append((label, f"weight {weight.name} is shared with other nodes"))
+        return None
+    if node.op_type == "Gemm" and (
+        node.attributes.get_int("transA", 0) or node.attributes.get_float("alpha", 1.0) != 1.0
+    ):
+        placement.skipped.append((label, "Gemm with transA or alpha != 1"))
+        return None
+    axis = weight_axis(node, array)
+    if axis is None:
+        placement.skipped.append((label, f"weight of rank {array.ndim} has no per-channel axis"))
+        return None
+    bias, reader = _bias(node, array.shape[axis])
+    return Target(node, weight, axis, bias, reader)
+
+
+def _bias(node: ir.Node, channels: int) -> tuple[ir.Value | None, ir.Node | None]:
+    """The bias when it can become int32 (a float vector, one value per channel), and its reader.
+
+    A MatMul's bias is the constant of the Add that alone reads its output:
+    onnxruntime fuses MatMul+Add into a Gemm before its int8 rules run, and
+    that Gemm becomes QGemm only with an int32 bias.
+    """
+    reader, bias = node, None
+    if node.op_type == "MatMul":
+        users = node.outputs[0].uses()
+        if len(users) == 1 and not node.outputs[0].is_graph_output():
+            add = next(iter(users)).node
+            if add.op_type == "Add" and add.domain in _ONNX_DOMAINS and len(add.inputs) == 2:
+                reader, bias = add, add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+    elif len(node.inputs) > 2:
+        bias = node.inputs[2]
+    array = _constant_float(bias)
+    if bias is None or array is None or array.shape != (channels,) or any(user is not reader for user, _ in bias.uses()):
+        return None, None
+    if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
+        return None, None
+    return bias, reader
+
+
+def _constant_float(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.is_graph_input() or value.const_value is None:
+        return None
+    if value.const_value.dtype not in _FLOAT:
+        return None
+    return value.const_value.numpy()
+
+
+def _from_dequantize(value: ir.Value) -> bool:
+    producer = value.producer()
+    return producer is not None and producer.op_type == "DequantizeLinear"
+
+
+def _is_float_activation(value: ir.Value) -> bool:
+    if value.const_value is not None or _from_dequantize(value):
+        return False
+    return value.type is None or value.dtype in _FLOAT
+
+
+def _after_absorbed_activation(value: ir.Value) -> ir.Value:
+    """``value``, or the output of the Relu/Clip that is its only consumer."""
+    users = value.uses()
+    if len(users) == 1 and not value.is_graph_output():
+        user = next(iter(users)).node
+        if user.op_type in _ABSORBED_ACTIVATIONS and user.domain in _ONNX_DOMAINS:
+            return user.outputs[0]
+    return value
+
+
+def _extend_through_shared_ops(graph: ir.Graph, chosen: dict[str, ir.Value], shared: dict[str, str]) -> None:
+    """Ties data-movement outputs to their inputs, and Concat inputs to one another."""
+    for node in graph:
+        if node.domain not in _ONNX_DOMAINS or not node.outputs or not node.inputs or node.inputs[0] is None:
+            continue
+        out = node.outputs[0]
+        if node.op_type in _SAME_PARAMS_OPS and out.name in chosen and node.inputs[0].name in chosen:
+            _tie(shared, out.name or "", node.inputs[0].name or "")
+        elif node.op_type == "Concat" and out.name in chosen:
+            for value in node.inputs:
+                if value is not None and _is_float_activation(value):
+                    chosen.setdefault(value.name or "", value)
+                    _tie(shared, value.name or "", out.name or "")
+
+
+def _tie(shared: dict[str, str], name: str, other: str) -> None:
+    """Puts ``name`` and ``other`` in one group (union by representative)."""
+    root_a, root_b = _root(shared, name), _root(shared, other)
+    if root_a != root_b:
+        shared[root_a] = root_b
+
+
+def _root(shared: dict[str, str], name: str) -> str:
+    while name in shared:
+        name = shared[name]
+    return name
+
+
+def representative(placement: Placement, name: str) -> str:
+    """The tensor whose calibrated range ``name`` uses (itself unless tied to others)."""
+    return _root(placement.shared, name)

@@ -1,0 +1,330 @@
+"""``qdq``: calibrated static int8 quantization (and int4 weight-only) in QDQ form.
+
+Error model: each quantized weight moves by at most half a step of its
+channel's scale (max|w|/127 per output channel), each quantized activation by
+half a step of its calibrated range (plus clipping beyond the range); the
+output error is the accumulation of those. ``target_cosine``/``target_snr``
+bound it end to end on held-back samples by returning the most sensitive
+layers to float.
+
+Steps (each in its own module):
+
+1. preparation: opset upgrade (13, or 21 for int4 blocks), lift-constants and
+   BatchNorm folding, so weights are initializers and BNs are gone;
+2. placement (placement.py): which Conv/MatMul/Gemm nodes and activations;
+3. calibration (calibration.py): one onnxruntime pass exposing the chosen
+   activations, bounded memory, ranges by minmax/percentile/entropy/mse;
+4. rewrite (rewrite.py): Q/DQ pairs, int8 per-channel weights, int32 biases;
+5. mixed precision and speed (mixed.py): layers back to float until the
+   fidelity target holds; the whole model back to float if int8 runs slower.
+
+The float model is kept as a protobuf snapshot, so that every candidate
+quantization is built afresh from it with a different set of float layers.
+"""
+
+from __future__ import annotations
+
+__all__ = ["QuantizePass", "QuantizationSummary"]
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphopt.data import Feeds, feed_stream
+from graphopt.errors import GraphoptError
+from graphopt.pipeline import adopt_model
+from passes.fold.batchnorm import FoldBatchNormPass
+from passes.lift_constants import LiftConstantsPass
+from passes.qdq import calibration as calib
+from passes.qdq.arithmetic import ActivationParams, activation_params
+from passes.qdq.placement import Placement, plan, representative
+from passes.qdq.rewrite import (
+    NodeMaker,
+    quantize_activation,
+    quantize_bias_input,
+    quantize_weight,
+    quantize_weight_blockwise,
+)
+
+logger = logging.getLogger(__name__)
+
+_QDQ_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
+_BLOCKED_OPSET = 21  # DequantizeLinear block_size and int4
+_ACTIVATION_TYPES = ("u8", "s8")
+
+
+@dataclass
+class QuantizationSummary:
+    """What the pass did, for its caller and the ledger's reader."""
+
+    quantized: list[str] = field(default_factory=list)
+    float_layers: dict[str, str] = field(default_factory=dict)  # node -> why it stayed float
+    activations: int = 0
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    float_subgraph_nodes: int = 0
+    fidelity: dict[str, float] = field(default_factory=dict)
+    latency_ratio: float | None = None
+    backed_off: str = ""
+
+    def line(self) -> str:
+        """One line a person reads after the run."""
+        if self.backed_off:
+            return self.backed_off
+        parts = [f"{len(self.quantized)} layers quantized"]
+        if self.float_layers:
+            reasons = sorted(set(self.float_layers.values()))
+            parts.append(f"{len(self.float_layers)} kept float ({'; '.join(reasons)})")
+        if self.weight_bytes_after:
+            parts.append(f"weights {self.weight_bytes_before / self.weight_bytes_after:.1f}x smaller")
+        if "cosine" in self.fidelity:
+            parts.append(f"output cosine {self.fidelity['cosine']:.5f}")
+        if self.latency_ratio is not None:
+            parts.append(f"latency {self.latency_ratio:.2f}x float")
+        if self.float_subgraph_nodes:
+            parts.append(f"{self.float_subgraph_nodes} nodes in If/Loop bodies stay float")
+        return ", ".join(parts)
+
+
+class QuantizePass(ir.passes.InPlacePass):
+    """Inserts QuantizeLinear/DequantizeLinear so onnxruntime runs int8 kernels.
+
+    Options (all keyword-only):
+        calibration: ``minmax``, ``percentile``, ``entropy`` or ``mse``.
+        percentile: For ``percentile`` calibration.
+        activations: ``u8`` (default; fastest on x86) or ``s8``.
+        symmetric: Symmetric activation ranges.
+        reduce_range: 7-bit weights and activations, for CPUs without VNNI.
+        weight_bits: 8 (static int8) or 4 (int4 block-wise, weight-only, MatMul/Gemm).
+        block_size: Block of the int4 scales (a power of 2, >= 16).
+        exclude: Comma-separated node names or op types to keep float.
+        data: Calibration feeds: ``.npz`` file or folder, iterable of feed
+            dicts, or a CalibrationDataReader; None synthesizes ``samples``.
+        samples: Synthesized calibration samples when ``data`` is None.
+        seed: Seed of synthesized samples.
+        target_cosine: Keep layers float until the output cosine on held-back
+            samples reaches this (needs at least 2 samples).
+        target_snr: The same with an SNR in dB.
+        check_speed: Measure latency and return the model to float if int8 is slower.
+        threads: onnxruntime threads for calibration and measurements.
+    """
+
+    visits_subgraphs = False  # bodies stay float; the summary counts their nodes
+
+    def __init__(
+        self,
+        *,
+        calibration: str = "percentile",
+        percentile: float = calib.DEFAULT_PERCENTILE,
+        activations: str = "u8",
+        symmetric: bool = False,
+        reduce_range: bool = False,
+        weight_bits: int = 8,
+        block_size: int = 32,
+        exclude: str = "",
+        data: Any = None,
+        samples: int = 16,
+        seed: int = 0,
+        target_cosine: float | None = None,
+        target_snr: float | None = None,
+        check_speed: bool = True,
+        threads: int | None = 1,
+    ) -> None:
+        super().__init__()
+        if calibration not in calib.METHODS:
+            raise ValueError(f"calibration must be one of {', '.join(calib.METHODS)}, got {calibration!r}")
+        if activations not in _ACTIVATION_TYPES:
+            raise ValueError(f"activations must be u8 or s8, got {activations!r}")
+        if weight_bits not in (4, 8):
+            raise ValueError(f"weight_bits must be 8 or 4, got {weight_bits!r}")
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of 2 and at least 16, got {block_size!r}")
+        if not 0 < percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+        if samples < 1:
+            raise ValueError(f"samples must be at least 1, got {samples!r}")
+        if target_cosine is not None and not -1 <= target_cosine <= 1:
+            raise ValueError(f"target_cosine must be in [-1, 1], got {target_cosine!r}")
+        self.method = calibration
+        self.percentile = percentile
+        self.signed = activations == "s8"
+        self.symmetric = symmetric
+        self.reduce_range = reduce_range
+        self.weight_bits = weight_bits
+        self.block_size = block_size
+        self.exclude = frozenset(part.strip() for part in str(exclude or "").split(",") if part.strip())
+        self.data = data
+        self.samples = samples
+        self.seed = seed
+        self.target_cosine = target_cosine
+        self.target_snr = target_snr
+        self.check_speed = check_speed
+        self.threads = threads
+        self.summary = QuantizationSummary()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        _prepare(model, _BLOCKED_OPSET if self.weight_bits == 4 else _QDQ_OPSET)
+        placement = plan(model, exclude=self.exclude, weight_only=self.weight_bits == 4)
+        self.summary = QuantizationSummary(float_subgraph_nodes=placement.float_subgraph_nodes)
+        self.summary.float_layers.update(dict(placement.skipped))
+        if not placement.targets:
+            logger.info("qdq: nothing to quantize")
+            return ir.passes.PassResult(model, False)
+        if self.weight_bits == 4:
+            self._quantize_weight_only(model, placement)
+            return ir.passes.PassResult(model, True)
+        from passes.qdq import mixed  # measures models: onnxruntime sessions
+
+        calibration_feeds, held_back = _split_feeds(self._feeds(model), self.target_cosine is not None or self.target_snr is not None)
+        names = [value.name or "" for value in placement.activations]
+        stats = calib.collect(model, names, lambda: iter(calibration_feeds), threads=self.threads)
+        params = self._activation_params(placement, stats)
+        float_model = ir.to_proto(model)
+
+        def build(float_layers: Iterable[str]) -> tuple[ir.Model, QuantizationSummary]:
+            return self._build(float_model, params, frozenset(float_layers))
+
+        chosen, summary = mixed.choose(
+            float_model, build, [t.node.name or "" for t in placement.targets], held_back,
+            target_cosine=self.target_cosine, target_snr=self.target_snr, check_speed=self.check_speed,
+            threads=self.threads,
+        )
+        summary.float_layers = {**self.summary.float_layers, **summary.float_layers}
+        summary.float_subgraph_nodes = placement.float_subgraph_nodes
+        self.summary = summary
+        adopt_model(model, chosen)
+        return ir.passes.PassResult(model, bool(summary.quantized))
+
+    def details(self) -> dict[str, Any]:
+        """The last run's summary, for the pipeline ledger, with a one-line ``summary`` for people."""
+        return {**dataclasses.asdict(self.summary), "summary": self.summary.line()}
+
+    def _feeds(self, model: ir.Model) -> list[Feeds]:
+        # Calibration data is read once; the samples a user calibrates with are
+        # few (tens to hundreds), and chunked collection re-reads them.
+        feeds = list(feed_stream(model, self.data, count=self.samples, seed=self.seed))
+        if not feeds:
+            raise GraphoptError("qdq: the calibration data is empty")
+        return feeds
+
+    def _activation_params(self, placement: Placement, stats: dict[str, calib.TensorStatistics]) -> dict[str, ActivationParams]:
+        levels = 128 if self.reduce_range else 256
+        ranges = {
+            name: calib.choose_range(s, self.method, percentile=self.percentile, levels=levels) for name, s in stats.items()
+        }
+        groups: dict[str, tuple[float, float]] = {}
+        for name, (low, high) in ranges.items():
+            if high - low <= calib.DEGENERATE_WIDTH:
+                # An all-zero tensor: a tiny scale would clip the int32 bias; scale 1 keeps it.
+                low, high = 0.0, 0.0
+            root = representative(placement, name)
+            old = groups.get(root, (low, high))
+            groups[root] = (min(old[0], low), max(old[1], high))
+        return {
+            name: activation_params(
+                *groups[representative(placement, name)], signed=self.signed, symmetric=self.symmetric, reduce_range=self.reduce_range
+            )
+            for name in ranges
+        }
+
+    def _build(self, float_model: onnx.ModelProto, params: dict[str, ActivationParams], float_layers: frozenset[str]) -> tuple[ir.Model, QuantizationSummary]:
+        """A quantized copy of the float model, with ``float_layers`` left float."""
+        model = ir.serde.deserialize_model(float_model)
+        placement = plan(model, exclude=self.exclude | float_layers)
+        summary = QuantizationSummary()
+        summary.weight_bytes_before = sum(_nbytes(t.weight) + _nbytes(t.bias) for t in placement.targets)
+        maker = NodeMaker(model)
+        scales: dict[str, np.float32] = {}
+        for value in placement.activations:
+            if value.name in params:
+                quantize_activation(maker, value, params[value.name])
+                scales[value.name or ""] = params[value.name].scale
+                summary.activations += 1
+        for target in placement.targets:
+            weight_scales = quantize_weight(maker, target.node, target.weight, target.weight_axis, reduce_range=self.reduce_range)
+            x = target.node.inputs[0]
+            source = _quantized_source(x)
+            if target.bias is not None and source in scales:
+                quantize_bias_input(maker, target.bias_reader or target.node, target.bias, scales[source], weight_scales)
+            summary.quantized.append(target.node.name or target.node.op_type)
+        summary.weight_bytes_after = _quantized_bytes(model)
+        return model, summary
+
+    def _quantize_weight_only(self, model: ir.Model, placement: Placement) -> None:
+        maker = NodeMaker(model)
+        before = after = 0
+        for target in placement.targets:
+            array = target.weight.const_value.numpy()  # type: ignore[union-attr]
+            axis = 1 - target.weight_axis  # blocks run along K, the reduction axis
+            if array.shape[axis] < self.block_size:
+                self.summary.float_layers[target.node.name or target.node.op_type] = f"K={array.shape[axis]} < block_size"
+                continue
+            before += array.nbytes
+            quantize_weight_blockwise(maker, target.node, target.weight, axis, self.block_size)
+            after += array.size // 2 + 4 * (array.size // self.block_size + 1)
+            self.summary.quantized.append(target.node.name or target.node.op_type)
+        self.summary.weight_bytes_before, self.summary.weight_bytes_after = before, after
+
+
+def _quantized_source(value: ir.Value | None) -> str | None:
+    """The float tensor a DequantizeLinear output dequantizes, if ``value`` is one."""
+    if value is None:
+        return None
+    producer = value.producer()
+    if producer is None or producer.op_type != "DequantizeLinear":
+        return None
+    quantize = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+    if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.inputs[0] is None:
+        return None
+    return quantize.inputs[0].name
+
+
+def _nbytes(value: ir.Value | None) -> int:
+    return 0 if value is None or value.const_value is None else value.const_value.nbytes
+
+
+def _quantized_bytes(model: ir.Model) -> int:
+    """Bytes of the integer weights and their scales (what replaced the float weights)."""
+    total = 0
+    for node in model.graph:
+        if node.op_type == "DequantizeLinear" and node.inputs[0] is not None and node.inputs[0].const_value is not None:
+            total += sum(_nbytes(value) for value in node.inputs)
+    return total
+
+
+def _split_feeds(feeds: list[Feeds], hold_back: bool) -> tuple[list[Feeds], list[Feeds]]:
+    """Calibration samples and held-back samples (every fourth, at least one) for the fidelity target."""
+    if not hold_back:
+        return feeds, feeds[: max(1, min(4, len(feeds)))]
+    if len(feeds) < 2:
+        raise GraphoptError("qdq: target_cosine/target_snr need at least 2 calibration samples (one is held back)")
+    held = feeds[3::4] or feeds[-1:]
+    kept = [f for index, f in enumerate(feeds) if index % 4 != 3] if len(feeds) > 3 else feeds[:-1]
+    return kept, held
+
+
+def _prepare(model: ir.Model, opset: int) -> None:
+    """Weights as initializers, BatchNorms folded, and an opset with the Q/DQ features needed."""
+    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    if version < opset:
+        _upgrade(model, opset, version)
+    LiftConstantsPass()(model)
+    FoldBatchNormPass(standalone=False)(model)
+
+
+def _upgrade(model: ir.Model, opset: int, version: int) -> None:
+    try:
+        converted = onnx.version_converter.convert_version(ir.to_proto(model), opset)
+    except Exception as exc:  # the converter raises bare RuntimeErrors and others
+        raise GraphoptError(
+            f"qdq needs opset {opset} or later and the model has {version}; onnx's version converter failed: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+        ) from exc
+    adopt_model(model, ir.serde.deserialize_model(converted))
+    logger.info("qdq: upgraded the model from opset %d to %d", version, opset)

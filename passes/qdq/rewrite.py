@@ -1,0 +1,132 @@
+"""Graph edits of the ``qdq`` pass: Q/DQ pairs on activations, int8/int4 weights, int32 biases.
+
+Each function edits the main graph in place and keeps names traceable:
+an activation's DequantizeLinear output is paired with the QuantizeLinear
+input by validation's localization, and a quantized weight's dequantized
+value is recorded under ``graphopt.provenance`` as the float weight it
+replaces.
+"""
+
+from __future__ import annotations
+
+__all__ = ["NodeMaker", "quantize_activation", "quantize_weight", "quantize_weight_blockwise", "quantize_bias_input"]
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt import provenance
+from graphopt.naming import NameAllocator
+from passes.qdq.arithmetic import ActivationParams, quantize_bias, quantize_blockwise, quantize_per_channel
+
+
+class NodeMaker:
+    """Creates initializers and Q/DQ nodes with fresh names in one graph."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.names = NameAllocator(model)
+
+    def initializer(self, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+        name = self.names.fresh(base)
+        tensor = ir.Tensor(array, dtype=dtype, name=name)
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+        self.graph.register_initializer(value)
+        return value
+
+    def node(self, op: str, inputs: list[ir.Value | None], output: str, attributes: dict | None = None) -> ir.Node:
+        node = ir.node(op, inputs, attributes=attributes or {}, name=self.names.fresh(f"{output}_node"))
+        node.outputs[0].name = self.names.fresh(output)
+        return node
+
+
+def quantize_activation(maker: NodeMaker, value: ir.Value, params: ActivationParams) -> ir.Value:
+    """Inserts ``value -> QuantizeLinear -> DequantizeLinear`` and moves every reader onto the DQ.
+
+    A graph output keeps reading ``value`` itself: outputs stay float.
+    """
+    users = list(value.uses())  # before the QuantizeLinear below becomes one
+    base = value.name or "activation"
+    scale = maker.initializer(f"{base}_scale", np.array(params.scale, dtype=np.float32))
+    zero = maker.initializer(f"{base}_zero_point", np.array(params.zero_point))
+    quantize = maker.node("QuantizeLinear", [value, scale, zero], f"{base}_quantized")
+    dequantize = maker.node("DequantizeLinear", [quantize.outputs[0], scale, zero], f"{base}_dequantized")
+    _set_type(quantize.outputs[0], ir.DataType.UINT8 if params.dtype == np.uint8 else ir.DataType.INT8, value.shape)
+    _set_type(dequantize.outputs[0], ir.DataType.FLOAT, value.shape)
+    producer = value.producer()
+    if producer is not None and producer.graph is maker.graph:
+        maker.graph.insert_after(producer, [quantize, dequantize])
+    else:  # a graph input (or an outer value): quantize it first thing
+        first = next(iter(maker.graph), None)
+        if first is None:
+            maker.graph.extend([quantize, dequantize])
+        else:
+            maker.graph.insert_before(first, [quantize, dequantize])
+    for user, index in users:
+        user.replace_input_with(index, dequantize.outputs[0])
+    return dequantize.outputs[0]
+
+
+def quantize_weight(maker: NodeMaker, node: ir.Node, weight: ir.Value, axis: int, *, reduce_range: bool) -> np.ndarray:
+    """Replaces ``node``'s float weight by an int8 per-channel initializer and a DequantizeLinear.
+
+    Returns:
+        The per-channel scales (for the bias).
+    """
+    array = weight.const_value.numpy()  # type: ignore[union-attr]
+    q, scales = quantize_per_channel(array, axis, reduce_range=reduce_range)
+    base = weight.name or "weight"
+    quantized = maker.initializer(f"{base}_quantized", q)
+    scale = maker.initializer(f"{base}_scale", scales)
+    zero = maker.initializer(f"{base}_zero_point", np.zeros(scales.shape, dtype=np.int8))
+    _dequantize_into(maker, node, weight, [quantized, scale, zero], {"axis": axis})
+    return scales
+
+
+def quantize_weight_blockwise(maker: NodeMaker, node: ir.Node, weight: ir.Value, axis: int, block_size: int) -> None:
+    """Replaces ``node``'s float weight by int4 blocks along ``axis`` and a DequantizeLinear (opset 21)."""
+    array = weight.const_value.numpy()  # type: ignore[union-attr]
+    q, scales = quantize_blockwise(array, axis, block_size)
+    base = weight.name or "weight"
+    quantized = maker.initializer(f"{base}_quantized", q.astype(_int4()), ir.DataType.INT4)
+    scale = maker.initializer(f"{base}_scale", scales)
+    zero = maker.initializer(f"{base}_zero_point", np.zeros(scales.shape, dtype=_int4()), ir.DataType.INT4)
+    _dequantize_into(maker, node, weight, [quantized, scale, zero], {"axis": axis, "block_size": block_size})
+
+
+def quantize_bias_input(maker: NodeMaker, node: ir.Node, bias: ir.Value, input_scale: np.float32, weight_scales: np.ndarray) -> None:
+    """Replaces ``node``'s float bias by int32 with scale input_scale * weight_scales."""
+    array = bias.const_value.numpy()  # type: ignore[union-attr]
+    q, scales = quantize_bias(array, input_scale, weight_scales)
+    base = bias.name or "bias"
+    quantized = maker.initializer(f"{base}_quantized", q)
+    scale = maker.initializer(f"{base}_scale", scales)
+    zero = maker.initializer(f"{base}_zero_point", np.zeros(scales.shape, dtype=np.int32))
+    _dequantize_into(maker, node, bias, [quantized, scale, zero], {"axis": 0})
+
+
+def _dequantize_into(
+    maker: NodeMaker, node: ir.Node, original: ir.Value, inputs: list[ir.Value], attributes: dict
+) -> None:
+    """Puts DequantizeLinear(inputs) before ``node`` in place of ``original``, which is then dropped."""
+    base = original.name or "weight"
+    dequantize = maker.node("DequantizeLinear", list(inputs), f"{base}_dequantized", attributes)
+    _set_type(dequantize.outputs[0], ir.DataType.FLOAT, original.shape)
+    maker.graph.insert_before(node, dequantize)
+    for index, value in enumerate(node.inputs):
+        if value is original:
+            node.replace_input_with(index, dequantize.outputs[0])
+    provenance.record(maker.model, dequantize.outputs[0].name or "", base)
+    if not original.uses() and original.name in maker.graph.initializers:
+        maker.graph.initializers.pop(original.name)
+
+
+def _set_type(value: ir.Value, dtype: ir.DataType, shape: ir.Shape | None) -> None:
+    value.type = ir.TensorType(dtype)
+    value.shape = shape
+
+
+def _int4() -> np.dtype:
+    import ml_dtypes  # an onnx_ir dependency: the numpy type onnx_ir expects for INT4 data
+
+    return np.dtype(ml_dtypes.int4)
