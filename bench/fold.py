@@ -27,8 +27,9 @@ seconds is killed and shown as "timeout". ``--tools`` picks the anchors to run
 Time is load + optimize + save (interpreter start-up and imports excluded);
 outputs over 1.8 GB are saved with external data. Nodes count the main graph
 and every subgraph. Runs are interleaved over the tools, ``--repeats`` times
-(default 3), and the table shows medians; chains of 80,000 nodes or more, and
-a (tool, model) whose first run takes over 60 s, run once. A tool that is not
+(default 3), and the table shows medians; chains of 80,000 nodes or more run
+once unless ``--repeats`` is given, and a (tool, model) whose first run takes
+over 60 s runs once. A tool that is not
 importable in this interpreter is shown as "not installed".
 
 Each result is then checked in onnxruntime (CPU, one thread, default graph
@@ -88,6 +89,7 @@ LATENCY_ROUNDS = 20
 MIN_LATENCY_ROUNDS = 5
 SLOW_ROUND_SECONDS = 1.5
 CHAIN_SPEEDUP_GOAL = 3.0
+DEFAULT_REPEATS = 3
 _THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -385,7 +387,7 @@ def run_model(name: str, size: int, folder: Path, args: argparse.Namespace) -> M
     ops = op_counts(source)
     _progress(f"{name}: {sum(ops.values()):,} nodes, {mib:.1f} MiB, built in {time.perf_counter() - start:.1f} s")
     cells = {tool: Cell(tool, status=_cell_status(tool, args.tools)) for tool in TOOLS}
-    repeats = 1 if size >= SINGLE_RUN_NODES else args.repeats
+    repeats = args.repeats or (1 if size >= SINGLE_RUN_NODES else DEFAULT_REPEATS)
     measure(source, folder, cells, repeats, args.timeout)
     latency = check(source, folder / "feeds.npz", cells, max(args.timeout, 600.0))
     for cell in cells.values():
@@ -551,7 +553,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", type=_list_arg, help="comma-separated zoo models, or 'none' (default: all)")
     parser.add_argument("--sizes", type=_sizes, help="comma-separated chain node counts, or 'none' (default 5000,20000,80000)")
     parser.add_argument("--tools", type=_list_arg, default=list(ANCHORS), help="comma-separated anchors to run (default: all three)")
-    parser.add_argument("--repeats", type=positive_int, default=3, help="runs per tool and model (default 3; 1 at 80k+ nodes)")
+    parser.add_argument("--repeats", type=positive_int, help="runs per tool and model (default 3; 1 at 80k+ nodes)")
     parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, help="seconds per tool run (default 240)")
     parser.add_argument("--quick", action="store_true", help="tiny zoo models and the 5,000-node chain only")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
