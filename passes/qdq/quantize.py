@@ -43,6 +43,7 @@ from passes.fold.batchnorm import FoldBatchNormPass
 from passes.lift_constants import LiftConstantsPass
 from passes.qdq import calibration as calib
 from passes.qdq.arithmetic import ActivationParams, activation_params
+from passes.qdq.bias_correction import input_means, output_shift
 from passes.qdq.placement import Placement, plan, representative
 from passes.qdq.rewrite import (
     NodeMaker,
@@ -50,6 +51,7 @@ from passes.qdq.rewrite import (
     quantize_bias_input,
     quantize_weight,
     quantize_weight_blockwise,
+    set_float_bias,
 )
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class QuantizationSummary:
     """What the pass did, for its caller and the ledger's reader."""
 
     quantized: list[str] = field(default_factory=list)
+    corrected: list[str] = field(default_factory=list)  # layers whose bias absorbed the rounding shift
     float_layers: dict[str, str] = field(default_factory=dict)  # node -> why it stayed float
     activations: int = 0
     weight_bytes_before: int = 0
@@ -111,6 +114,9 @@ class QuantizePass(ir.passes.InPlacePass):
         target_cosine: Keep layers float until the output cosine on held-back
             samples reaches this (needs at least 2 samples).
         target_snr: The same with an SNR in dB.
+        bias_correction: Fold the mean output shift of weight rounding, measured
+            on the calibration samples, into each layer's bias (adds one to a
+            Conv/Gemm without bias).
         check_speed: Measure latency and return the model to float if int8 is slower.
         threads: onnxruntime threads for calibration and measurements.
     """
@@ -133,6 +139,7 @@ class QuantizePass(ir.passes.InPlacePass):
         seed: int = 0,
         target_cosine: float | None = None,
         target_snr: float | None = None,
+        bias_correction: bool = False,
         check_speed: bool = True,
         threads: int | None = 1,
     ) -> None:
@@ -164,8 +171,10 @@ class QuantizePass(ir.passes.InPlacePass):
         self.seed = seed
         self.target_cosine = target_cosine
         self.target_snr = target_snr
+        self.bias_correction = bias_correction
         self.check_speed = check_speed
         self.threads = threads
+        self._input_means: dict[str, np.ndarray] = {}
         self.summary = QuantizationSummary()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -185,6 +194,9 @@ class QuantizePass(ir.passes.InPlacePass):
         names = [value.name or "" for value in placement.activations]
         stats = calib.collect(model, names, lambda: iter(calibration_feeds), threads=self.threads)
         params = self._activation_params(placement, stats)
+        self._input_means = (
+            input_means(model, [t.node for t in placement.targets], calibration_feeds, self.threads) if self.bias_correction else {}
+        )
         float_model = ir.to_proto(model)
 
         def build(float_layers: Iterable[str]) -> tuple[ir.Model, QuantizationSummary]:
@@ -247,11 +259,25 @@ class QuantizePass(ir.passes.InPlacePass):
                 scales[value.name or ""] = params[value.name].scale
                 summary.activations += 1
         for target in placement.targets:
-            weight_scales = quantize_weight(maker, target.node, target.weight, target.weight_axis, reduce_range=self.reduce_range)
-            x = target.node.inputs[0]
-            source = _quantized_source(x)
-            if target.bias is not None and source in scales:
-                quantize_bias_input(maker, target.bias_reader or target.node, target.bias, scales[source], weight_scales)
+            weight_scales, delta = quantize_weight(maker, target.node, target.weight, target.weight_axis, reduce_range=self.reduce_range)
+            source = _quantized_source(target.node.inputs[0])
+            float_input = source or (target.node.inputs[0].name if target.node.inputs[0] is not None else None)
+            bias, reader = target.bias, target.bias_reader or target.node
+            values = bias.const_value.numpy() if bias is not None and bias.const_value is not None else None
+            shift = None
+            if float_input in self._input_means:
+                shift = output_shift(target.node, delta, self._input_means[float_input])
+            corrected = shift is not None and (values is not None or target.node.op_type in ("Conv", "Gemm"))
+            if corrected:
+                values = (np.zeros(len(shift), np.float32) if values is None else values) - shift
+                if bias is None:  # a Conv or Gemm without bias gets one
+                    set_float_bias(maker, reader, None, values)
+                    bias, values = reader.inputs[2], None
+                summary.corrected.append(target.node.name or target.node.op_type)
+            if bias is not None and source in scales:
+                quantize_bias_input(maker, reader, bias, scales[source], weight_scales, values)
+            elif corrected and values is not None:
+                set_float_bias(maker, reader, bias, values)
             summary.quantized.append(target.node.name or target.node.op_type)
         summary.weight_bytes_after = _quantized_bytes(model)
         return model, summary

@@ -9,14 +9,21 @@ replaces.
 
 from __future__ import annotations
 
-__all__ = ["NodeMaker", "quantize_activation", "quantize_weight", "quantize_weight_blockwise", "quantize_bias_input"]
+__all__ = [
+    "NodeMaker",
+    "quantize_activation",
+    "quantize_weight",
+    "quantize_weight_blockwise",
+    "quantize_bias_input",
+    "set_float_bias",
+]
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt import provenance
 from graphopt.naming import NameAllocator
-from passes.qdq.arithmetic import ActivationParams, quantize_bias, quantize_blockwise, quantize_per_channel
+from passes.qdq.arithmetic import ActivationParams, dequantize, quantize_bias, quantize_blockwise, quantize_per_channel
 
 
 class NodeMaker:
@@ -67,20 +74,24 @@ def quantize_activation(maker: NodeMaker, value: ir.Value, params: ActivationPar
     return dequantize.outputs[0]
 
 
-def quantize_weight(maker: NodeMaker, node: ir.Node, weight: ir.Value, axis: int, *, reduce_range: bool) -> np.ndarray:
+def quantize_weight(
+    maker: NodeMaker, node: ir.Node, weight: ir.Value, axis: int, *, reduce_range: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Replaces ``node``'s float weight by an int8 per-channel initializer and a DequantizeLinear.
 
     Returns:
-        The per-channel scales (for the bias).
+        The per-channel scales (for the bias) and the rounding error
+        ``dequantized - weight`` (for bias correction).
     """
     array = weight.const_value.numpy()  # type: ignore[union-attr]
     q, scales = quantize_per_channel(array, axis, reduce_range=reduce_range)
+    delta = dequantize(q, scales, axis=axis) - array
     base = weight.name or "weight"
     quantized = maker.initializer(f"{base}_quantized", q)
     scale = maker.initializer(f"{base}_scale", scales)
     zero = maker.initializer(f"{base}_zero_point", np.zeros(scales.shape, dtype=np.int8))
     _dequantize_into(maker, node, weight, [quantized, scale, zero], {"axis": axis})
-    return scales
+    return scales, delta
 
 
 def quantize_weight_blockwise(maker: NodeMaker, node: ir.Node, weight: ir.Value, axis: int, block_size: int) -> None:
@@ -94,9 +105,19 @@ def quantize_weight_blockwise(maker: NodeMaker, node: ir.Node, weight: ir.Value,
     _dequantize_into(maker, node, weight, [quantized, scale, zero], {"axis": axis, "block_size": block_size})
 
 
-def quantize_bias_input(maker: NodeMaker, node: ir.Node, bias: ir.Value, input_scale: np.float32, weight_scales: np.ndarray) -> None:
-    """Replaces ``node``'s float bias by int32 with scale input_scale * weight_scales."""
-    array = bias.const_value.numpy()  # type: ignore[union-attr]
+def quantize_bias_input(
+    maker: NodeMaker,
+    node: ir.Node,
+    bias: ir.Value,
+    input_scale: np.float32,
+    weight_scales: np.ndarray,
+    values: np.ndarray | None = None,
+) -> None:
+    """Replaces ``node``'s float bias by int32 with scale input_scale * weight_scales.
+
+    ``values`` overrides the bias's own values (a corrected bias).
+    """
+    array = bias.const_value.numpy() if values is None else values  # type: ignore[union-attr]
     q, scales = quantize_bias(array, input_scale, weight_scales)
     base = bias.name or "bias"
     quantized = maker.initializer(f"{base}_quantized", q)
@@ -130,3 +151,19 @@ def _int4() -> np.dtype:
     import ml_dtypes  # an onnx_ir dependency: the numpy type onnx_ir expects for INT4 data
 
     return np.dtype(ml_dtypes.int4)
+
+
+def set_float_bias(maker: NodeMaker, node: ir.Node, bias: ir.Value | None, values: np.ndarray) -> None:
+    """Gives ``node`` (a Conv or Gemm) the float bias ``values``, replacing ``bias`` or adding input 2."""
+    base = bias.name if bias is not None and bias.name else f"{node.name or node.op_type}_bias"
+    value = maker.initializer(f"{base}_corrected", values.astype(np.float32))
+    if bias is None:
+        node.resize_inputs(3)
+        node.replace_input_with(2, value)
+        return
+    for index, current in enumerate(node.inputs):
+        if current is bias:
+            node.replace_input_with(index, value)
+    if not bias.uses() and bias.name in maker.graph.initializers:
+        maker.graph.initializers.pop(bias.name)
+

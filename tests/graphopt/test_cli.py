@@ -51,6 +51,28 @@ def test_optimize_writes_result_prints_ledger_and_keeps_outputs(model_path, tmp_
     assert_same_outputs(run_ort(model_path, {"x": X}), run_ort(out, {"x": X}))
 
 
+def test_optimize_quantizes_with_calibration_data_and_prints_the_summary(model_path, tmp_path, capsys):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        np.savez(calib / f"{index}.npz", x=rng.standard_normal((3, 4)).astype(np.float32))
+    out = tmp_path / "out.onnx"
+
+    code = main(["optimize", str(model_path), "-o", str(out), "--passes", "fold,qdq(check_speed=false)", "--calib-data", str(calib),
+                 "--ledger", str(tmp_path / "l.json")])
+
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "qdq: 1 layers quantized" in printed
+    ledger = json.loads((tmp_path / "l.json").read_text())
+    assert ledger[-1]["options"]["data"] == str(calib)
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    got, want = run_ort(out, {"x": X})[0], run_ort(model_path, {"x": X})[0]
+    np.testing.assert_allclose(got, want, atol=0.05)  # int8: within a few quantization steps of |x| <= 3
+
+
 def test_optimize_with_recipe_and_check_each_pass(model_path, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("- lift-constants\n- pass: dce\n- toposort\n")

@@ -237,3 +237,57 @@ def test_model_stays_float_when_int8_is_slower(monkeypatch):
 def test_bad_options_raise_value_error(options, message):
     with pytest.raises(ValueError, match=message):
         QuantizePass(**options)
+
+
+def _shifted_input_model(rows: int, features: int, out: int, seed: int = 0):
+    # y = x @ W + b with x far from zero on average: rounding W then shifts y's mean.
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((features, out)).astype(np.float32) * 0.05
+    bias = rng.standard_normal(out).astype(np.float32)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,{features}] x) => (float[N,{out}] y)
+          <float[{features},{out}] w = {{{", ".join(map(str, weight.ravel().tolist()))}}},
+           float[{out}] b = {{{", ".join(map(str, bias.tolist()))}}}> {{
+          h = MatMul(x, w)
+          y = Add(h, b)
+        }}
+    """
+    feeds = [{"x": (3.0 + 0.1 * rng.standard_normal((rows, features))).astype(np.float32)} for _ in range(8)]
+    return text, feeds
+
+
+def test_bias_correction_removes_the_mean_output_shift():
+    text, feeds = _shifted_input_model(16, 64, 8)
+    errors = {}
+    for corrected in (False, True):
+        model = parse(text)
+        original = to_proto(model)
+        pass_ = QuantizePass(data=feeds, reduce_range=True, bias_correction=corrected, check_speed=False)
+        run_pipeline(model, [pass_])
+        want = np.concatenate([_session(original).run(None, f)[0] for f in feeds])
+        got = np.concatenate([_session(model).run(None, f)[0] for f in feeds])
+        errors[corrected] = float(np.abs((got - want).mean(axis=0)).mean())
+        assert bool(pass_.summary.corrected) is corrected
+    # The weight-rounding shift dominates the mean error here; correction cuts it severalfold.
+    assert errors[True] < errors[False] / 3
+
+
+def test_qdq_calibrates_models_with_dynamic_input_shapes(tmp_path):
+    text, _ = _shifted_input_model(4, 32, 8)
+    model = parse(text)  # x is float[N,32]: calibration feeds are synthesized with a default N
+    original = to_proto(model)
+
+    result = run_pipeline(model, [QuantizePass(check_speed=False, samples=4)])
+
+    assert result.modified is True
+    feeds = {"x": np.random.default_rng(5).standard_normal((7, 32)).astype(np.float32)}
+    assert _cosine(_session(original).run(None, feeds)[0], _session(model).run(None, feeds)[0]) >= MIN_COSINE
+    assert "QGemm" in _fused_ops(model, tmp_path)
+
+
+def test_ledger_row_carries_the_summary():
+    _, result, _ = _quantize("cnn_bn")
+
+    details = result.ledger.rows[0].details
+    assert details["quantized"] and "layers quantized" in details["summary"]

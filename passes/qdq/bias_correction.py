@@ -1,0 +1,59 @@
+"""Bias correction: cancel the mean output shift that rounding the weights causes.
+
+With quantized weights W_q = W + D, a layer's output moves by D E[x] on
+average. Given the per-channel mean of each layer's float input over the
+calibration samples, the bias absorbs that shift: b' = b - D E[x]. Zero
+padding in a Conv makes the true shift slightly smaller near the borders;
+the correction ignores that.
+"""
+
+from __future__ import annotations
+
+__all__ = ["input_means", "output_shift"]
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.data import Feeds
+from graphopt.runtime import ModelRunner
+
+
+def input_means(model: ir.Model, nodes: Sequence[ir.Node], feeds: Iterable[Feeds], threads: int | None) -> dict[str, np.ndarray]:
+    """Mean of each node's first input per channel (axis 1 for Conv, the last axis otherwise), by tensor name."""
+    inputs = {node.inputs[0].name: node.op_type for node in nodes if node.inputs and node.inputs[0] is not None}
+    graph_inputs = {value.name for value in model.graph.inputs}
+    exposed = [name for name in inputs if name not in graph_inputs]
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    with ModelRunner(model, threads=threads, extra_outputs=exposed) as runner:
+        for sample in feeds:
+            outputs = runner.run({k: v for k, v in sample.items() if k in runner.input_names}, exposed)
+            for name, op in inputs.items():
+                array = outputs[name] if name in outputs else sample.get(name)
+                if array is None or array.ndim < 2:
+                    continue
+                channels = np.moveaxis(np.asarray(array, dtype=np.float64), 1 if op == "Conv" else -1, -1)
+                flat = channels.reshape(-1, channels.shape[-1])
+                sums[name] = sums.get(name, 0) + flat.sum(axis=0)
+                counts[name] = counts.get(name, 0) + flat.shape[0]
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+def output_shift(node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+    """Per-output-channel mean shift ``D E[x]`` of ``node`` for weight error ``delta``, or None if unsupported."""
+    if node.op_type == "Conv":
+        groups = node.attributes.get_int("group", 1)
+        out_channels, per_group = delta.shape[0], delta.shape[1]
+        if mean.shape != (per_group * groups,):
+            return None
+        spatial = delta.reshape(out_channels, per_group, -1).sum(axis=2)  # [M, C/g]
+        group_of = np.arange(out_channels) // (out_channels // groups)
+        means = mean.reshape(groups, per_group)[group_of]  # [M, C/g]
+        return (spatial * means).sum(axis=1)
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        return delta @ mean if mean.shape == (delta.shape[1],) else None
+    if node.op_type in ("MatMul", "Gemm"):
+        return mean @ delta if mean.shape == (delta.shape[0],) else None
+    return None
