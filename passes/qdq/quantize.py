@@ -36,7 +36,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphopt.data import Feeds, feed_stream
 from graphopt.errors import GraphoptError
 from graphopt.pipeline import adopt_model
 from passes.fold.batchnorm import FoldBatchNormPass
@@ -53,6 +52,7 @@ from passes.qdq.rewrite import (
     quantize_weight_blockwise,
     set_float_bias,
 )
+from passes.qdq.samples import Samples
 
 logger = logging.getLogger(__name__)
 
@@ -190,13 +190,14 @@ class QuantizePass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, True)
         from passes.qdq import mixed  # measures models: onnxruntime sessions
 
-        calibration_feeds, held_back = _split_feeds(self._feeds(model), self.target_cosine is not None or self.target_snr is not None)
+        hold_back = self.target_cosine is not None or self.target_snr is not None
+        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=hold_back)
         names = [value.name or "" for value in placement.activations]
-        stats = calib.collect(model, names, lambda: iter(calibration_feeds), threads=self.threads)
+        stats = calib.collect(model, names, samples.calibration, threads=self.threads)
         params = self._activation_params(placement, stats)
-        self._input_means = (
-            input_means(model, [t.node for t in placement.targets], calibration_feeds, self.threads) if self.bias_correction else {}
-        )
+        targets = [t.node for t in placement.targets]
+        self._input_means = input_means(model, targets, samples.calibration(), self.threads) if self.bias_correction else {}
+        held_back = samples.held_back
         float_model = ir.to_proto(model)
 
         def build(float_layers: Iterable[str]) -> tuple[ir.Model, QuantizationSummary]:
@@ -216,14 +217,6 @@ class QuantizePass(ir.passes.InPlacePass):
     def details(self) -> dict[str, Any]:
         """The last run's summary, for the pipeline ledger, with a one-line ``summary`` for people."""
         return {**dataclasses.asdict(self.summary), "summary": self.summary.line()}
-
-    def _feeds(self, model: ir.Model) -> list[Feeds]:
-        # Calibration data is read once; the samples a user calibrates with are
-        # few (tens to hundreds), and chunked collection re-reads them.
-        feeds = list(feed_stream(model, self.data, count=self.samples, seed=self.seed))
-        if not feeds:
-            raise GraphoptError("qdq: the calibration data is empty")
-        return feeds
 
     def _activation_params(self, placement: Placement, stats: dict[str, calib.TensorStatistics]) -> dict[str, ActivationParams]:
         levels = 128 if self.reduce_range else 256
@@ -322,17 +315,6 @@ def _quantized_bytes(model: ir.Model) -> int:
         if node.op_type == "DequantizeLinear" and node.inputs[0] is not None and node.inputs[0].const_value is not None:
             total += sum(_nbytes(value) for value in node.inputs)
     return total
-
-
-def _split_feeds(feeds: list[Feeds], hold_back: bool) -> tuple[list[Feeds], list[Feeds]]:
-    """Calibration samples and held-back samples (every fourth, at least one) for the fidelity target."""
-    if not hold_back:
-        return feeds, feeds[: max(1, min(4, len(feeds)))]
-    if len(feeds) < 2:
-        raise GraphoptError("qdq: target_cosine/target_snr need at least 2 calibration samples (one is held back)")
-    held = feeds[3::4] or feeds[-1:]
-    kept = [f for index, f in enumerate(feeds) if index % 4 != 3] if len(feeds) > 3 else feeds[:-1]
-    return kept, held
 
 
 def _prepare(model: ir.Model, opset: int) -> None:

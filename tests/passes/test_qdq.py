@@ -22,6 +22,7 @@ from helpers import check_full, parse, to_proto
 import model_zoo
 from graphopt import load, run_pipeline
 from passes.qdq import QuantizePass, mixed
+from passes.qdq.samples import Samples
 
 MIN_COSINE = 0.99
 
@@ -291,3 +292,45 @@ def test_ledger_row_carries_the_summary():
 
     details = result.ledger.rows[0].details
     assert details["quantized"] and "layers quantized" in details["summary"]
+
+
+def test_samples_are_streamed_again_on_each_read_and_a_quarter_is_held_back():
+    text, feeds = _shifted_input_model(2, 8, 4)
+    model = parse(text)
+
+    samples = Samples(model, feeds, count=0, seed=0, hold_back=True)
+
+    assert samples.count == 8 and len(samples.held_back) == 2
+    first, second = list(samples.calibration()), list(samples.calibration())
+    assert len(first) == len(second) == 6
+    assert all(np.array_equal(a["x"], b["x"]) for a, b in zip(first, second))
+
+
+def test_one_shot_sources_are_read_once_and_synthesized_ones_regenerated():
+    text, feeds = _shifted_input_model(2, 8, 4)
+    model = parse(text)
+
+    from_generator = Samples(model, (f for f in feeds), count=0, seed=0, hold_back=False)
+    synthesized = Samples(model, None, count=5, seed=3, hold_back=False)
+
+    assert len(list(from_generator.calibration())) == len(list(from_generator.calibration())) == 8
+    assert len(list(synthesized.calibration())) == 5
+    assert len(synthesized.held_back) == 4  # the first few judge fidelity and speed
+
+
+def test_calibration_memory_does_not_grow_with_the_sample_count():
+    import tracemalloc
+
+    from passes.qdq import calibration
+
+    # squeezenet's input is 600 KB a sample: keeping 64 of them would add ~38 MB.
+    model = load(model_zoo.build("squeezenet").model)
+    names = [node.outputs[0].name for node in model.graph if node.op_type == "Conv"][:4]
+    peaks = {}
+    for count in (4, 64):
+        samples = Samples(model, None, count=count, seed=0, hold_back=False)
+        tracemalloc.start()
+        calibration.collect(model, names, samples.calibration)
+        peaks[count] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[64] < 1.2 * peaks[4] + 1024 * 1024, peaks
