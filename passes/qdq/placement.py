@@ -41,6 +41,8 @@ _SAME_PARAMS_OPS = frozenset(
     {"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather", "Expand", "Tile", "Resize"}
 )
 _ABSORBED_ACTIVATIONS = ("Relu", "Clip")
+# Ops with an int8 kernel when every input has a DQ and the output a Q.
+_INT8_KERNEL_OPS = frozenset({"Add", "Mul", "AveragePool", "GlobalAveragePool"})
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ def plan(model: ir.Model, *, exclude: Collection[str] = (), weight_only: bool = 
             out = _after_absorbed_activation(target.node.outputs[0])
             if _is_float_activation(out) and out.uses():
                 chosen.setdefault(out.name or "", out)
+    _extend_to_int8_ops(graph, chosen)
     _extend_through_shared_ops(graph, chosen, placement.shared)
     order = {value: index for index, value in enumerate(v for node in graph for v in node.outputs)}
     placement.activations = sorted(chosen.values(), key=lambda v: order.get(v, -1))
@@ -197,6 +200,25 @@ def _after_absorbed_activation(value: ir.Value) -> ir.Value:
         if user.op_type in _ABSORBED_ACTIVATIONS and user.domain in _ONNX_DOMAINS:
             return user.outputs[0]
     return value
+
+
+def _extend_to_int8_ops(graph: ir.Graph, chosen: dict[str, ir.Value]) -> None:
+    """Quantizes the outputs of ops that have int8 kernels once all their float inputs are quantized.
+
+    Add and Mul become QLinearAdd/QLinearMul, the average pools their QLinear
+    forms, but only with a Q on the output too; without it they would run in
+    float between a DQ and a Q, which costs more than not quantizing.
+    Visited in graph order, so a chain of such ops is quantized end to end.
+    """
+    for node in graph:
+        if node.op_type not in _INT8_KERNEL_OPS or node.domain not in _ONNX_DOMAINS or not node.outputs:
+            continue
+        activations = [v for v in node.inputs if v is not None and v.const_value is None]
+        if not activations or any(v.name not in chosen for v in activations):
+            continue
+        out = _after_absorbed_activation(node.outputs[0])
+        if _is_float_activation(out) and out.uses():
+            chosen.setdefault(out.name or "", out)
 
 
 def _extend_through_shared_ops(graph: ir.Graph, chosen: dict[str, ir.Value], shared: dict[str, str]) -> None:

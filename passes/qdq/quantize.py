@@ -324,6 +324,23 @@ def _prepare(model: ir.Model, opset: int) -> None:
         _upgrade(model, opset, version)
     LiftConstantsPass()(model)
     FoldBatchNormPass(standalone=False)(model)
+    _two_input_sums_to_add(model.graph)
+
+
+def _two_input_sums_to_add(graph: ir.Graph) -> None:
+    """Sum(a, b) becomes Add(a, b), the same function: onnxruntime has an int8 Add and no int8 Sum.
+
+    ResNet exports from Caffe2 join every residual with a two-input Sum.
+    """
+    for node in list(graph):
+        if node.op_type == "Sum" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
+            add = ir.node("Add", list(node.inputs), name=node.name or None)
+            graph.insert_before(node, add)
+            node.outputs[0].replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
+            add.outputs[0].name, add.outputs[0].shape, add.outputs[0].type = (
+                node.outputs[0].name, node.outputs[0].shape, node.outputs[0].type
+            )
+            graph.remove(node, safe=True)
 
 
 def _upgrade(model: ir.Model, opset: int, version: int) -> None:
