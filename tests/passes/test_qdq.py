@@ -367,3 +367,33 @@ def test_two_input_sum_becomes_add_and_keeps_its_output_name():
     assert model.graph.outputs[0].name == "y" and producer.op_type == "Add"
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32)}
     assert _cosine(_session(original).run(None, feeds)[0], _session(model).run(None, feeds)[0]) >= MIN_COSINE
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"calibration": "minmax"},
+        {"calibration": "entropy"},
+        {"calibration": "mse"},
+        {"activations": "s8"},
+        {"symmetric": True},
+        {"reduce_range": True},
+    ],
+    ids=["minmax", "entropy", "mse", "s8", "symmetric", "reduce_range"],
+)
+def test_qdq_options_keep_the_model_valid_and_close(options):
+    zoo, result, pass_ = _quantize("cnn_bn", **options)
+
+    check_full(result.model)
+    _assert_structure(result.model)
+    assert len(pass_.summary.quantized) == 3
+    zero_points = [
+        node.inputs[2].const_value.numpy() for node in result.model.graph
+        if node.op_type == "QuantizeLinear" and len(node.inputs) > 2
+    ]
+    expected_type = np.int8 if options.get("activations") == "s8" else np.uint8
+    assert zero_points and all(zp.dtype == expected_type for zp in zero_points)
+    if options.get("symmetric"):
+        assert all(int(zp) == (0 if expected_type == np.int8 else 128) for zp in zero_points)
+    want, got = _session(zoo.model).run(None, zoo.feeds)[0], _session(result.model).run(None, zoo.feeds)[0]
+    assert _cosine(want, got) >= MIN_COSINE
