@@ -114,7 +114,7 @@ class QuantizePass(ir.passes.InPlacePass):
         target_cosine: Keep layers float until the output cosine on held-back
             samples reaches this (needs at least 2 samples).
         target_snr: The same with an SNR in dB.
-        bias_correction: Fold the mean output shift of weight rounding, measured
+        bias_correction: (default on) Fold the mean output shift of weight rounding, measured
             on the calibration samples, into each layer's bias (adds one to a
             Conv/Gemm without bias).
         check_speed: Measure latency and return the model to float if int8 is slower.
@@ -139,7 +139,7 @@ class QuantizePass(ir.passes.InPlacePass):
         seed: int = 0,
         target_cosine: float | None = None,
         target_snr: float | None = None,
-        bias_correction: bool = False,
+        bias_correction: bool = True,
         check_speed: bool = True,
         threads: int | None = 1,
     ) -> None:
