@@ -397,3 +397,32 @@ def test_qdq_options_keep_the_model_valid_and_close(options):
         assert all(int(zp) == (0 if expected_type == np.int8 else 128) for zp in zero_points)
     want, got = _session(zoo.model).run(None, zoo.feeds)[0], _session(result.model).run(None, zoo.feeds)[0]
     assert _cosine(want, got) >= MIN_COSINE
+
+
+def test_qdq_works_where_onnxruntime_quant_pre_process_fails(tmp_path):
+    # Two dynamic dims that onnxruntime's symbolic shape inference cannot merge:
+    # quant_pre_process raises "Incomplete symbolic shape inference" here.
+    weight = np.random.default_rng(2).standard_normal((8, 4)).astype(np.float32)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,8] a, float[M,8] b) => (float[K,4] y)
+          <float[8,4] w = {{{", ".join(map(str, weight.ravel().tolist()))}}}> {{
+          s = Add(a, b)
+          y = MatMul(s, w)
+        }}
+    """
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx.parser.parse_model(text), path)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with pytest.raises(Exception, match="Incomplete symbolic shape inference"):
+        quant_pre_process(str(path), str(tmp_path / "pre.onnx"))
+
+    model = parse(text)
+    original = to_proto(model)
+    result = run_pipeline(model, [QuantizePass(check_speed=False, samples=4)])
+
+    assert result.modified is True
+    rng = np.random.default_rng(3)
+    feeds = {"a": rng.standard_normal((3, 8)).astype(np.float32), "b": rng.standard_normal((3, 8)).astype(np.float32)}
+    assert _cosine(_session(original).run(None, feeds)[0], _session(model).run(None, feeds)[0]) >= MIN_COSINE
