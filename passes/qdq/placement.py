@@ -42,7 +42,7 @@ _SAME_PARAMS_OPS = frozenset(
 )
 _ABSORBED_ACTIVATIONS = ("Relu", "Clip")
 # Ops with an int8 kernel when every input has a DQ and the output a Q.
-_INT8_KERNEL_OPS = frozenset({"Add", "Mul", "AveragePool", "GlobalAveragePool"})
+_INT8_KERNEL_OPS = frozenset({"Add", "Mul", "AveragePool", "GlobalAveragePool", "Concat"})
 
 
 @dataclass(frozen=True)
@@ -205,13 +205,16 @@ def _after_absorbed_activation(value: ir.Value) -> ir.Value:
 def _extend_to_int8_ops(graph: ir.Graph, chosen: dict[str, ir.Value]) -> None:
     """Quantizes the outputs of ops that have int8 kernels once all their float inputs are quantized.
 
-    Add and Mul become QLinearAdd/QLinearMul, the average pools their QLinear
-    forms, but only with a Q on the output too; without it they would run in
-    float between a DQ and a Q, which costs more than not quantizing.
-    Visited in graph order, so a chain of such ops is quantized end to end.
+    Add, Mul, Concat and the average pools become their QLinear forms, and
+    data-movement ops (MaxPool, Reshape, ...) run on 8-bit data, but only
+    with a Q on the output too; without it they would run in float between a
+    DQ and a Q, which costs more than not quantizing. Visited in graph
+    order, so a chain of such ops is quantized end to end.
     """
     for node in graph:
-        if node.op_type not in _INT8_KERNEL_OPS or node.domain not in _ONNX_DOMAINS or not node.outputs:
+        if node.domain not in _ONNX_DOMAINS or not node.outputs:
+            continue
+        if node.op_type not in _INT8_KERNEL_OPS and node.op_type not in _SAME_PARAMS_OPS:
             continue
         activations = [v for v in node.inputs if v is not None and v.const_value is None]
         if not activations or any(v.name not in chosen for v in activations):

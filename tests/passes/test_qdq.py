@@ -426,3 +426,21 @@ def test_qdq_works_where_onnxruntime_quant_pre_process_fails(tmp_path):
     rng = np.random.default_rng(3)
     feeds = {"a": rng.standard_normal((3, 8)).astype(np.float32), "b": rng.standard_normal((3, 8)).astype(np.float32)}
     assert _cosine(_session(original).run(None, feeds)[0], _session(model).run(None, feeds)[0]) >= MIN_COSINE
+
+
+def test_concat_inputs_and_output_share_one_scale_and_zero_point():
+    _, result, _ = _quantize("squeezenet", samples=4)
+
+    def params(value):
+        producer = value.producer()
+        assert producer is not None and producer.op_type == "DequantizeLinear"
+        return tuple(float(np.asarray(v.const_value.numpy())) for v in producer.inputs[1:3])
+
+    concats = [node for node in result.model.graph if node.op_type == "Concat"]
+    assert len(concats) == 8
+    for concat in concats:
+        shared = {params(value) for value in concat.inputs}
+        consumer_inputs = [user.inputs[0] for user, _ in concat.outputs[0].uses()]  # the Q after the Concat
+        quantize = next(user for user, _ in concat.outputs[0].uses() if user.op_type == "QuantizeLinear")
+        out = tuple(float(np.asarray(v.const_value.numpy())) for v in quantize.inputs[1:3])
+        assert len(shared) == 1 and shared == {out}, (concat.name, shared, out, consumer_inputs)
