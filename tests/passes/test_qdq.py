@@ -399,7 +399,7 @@ def test_qdq_options_keep_the_model_valid_and_close(options):
     assert _cosine(want, got) >= MIN_COSINE
 
 
-def test_qdq_works_where_onnxruntime_quant_pre_process_fails(tmp_path):
+def test_qdq_works_where_onnxruntime_quant_pre_process_fails(tmp_path, monkeypatch):
     # Two dynamic dims that onnxruntime's symbolic shape inference cannot merge:
     # quant_pre_process raises "Incomplete symbolic shape inference" here.
     weight = np.random.default_rng(2).standard_normal((8, 4)).astype(np.float32)
@@ -415,6 +415,7 @@ def test_qdq_works_where_onnxruntime_quant_pre_process_fails(tmp_path):
     onnx.save(onnx.parser.parse_model(text), path)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    monkeypatch.chdir(tmp_path)  # quant_pre_process leaves a temporary model in the working folder
     with pytest.raises(Exception, match="Incomplete symbolic shape inference"):
         quant_pre_process(str(path), str(tmp_path / "pre.onnx"))
 
