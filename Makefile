@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_MODEL ?= resnet50
 DEMO_DIR := out/demo
 
-.PHONY: demo test bench-scale bench-validate clean
+.PHONY: demo test bench-scale bench-validate bench-qdq clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ bench-scale: $(VENV)/.installed
 
 bench-validate: $(VENV)/.installed
 	$(PY) bench/validate.py --markdown
+
+bench-qdq: $(VENV)/.installed
+	$(PY) bench/qdq.py --markdown
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis
