@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["OneLineParser", "positive_int"]
+__all__ = ["OneLineParser", "positive_int", "positive_seconds"]
 
 import argparse
 import sys
@@ -27,3 +27,15 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+

@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cli_args import OneLineParser, positive_int  # bench/ is on sys.path when run as a script
+from cli_args import OneLineParser, positive_int, positive_seconds  # bench/ is on sys.path when run as a script
 from peak_rss import peak_rss_kib
 from scale import build_chain
 
@@ -538,23 +538,13 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=_list_arg, help="comma-separated zoo models, or 'none' (default: all)")
     parser.add_argument("--sizes", type=_sizes, help="comma-separated chain node counts, or 'none' (default 5000,20000,80000)")
     parser.add_argument("--tools", type=_list_arg, default=list(ANCHORS), help="comma-separated anchors to run (default: all three)")
     parser.add_argument("--repeats", type=positive_int, help="runs per tool and model (default 3; 1 at 80k+ nodes)")
-    parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, help="seconds per tool run (default 240)")
+    parser.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT, help="seconds per tool run (default 240)")
     parser.add_argument("--quick", action="store_true", help="tiny zoo models and the 5,000-node chain only")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)

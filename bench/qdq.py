@@ -86,7 +86,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cli_args import OneLineParser, positive_int  # bench/ is on sys.path when run as a script
+from cli_args import OneLineParser, positive_int, positive_seconds  # bench/ is on sys.path when run as a script
 
 # Only the standard library at module level: the thread variables below must
 # be set before numpy and onnxruntime are first imported.
@@ -614,16 +614,6 @@ def _list_arg(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=_list_arg, help=f"comma-separated models (default: {','.join(DEFAULT_MODELS)})")
@@ -631,7 +621,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calibration-samples", type=positive_int, default=16, help="calibration feeds (default 16)")
     parser.add_argument("--eval-samples", type=positive_int, default=16, help="evaluation feeds (default 16)")
     parser.add_argument("--rounds", type=positive_int, default=20, help="interleaved latency rounds (default 20)")
-    parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, help="seconds per quantization (default 600)")
+    parser.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT, help="seconds per quantization (default 600)")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
