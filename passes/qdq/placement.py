@@ -34,6 +34,8 @@ from graphopt.graphs import iter_graphs
 logger = logging.getLogger(__name__)
 
 TARGET_OPS = ("Conv", "MatMul", "Gemm")
+# Smaller Gather tables are not worth three extra nodes.
+MIN_EMBEDDING_ELEMENTS = 4096
 _ONNX_DOMAINS = ("", "ai.onnx")
 _FLOAT = (ir.DataType.FLOAT,)
 # Ops whose int8 form needs the same scale and zero point on input and output.
@@ -67,6 +69,8 @@ class Placement:
     shared: dict[str, str] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
     float_subgraph_nodes: int = 0
+    # Embedding tables (float initializers read only by Gathers along axis 0) and their Gathers.
+    embeddings: list[tuple[ir.Value, list[ir.Node]]] = field(default_factory=list)
 
 
 def weight_axis(node: ir.Node, weight: np.ndarray) -> int | None:
@@ -100,6 +104,7 @@ def plan(model: ir.Model, *, exclude: Collection[str] = (), weight_only: bool = 
         logger.info("qdq: %d nodes in If/Loop/Scan bodies or functions stay float", placement.float_subgraph_nodes)
     if weight_only:
         return placement
+    placement.embeddings = _embedding_tables(graph, exclude)
     chosen: dict[str, ir.Value] = {}
     for target in placement.targets:
         x = target.node.inputs[0]
@@ -114,6 +119,25 @@ def plan(model: ir.Model, *, exclude: Collection[str] = (), weight_only: bool = 
     order = {value: index for index, value in enumerate(v for node in graph for v in node.outputs)}
     placement.activations = sorted(chosen.values(), key=lambda v: order.get(v, -1))
     return placement
+
+
+def _embedding_tables(graph: ir.Graph, exclude: Collection[str]) -> list[tuple[ir.Value, list[ir.Node]]]:
+    """Float 2-D initializers of at least ``MIN_EMBEDDING_ELEMENTS`` that only Gathers (axis 0) read."""
+    tables: dict[str, tuple[ir.Value, list[ir.Node]]] = {}
+    for node in graph:
+        if node.op_type != "Gather" or node.domain not in _ONNX_DOMAINS or "Gather" in exclude or node.name in exclude:
+            continue
+        table = node.inputs[0]
+        array_ok = table is not None and table.const_value is not None and not table.is_graph_input()
+        if not array_ok or table.const_value.dtype not in _FLOAT or len(table.const_value.shape) != 2:  # type: ignore[union-attr]
+            continue
+        if table.const_value.size < MIN_EMBEDDING_ELEMENTS or node.attributes.get_int("axis", 0) != 0:  # type: ignore[union-attr]
+            continue
+        readers = [user for user, index in table.uses()]
+        if any(user.op_type != "Gather" or index != 0 or user.attributes.get_int("axis", 0) != 0 for user, index in table.uses()):
+            continue
+        tables[table.name or ""] = (table, list(dict.fromkeys(readers)))
+    return list(tables.values())
 
 
 def _target(node: ir.Node, exclude: Collection[str], weight_only: bool, placement: Placement) -> Target | None:

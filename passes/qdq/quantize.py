@@ -48,6 +48,7 @@ from passes.qdq.rewrite import (
     NodeMaker,
     quantize_activation,
     quantize_bias_input,
+    quantize_embedding,
     quantize_weight,
     quantize_weight_blockwise,
     set_float_bias,
@@ -117,6 +118,8 @@ class QuantizePass(ir.passes.InPlacePass):
         bias_correction: (default on) Fold the mean output shift of weight rounding, measured
             on the calibration samples, into each layer's bias (adds one to a
             Conv/Gemm without bias).
+        embeddings: Store Gather tables (token embeddings) as int8 rows with
+            a scale per row; only gathered rows are dequantized.
         check_speed: Measure latency and return the model to float if int8 is slower.
         threads: onnxruntime threads for calibration and measurements.
     """
@@ -140,6 +143,7 @@ class QuantizePass(ir.passes.InPlacePass):
         target_cosine: float | None = None,
         target_snr: float | None = None,
         bias_correction: bool = True,
+        embeddings: bool = True,
         check_speed: bool = True,
         threads: int | None = 1,
     ) -> None:
@@ -172,6 +176,7 @@ class QuantizePass(ir.passes.InPlacePass):
         self.target_cosine = target_cosine
         self.target_snr = target_snr
         self.bias_correction = bias_correction
+        self.embeddings = embeddings
         self.check_speed = check_speed
         self.threads = threads
         self._input_means: dict[str, np.ndarray] = {}
@@ -273,6 +278,12 @@ class QuantizePass(ir.passes.InPlacePass):
                 set_float_bias(maker, reader, bias, values)
             summary.quantized.append(target.node.name or target.node.op_type)
         summary.weight_bytes_after = _quantized_bytes(model)
+        if self.embeddings:
+            for table, gathers in placement.embeddings:
+                before, after = quantize_embedding(maker, table, gathers)
+                summary.weight_bytes_before += before
+                summary.weight_bytes_after += after
+                summary.quantized.append(f"{table.name} (embedding, {len(gathers)} Gather)")
         return model, summary
 
     def _quantize_weight_only(self, model: ir.Model, placement: Placement) -> None:

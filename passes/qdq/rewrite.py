@@ -16,6 +16,7 @@ __all__ = [
     "quantize_weight_blockwise",
     "quantize_bias_input",
     "set_float_bias",
+    "quantize_embedding",
 ]
 
 import numpy as np
@@ -166,4 +167,33 @@ def set_float_bias(maker: NodeMaker, node: ir.Node, bias: ir.Value | None, value
             node.replace_input_with(index, value)
     if not bias.uses() and bias.name in maker.graph.initializers:
         maker.graph.initializers.pop(bias.name)
+
+
+def quantize_embedding(maker: NodeMaker, table: ir.Value, gathers: list[ir.Node]) -> tuple[int, int]:
+    """Stores a Gather table as int8 rows with one scale per row; returns (bytes before, bytes after).
+
+    Each ``Gather(table, ids)`` becomes ``Cast(Gather(q, ids)) * Gather(scales, ids)``,
+    so only the gathered rows are dequantized (a DequantizeLinear before the
+    Gather would dequantize the whole table on every run). The result keeps
+    the Gather's output name.
+    """
+    array = table.const_value.numpy()  # type: ignore[union-attr]
+    q, scales = quantize_per_channel(array, 0)
+    base = table.name or "embedding"
+    quantized = maker.initializer(f"{base}_quantized", q)
+    row_scales = maker.initializer(f"{base}_scale", scales.reshape(-1, 1))
+    for gather in gathers:
+        ids, out = gather.inputs[1], gather.outputs[0]
+        rows = maker.node("Gather", [quantized, ids], f"{out.name}_quantized", {"axis": 0})
+        as_float = maker.node("Cast", [rows.outputs[0]], f"{out.name}_float", {"to": ir.DataType.FLOAT})
+        row_scale = maker.node("Gather", [row_scales, ids], f"{out.name}_scale", {"axis": 0})
+        multiply = ir.node("Mul", [as_float.outputs[0], row_scale.outputs[0]], name=maker.names.fresh(f"{out.name}_dequantize"))
+        maker.graph.insert_before(gather, [rows, as_float, row_scale, multiply])
+        out.replace_all_uses_with(multiply.outputs[0], replace_graph_outputs=True)
+        name, shape, dtype = out.name, out.shape, out.type
+        maker.graph.remove(gather, safe=True)
+        multiply.outputs[0].name, multiply.outputs[0].shape, multiply.outputs[0].type = name, shape, dtype
+    if not table.uses() and table.name in maker.graph.initializers:
+        maker.graph.initializers.pop(table.name)
+    return array.nbytes, q.nbytes + row_scales.const_value.nbytes  # type: ignore[union-attr]
 

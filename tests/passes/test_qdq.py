@@ -445,3 +445,35 @@ def test_concat_inputs_and_output_share_one_scale_and_zero_point():
         quantize = next(user for user, _ in concat.outputs[0].uses() if user.op_type == "QuantizeLinear")
         out = tuple(float(np.asarray(v.const_value.numpy())) for v in quantize.inputs[1:3])
         assert len(shared) == 1 and shared == {out}, (concat.name, shared, out, consumer_inputs)
+
+
+def test_embedding_tables_become_int8_rows_and_only_gathered_rows_are_dequantized():
+    rng = np.random.default_rng(4)
+    table = rng.standard_normal((512, 16)).astype(np.float32)
+    weight = rng.standard_normal((16, 8)).astype(np.float32)
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="gather"), helper.make_node("MatMul", ["emb", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 8])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(weight, "w")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = load(proto)
+    pass_ = QuantizePass(check_speed=False, samples=4)
+
+    result = run_pipeline(model, [pass_])
+
+    ops = [node.op_type for node in result.model.graph]
+    assert ops.count("Gather") == 2 and "Cast" in ops
+    assert "table" not in result.model.graph.initializers
+    stored = result.model.graph.initializers["table_quantized"].const_value
+    assert stored.dtype == ir.DataType.INT8 and tuple(stored.shape) == (512, 16)
+    assert any(v.name == "emb" for node in result.model.graph for v in node.outputs)  # name kept for localization
+    assert any("embedding" in name for name in pass_.summary.quantized)
+    feeds = {"ids": rng.integers(0, 512, size=(3, 6)).astype(np.int64)}
+    want = _session(proto).run(None, feeds)[0]
+    got = _session(result.model).run(None, feeds)[0]
+    assert _cosine(want, got) >= MIN_COSINE
