@@ -15,6 +15,7 @@ from __future__ import annotations
 __all__ = ["choose", "sensitivity"]
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -32,6 +33,9 @@ logger = logging.getLogger(__name__)
 Build = Callable[[Iterable[str]], tuple[ir.Model, Any]]
 # Latency ratio (int8 / float) above which the model stays float.
 SLOWER_THAN_FLOAT = 1.0
+# The speed check spends about this long timing, within these round counts.
+SPEED_CHECK_SECONDS = 1.0
+MIN_SPEED_ROUNDS, MAX_SPEED_ROUNDS = 20, 2000
 _LOOSE = Tolerance(atol=float("inf"))
 
 
@@ -138,9 +142,14 @@ def _target_text(target_cosine: float | None, target_snr: float | None) -> str:
 
 def _latency_ratio(reference: ir.Model, quantized: ir.Model, feeds: Feeds, threads: int | None) -> float:
     with ModelRunner(reference, threads=threads) as float_runner, ModelRunner(quantized, threads=threads) as int8_runner:
-        float_seconds, int8_seconds = measure_latency(
-            [_Fed(float_runner), _Fed(int8_runner)], feeds, warmup=3, repeats=20
-        )
+        runners = [_Fed(float_runner), _Fed(int8_runner)]
+        start = time.perf_counter()
+        for runner in runners:
+            runner.run(feeds)
+        one_round = time.perf_counter() - start
+        # Sub-millisecond models need many rounds for a stable median; big ones few.
+        repeats = int(min(MAX_SPEED_ROUNDS, max(MIN_SPEED_ROUNDS, SPEED_CHECK_SECONDS / max(one_round, 1e-6))))
+        float_seconds, int8_seconds = measure_latency(runners, feeds, warmup=3, repeats=repeats)
     return int8_seconds / float_seconds if float_seconds > 0 else 1.0
 
 
