@@ -14,7 +14,10 @@ from __future__ import annotations
 
 __all__ = ["choose", "sensitivity"]
 
+import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -22,10 +25,11 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 
 from graphopt.data import Feeds
 from graphopt.metrics import OutputComparator, Tolerance
-from graphopt.runtime import ModelRunner, measure_latency
+from graphopt.runtime import ModelRunner, measure_latency, session_options
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +37,8 @@ logger = logging.getLogger(__name__)
 Build = Callable[[Iterable[str]], tuple[ir.Model, Any]]
 # Latency ratio (int8 / float) above which the model stays float.
 SLOWER_THAN_FLOAT = 1.0
+# Per layer, kernel timings wobble by a few percent: only a clear loss counts.
+LAYER_SLOWER_THAN_FLOAT = 1.1
 # The speed check spends about this long timing, within these round counts.
 SPEED_CHECK_SECONDS = 1.0
 MIN_SPEED_ROUNDS, MAX_SPEED_ROUNDS = 20, 2000
@@ -66,6 +72,20 @@ def choose(
     summary.fidelity = {"cosine": cosine, "snr_db": snr}
     if check_speed and summary.quantized:
         ratio = _latency_ratio(reference, model, held_back[0], threads)
+        slow = slower_layers(reference, model, summary.quantized, held_back[0], threads)
+        if slow:
+            # A float layer amid int8 ones adds conversions around it, so the
+            # variant is kept only if the whole model is faster with it.
+            kept = {name: why for name, why in summary.float_layers.items() if why.startswith("sensitive")}
+            variant, variant_summary = build([*kept, *slow])
+            variant_ratio = _latency_ratio(reference, variant, held_back[0], threads)
+            logger.info("qdq: %d layers slower in int8; whole model %.2fx -> %.2fx float", len(slow), ratio, variant_ratio)
+            if variant_ratio < ratio:
+                model, summary, ratio = variant, variant_summary, variant_ratio
+                summary.float_layers.update(kept)
+                summary.float_layers.update({name: f"int8 kernel slower than float ({text})" for name, text in slow.items()})
+                cosine, snr = _fidelity(model, held_back, expected, threads)
+                summary.fidelity = {"cosine": cosine, "snr_db": snr}
         summary.latency_ratio = ratio
         if ratio > SLOWER_THAN_FLOAT:
             summary.backed_off = f"int8 took {ratio:.2f}x the float latency on onnxruntime CPU; the model stays float"
@@ -75,6 +95,48 @@ def choose(
             summary.quantized = []
             return ir.serde.deserialize_model(float_model), summary
     return model, summary
+
+
+def slower_layers(
+    reference: ir.Model, quantized: ir.Model, layers: Sequence[str], feeds: Feeds, threads: int | None, runs: int = 10
+) -> dict[str, str]:
+    """Quantized layers whose int8 kernel took longer than their float kernel, with both times.
+
+    Both models run under onnxruntime's profiler at the EXTENDED level: it
+    makes the same int8 and Conv+activation fusions as the default level but
+    not the NCHWc layout rewrite, which renames float Convs beyond recognition;
+    a fused kernel keeps its node's name (plus ``_token_N`` for int8 ones).
+    The whole-model check at the default level still has the last word.
+    """
+    float_us = _kernel_times(reference, feeds, threads, runs)
+    int8_us = _kernel_times(quantized, feeds, threads, runs)
+    return {
+        name: f"{int8_us[name]:.0f} us vs {float_us[name]:.0f} us"
+        for name in layers
+        if name in float_us and name in int8_us and int8_us[name] > float_us[name] * LAYER_SLOWER_THAN_FLOAT
+    }
+
+
+def _kernel_times(model: ir.Model, feeds: Feeds, threads: int | None, runs: int) -> dict[str, float]:
+    """Median microseconds per run of each node's kernel, keyed by the original node name."""
+    with tempfile.TemporaryDirectory(prefix="graphopt-qdq-profile-") as folder:
+        options = session_options(optimization="extended", threads=threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(folder, "profile")
+        session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+        wanted = {arg.name for arg in session.get_inputs()}
+        own = {name: value for name, value in feeds.items() if name in wanted}
+        for _ in range(runs + 1):  # the first run (allocations) is dropped below
+            session.run(None, own)
+        with open(session.end_profiling(), encoding="utf-8") as handle:
+            events = json.load(handle)
+    durations: dict[str, list[float]] = {}
+    for event in events:
+        name = event.get("name", "")
+        if event.get("cat") == "Node" and name.endswith("_kernel_time"):
+            base = name[: -len("_kernel_time")].split("_token_")[0]
+            durations.setdefault(base, []).append(float(event.get("dur", 0)))
+    return {name: float(np.median(times[1:] or times)) for name, times in durations.items()}
 
 
 def sensitivity(reference: ir.Model, quantized: ir.Model, feeds: Feeds, threads: int | None) -> list[str]:

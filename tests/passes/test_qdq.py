@@ -477,3 +477,36 @@ def test_embedding_tables_become_int8_rows_and_only_gathered_rows_are_dequantize
     want = _session(proto).run(None, feeds)[0]
     got = _session(result.model).run(None, feeds)[0]
     assert _cosine(want, got) >= MIN_COSINE
+
+
+def test_profiled_kernel_times_map_back_to_every_quantized_layer():
+    zoo, result, pass_ = _quantize("squeezenet", samples=2)
+    reference = load(zoo.model)
+
+    int8_times = mixed._kernel_times(result.model, zoo.feeds, 1, 2)
+    float_times = mixed._kernel_times(reference, zoo.feeds, 1, 2)
+
+    assert set(pass_.summary.quantized) <= set(int8_times) & set(float_times)
+
+
+def test_layers_slower_in_int8_go_back_to_float_when_that_makes_the_model_faster(monkeypatch):
+    ratios = iter([0.9, 0.8])  # the full int8 model, then the variant with the slow layer float
+    monkeypatch.setattr(mixed, "_latency_ratio", lambda *args: next(ratios))
+    monkeypatch.setattr(mixed, "slower_layers", lambda reference, model, layers, *args: {layers[0]: "9 us vs 4 us"})
+
+    _, result, pass_ = _quantize("cnn_bn", check_speed=True)
+
+    summary = pass_.summary
+    (slow_layer,) = [name for name, why in summary.float_layers.items() if why.startswith("int8 kernel slower")]
+    assert slow_layer not in summary.quantized and summary.quantized
+    assert summary.latency_ratio == 0.8 and result.modified is True
+
+
+def test_slow_layers_stay_int8_when_the_variant_is_slower_as_a_whole(monkeypatch):
+    ratios = iter([0.6, 0.9])
+    monkeypatch.setattr(mixed, "_latency_ratio", lambda *args: next(ratios))
+    monkeypatch.setattr(mixed, "slower_layers", lambda reference, model, layers, *args: {layers[0]: "9 us vs 4 us"})
+
+    _, _, pass_ = _quantize("cnn_bn", check_speed=True)
+
+    assert len(pass_.summary.quantized) == 3 and pass_.summary.latency_ratio == 0.6
