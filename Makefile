@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_MODEL ?= resnet50
 DEMO_DIR := out/demo
 
-.PHONY: demo test bench-scale bench-validate bench-qdq clean
+.PHONY: demo demo-qdq test bench-scale bench-validate bench-qdq clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/graphopt optimize $(DEMO_DIR)/$(DEMO_MODEL).onnx -o $(DEMO_DIR)/$(DEMO_MODEL).opt.onnx \
 		--check-each-pass --validate cpu --per-layer --latency --report $(DEMO_DIR)/fidelity.json
 	$(VENV)/bin/graphopt inspect $(DEMO_DIR)/$(DEMO_MODEL).opt.onnx
+
+# Quantization showcase: squeezenet through fold and qdq, validated by output cosine.
+demo-qdq: $(VENV)/.installed
+	$(PY) -m model_zoo save squeezenet $(DEMO_DIR)-qdq
+	$(VENV)/bin/graphopt optimize $(DEMO_DIR)-qdq/squeezenet.onnx -o $(DEMO_DIR)-qdq/squeezenet.int8.onnx \
+		--passes "fold,qdq" --validate cpu --min-cosine 0.99 --latency --report $(DEMO_DIR)-qdq/fidelity.json
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
