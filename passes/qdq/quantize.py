@@ -43,7 +43,7 @@ from passes.lift_constants import LiftConstantsPass
 from passes.qdq import calibration as calib
 from passes.qdq.arithmetic import ActivationParams, activation_params
 from passes.qdq.bias_correction import input_means, output_shift
-from passes.qdq.placement import Placement, plan, representative
+from passes.qdq.placement import Placement, Target, plan, representative
 from passes.qdq.rewrite import (
     NodeMaker,
     quantize_activation,
@@ -257,25 +257,8 @@ class QuantizePass(ir.passes.InPlacePass):
                 scales[value.name or ""] = params[value.name].scale
                 summary.activations += 1
         for target in placement.targets:
-            weight_scales, delta = quantize_weight(maker, target.node, target.weight, target.weight_axis, reduce_range=self.reduce_range)
-            source = _quantized_source(target.node.inputs[0])
-            float_input = source or (target.node.inputs[0].name if target.node.inputs[0] is not None else None)
-            bias, reader = target.bias, target.bias_reader or target.node
-            values = bias.const_value.numpy() if bias is not None and bias.const_value is not None else None
-            shift = None
-            if float_input in self._input_means:
-                shift = output_shift(target.node, delta, self._input_means[float_input])
-            corrected = shift is not None and (values is not None or target.node.op_type in ("Conv", "Gemm"))
-            if corrected:
-                values = (np.zeros(len(shift), np.float32) if values is None else values) - shift
-                if bias is None:  # a Conv or Gemm without bias gets one
-                    set_float_bias(maker, reader, None, values)
-                    bias, values = reader.inputs[2], None
+            if self._quantize_target(maker, target, scales):
                 summary.corrected.append(target.node.name or target.node.op_type)
-            if bias is not None and source in scales:
-                quantize_bias_input(maker, reader, bias, scales[source], weight_scales, values)
-            elif corrected and values is not None:
-                set_float_bias(maker, reader, bias, values)
             summary.quantized.append(target.node.name or target.node.op_type)
         summary.weight_bytes_after = _quantized_bytes(model)
         if self.embeddings:
@@ -285,6 +268,33 @@ class QuantizePass(ir.passes.InPlacePass):
                 summary.weight_bytes_after += after
                 summary.quantized.append(f"{table.name} (embedding, {len(gathers)} Gather)")
         return model, summary
+
+    def _quantize_target(self, maker: NodeMaker, target: Target, scales: dict[str, np.float32]) -> bool:
+        """int8 weight and, when the input is quantized, int32 bias; returns whether the bias was corrected.
+
+        Bias correction subtracts the weight-rounding shift from the bias,
+        giving a Conv or Gemm without bias one; the bias is int32 only when
+        the layer's input is quantized (its scale is part of the bias scale).
+        """
+        node = target.node
+        weight_scales, delta = quantize_weight(maker, node, target.weight, target.weight_axis, reduce_range=self.reduce_range)
+        source = _quantized_source(node.inputs[0])
+        float_input = source or (node.inputs[0].name if node.inputs[0] is not None else None)
+        bias, reader = target.bias, target.bias_reader or node
+        values = bias.const_value.numpy() if bias is not None and bias.const_value is not None else None
+        mean = self._input_means.get(float_input or "")
+        shift = output_shift(node, delta, mean) if mean is not None else None
+        corrected = shift is not None and (values is not None or node.op_type in ("Conv", "Gemm"))
+        if corrected:
+            values = (np.zeros(len(shift), np.float32) if values is None else values) - shift
+            if bias is None:
+                set_float_bias(maker, reader, None, values)
+                bias, values = reader.inputs[2], None
+        if bias is not None and source in scales:
+            quantize_bias_input(maker, reader, bias, scales[source], weight_scales, values)
+        elif corrected and values is not None:
+            set_float_bias(maker, reader, bias, values)
+        return corrected
 
     def _quantize_weight_only(self, model: ir.Model, placement: Placement) -> None:
         maker = NodeMaker(model)
