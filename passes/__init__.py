@@ -23,6 +23,7 @@ from passes.fold import (
     fold,
 )
 from passes.lift_constants import LiftConstantsPass
+from passes.prune import PrunePass
 from passes.qdq import QuantizePass
 from passes.toposort import SortTopologicallyPass
 
@@ -43,4 +44,5 @@ BUILTIN_PASSES = {
     "cse": EliminateCommonSubexpressionsPass,
     # Lossy passes.
     "qdq": QuantizePass,
+    "prune": PrunePass,
 }

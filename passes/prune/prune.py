@@ -1,0 +1,183 @@
+"""``prune``: magnitude pruning of Conv/ConvTranspose/Gemm/MatMul weights (unstructured and N:M).
+
+Error model: pruning zeroes the smallest-magnitude weights, so each layer's
+output moves by its input times the removed weights; with Gaussian-like
+weights, removing the smallest half keeps about 90% of the weight energy.
+
+Zeros alone make no model faster on onnxruntime's CPU kernels, and the
+summary says so: what they buy is storage once the weights are entropy
+coded (see compression.py) and speed on hardware with sparse kernels (the
+N:M layout along the input-channel axis is what sparse tensor cores use).
+Structured channel pruning, which shrinks tensors, is not built yet.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PrunePass", "PruneSummary"]
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from passes.lift_constants import LiftConstantsPass
+from passes.prune.compression import compression_report
+from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
+
+logger = logging.getLogger(__name__)
+
+_TARGET_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_ONNX_DOMAINS = ("", "ai.onnx")
+_FLOAT = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
+DEFAULT_SKIP = "default"
+
+
+@dataclass
+class PruneSummary:
+    """Per-layer achieved sparsity, what was skipped and why, and the storage report."""
+
+    sparsity: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    compression: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        total = self.compression.get("dense_bytes", 0)
+        pruned = f"{len(self.sparsity)} layers pruned"
+        if self.sparsity:
+            pruned += f" (sparsity {min(self.sparsity.values()):.3f}-{max(self.sparsity.values()):.3f})"
+        parts = [pruned]
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} skipped ({'; '.join(sorted(set(self.skipped.values())))})")
+        if total:
+            best = min(self.compression["zlib_bytes"], self.compression["lzma_bytes"])
+            parts.append(f"int8 + entropy coding {total / best:.1f}x smaller than dense")
+        parts.append("zeros alone do not speed up onnxruntime CPU")
+        return ", ".join(parts)
+
+
+class PrunePass(ir.passes.InPlacePass):
+    """Zeroes the smallest weights of Conv/ConvTranspose/Gemm/MatMul layers.
+
+    Options (keyword-only):
+        pattern: ``unstructured`` or ``N:M`` (e.g. ``2:4``: keep 2 of every
+            4 consecutive weights along the input-channel axis).
+        sparsity: Share of weights to zero (unstructured only).
+        scope: ``layer`` (each layer hits ``sparsity``) or ``global`` (one
+            magnitude threshold over all layers).
+        skip: Comma-separated node names or op types to leave alone;
+            ``default`` skips the first Conv and the final classifier (the
+            last weighted layer before an output). Embedding tables are never
+            pruned (only the ops above are).
+    """
+
+    visits_subgraphs = False
+
+    def __init__(self, *, pattern: str = "unstructured", sparsity: float = 0.5, scope: str = "layer", skip: str = DEFAULT_SKIP) -> None:
+        super().__init__()
+        self.n_of_m = parse_n_of_m(pattern) if pattern != "unstructured" else None
+        if pattern != "unstructured" and self.n_of_m is None:
+            raise ValueError(f"pattern must be 'unstructured' or N:M with 0 < N < M (e.g. 2:4), got {pattern!r}")
+        if not 0 <= sparsity < 1:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        self.pattern, self.sparsity, self.scope = pattern, sparsity, scope
+        self.skip = frozenset(part.strip() for part in str(skip or "").split(",") if part.strip())
+        self.summary = PruneSummary()
+
+    def details(self) -> dict[str, Any]:
+        """The last run's summary for the pipeline ledger, with a one-line ``summary``."""
+        return {**dataclasses.asdict(self.summary), "summary": self.summary.line()}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        LiftConstantsPass()(model)  # Paddle-style Constant weights become initializers first
+        self.summary = PruneSummary()
+        layers = self._layers(model)
+        if not layers:
+            return ir.passes.PassResult(model, False)
+        arrays = [weight.const_value.numpy() for _, weight, _ in layers]  # type: ignore[union-attr]
+        masks = self._masks(layers, arrays)
+        modified = False
+        pruned_arrays = []
+        for (node, weight, _), array, mask in zip(layers, arrays, masks):
+            label = node.name or node.op_type
+            if mask is None:
+                self.summary.skipped[label] = f"input channels not divisible by {self.n_of_m[1]}"  # type: ignore[index]
+                continue
+            pruned = np.where(mask, array, np.zeros((), array.dtype)).astype(array.dtype)
+            if np.any(array[~mask] != 0):  # a second run finds its zeros already there
+                weight.const_value = ir.Tensor(pruned, name=weight.name)
+                modified = True
+            self.summary.sparsity[label] = float(1 - mask.mean())
+            pruned_arrays.append(pruned)
+        if pruned_arrays:
+            self.summary.compression = dataclasses.asdict(compression_report(pruned_arrays))
+        return ir.passes.PassResult(model, modified)
+
+    def _masks(self, layers: list[tuple[ir.Node, ir.Value, int]], arrays: list[np.ndarray]) -> list[np.ndarray | None]:
+        if self.n_of_m is not None:
+            n, m = self.n_of_m
+            return [n_of_m_mask(array, n, m, axis) for (_, _, axis), array in zip(layers, arrays)]
+        if self.scope == "global":
+            return list(global_threshold_masks(arrays, self.sparsity))
+        return [unstructured_mask(array, self.sparsity) for array in arrays]
+
+    def _layers(self, model: ir.Model) -> list[tuple[ir.Node, ir.Value, int]]:
+        """(node, weight, input-channel axis) of every layer to prune, in graph order."""
+        graph = model.graph
+        candidates = [node for node in graph if node.op_type in _TARGET_OPS and node.domain in _ONNX_DOMAINS]
+        default_skips = _default_skips(graph, candidates) if DEFAULT_SKIP in self.skip else {}
+        layers = []
+        for node in candidates:
+            label = node.name or node.op_type
+            weight = node.inputs[1] if len(node.inputs) > 1 else None
+            if node.name in self.skip or node.op_type in self.skip:
+                self.summary.skipped[label] = "skip option"
+            elif node in default_skips:
+                self.summary.skipped[label] = default_skips[node]
+            elif weight is None or weight.const_value is None or weight.is_graph_input() or weight.const_value.dtype not in _FLOAT:
+                self.summary.skipped[label] = "weight is not a float initializer"
+            elif any(user is not node for user, _ in weight.uses()):
+                self.summary.skipped[label] = "weight shared with other nodes"
+            elif (axis := _input_axis(node, weight.const_value.shape.numpy())) is None:
+                self.summary.skipped[label] = "weight layout not understood"
+            else:
+                layers.append((node, weight, axis))
+        return layers
+
+
+def _default_skips(graph: ir.Graph, candidates: list[ir.Node]) -> dict[ir.Node, str]:
+    """The first Conv, and the last weighted layer before each graph output."""
+    skips: dict[ir.Node, str] = {}
+    convs = [node for node in candidates if node.op_type == "Conv"]
+    if convs:
+        skips[convs[0]] = "first conv (default skip)"
+    chosen = set(candidates)
+    for output in graph.outputs:
+        seen, stack = set(), [output.producer()]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node in chosen:
+                skips.setdefault(node, "final classifier (default skip)")
+                continue
+            stack.extend(value.producer() for value in node.inputs if value is not None)
+    return skips
+
+
+def _input_axis(node: ir.Node, shape: tuple[int, ...]) -> int | None:
+    """The weight axis that runs over input channels (where N:M groups are taken)."""
+    if node.op_type == "Conv":
+        return 1 if len(shape) >= 3 else None
+    if node.op_type == "ConvTranspose":
+        return 0 if len(shape) >= 3 else None
+    if node.op_type == "Gemm":
+        return 1 if node.attributes.get_int("transB", 0) else 0
+    if node.op_type == "MatMul":
+        return 0 if len(shape) == 2 else None
+    return None

@@ -1,0 +1,163 @@
+"""prune (unstructured and N:M) through the pipeline: sparsity targets, patterns, skips, numbers, storage.
+
+Error bound: zeroing the smallest half of Gaussian weights keeps ~90% of
+their energy, so a single pruned MatMul's output moves by a relative L2 of
+about sqrt(0.1) ~ 0.32; the tests allow 0.45. The pruned graph itself must
+compute exactly x @ (W * mask) (1e-5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import check_full, run_ort, to_proto
+from onnx import TensorProto, helper, numpy_helper
+
+import model_zoo
+from graphopt import load, run_pipeline
+from graphopt.errors import PipelineSpecError
+from passes.prune import PrunePass
+
+
+def _weights(model) -> dict[str, np.ndarray]:
+    return {name: value.const_value.numpy() for name, value in model.graph.initializers.items() if value.const_value is not None}
+
+
+def _matmul_model(k: int = 16, n: int = 8, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), weight
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.8])
+def test_unstructured_sparsity_is_met_per_layer_within_one_percent(sparsity):
+    zoo = model_zoo.build("squeezenet")
+    model = load(zoo.model)
+    pass_ = PrunePass(sparsity=sparsity)
+
+    run_pipeline(model, [pass_])
+
+    assert len(pass_.summary.sparsity) == 24
+    weights = _weights(model)
+    for node in model.graph:
+        if (node.name or node.op_type) in pass_.summary.sparsity:
+            array = weights[node.inputs[1].name]
+            assert abs(float((array == 0).mean()) - sparsity) <= 0.01
+    check_full(model)
+
+
+def test_global_scope_meets_the_overall_target_with_uneven_layers():
+    model = load(model_zoo.build("squeezenet").model)
+    pass_ = PrunePass(sparsity=0.7, scope="global")
+
+    run_pipeline(model, [pass_])
+
+    weights = _weights(model)
+    pruned = [weights[node.inputs[1].name] for node in model.graph if (node.name or node.op_type) in pass_.summary.sparsity]
+    zeros = sum(int((w == 0).sum()) for w in pruned)
+    assert abs(zeros / sum(w.size for w in pruned) - 0.7) <= 0.01
+    assert max(pass_.summary.sparsity.values()) - min(pass_.summary.sparsity.values()) > 0.1
+
+
+def test_default_skip_leaves_first_conv_and_classifier_untouched():
+    zoo = model_zoo.build("cnn_bn")
+    before = _weights(load(zoo.model))
+    model = load(zoo.model)
+    pass_ = PrunePass(sparsity=0.5)
+
+    run_pipeline(model, [pass_])
+
+    reasons = set(pass_.summary.skipped.values())
+    assert reasons == {"first conv (default skip)", "final classifier (default skip)"}
+    after = _weights(model)
+    untouched = [node.inputs[1].name for node in model.graph if (node.name or node.op_type) in pass_.summary.skipped]
+    for name in untouched:
+        np.testing.assert_array_equal(after[name], before[name])
+
+
+def test_skip_by_op_type_and_empty_skip_prunes_everything():
+    model = load(model_zoo.build("cnn_bn").model)
+    only_gemm_skipped = PrunePass(skip="Gemm")
+    run_pipeline(model, [only_gemm_skipped])
+    assert set(only_gemm_skipped.summary.skipped.values()) == {"skip option"}
+
+    everything = PrunePass(skip="")
+    run_pipeline(load(model_zoo.build("cnn_bn").model), [everything])
+    assert not everything.summary.skipped and len(everything.summary.sparsity) == 3
+
+
+def test_pruned_graph_computes_masked_weights_exactly_and_stays_within_the_bound():
+    proto, weight = _matmul_model()
+    model = load(proto)
+    x = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32)
+
+    run_pipeline(model, [PrunePass(sparsity=0.5, skip="")])
+
+    pruned = _weights(model)["w"]
+    assert (pruned == 0).sum() == 64 and np.all((pruned == 0) | (pruned == weight))
+    kept_small = np.abs(weight[pruned != 0]).min() >= np.abs(weight[pruned == 0]).max()
+    assert kept_small  # the zeroed weights are the smallest in magnitude
+    got = run_ort(model, {"x": x})[0]
+    np.testing.assert_allclose(got, np.maximum(x @ pruned, 0), rtol=1e-5, atol=1e-5)
+    original = run_ort(proto, {"x": x})[0]
+    assert np.linalg.norm(got - original) / np.linalg.norm(original) <= 0.45
+
+
+@pytest.mark.parametrize("name", ["squeezenet", "mlp"])
+def test_two_of_four_keeps_two_in_every_group_of_four_input_channels(name):
+    model = load(model_zoo.build(name).model)
+    pass_ = PrunePass(pattern="2:4", skip="")
+
+    run_pipeline(model, [pass_])
+
+    weights = _weights(model)
+    checked = 0
+    for node in model.graph:
+        label = node.name or node.op_type
+        if label not in pass_.summary.sparsity:
+            continue
+        array = weights[node.inputs[1].name]
+        axis = 1 if node.op_type == "Conv" else (1 if node.attributes.get_int("transB", 0) else 0)
+        groups = np.moveaxis(array, axis, -1).reshape(-1, 4)
+        assert np.all((groups != 0).sum(axis=1) <= 2)
+        assert pass_.summary.sparsity[label] == pytest.approx(0.5)
+        checked += 1
+    assert checked >= 1
+    for label, reason in pass_.summary.skipped.items():
+        assert reason == "input channels not divisible by 4", label
+
+
+def test_second_run_at_the_same_sparsity_changes_nothing():
+    model = load(model_zoo.build("cnn_bn").model)
+    run_pipeline(model, [PrunePass(sparsity=0.5)])
+    before = to_proto(model).SerializeToString()
+
+    again = run_pipeline(model, [PrunePass(sparsity=0.5)])
+
+    assert again.modified is False and to_proto(model).SerializeToString() == before
+
+
+def test_compression_report_shows_entropy_coding_gains_at_high_sparsity():
+    model = load(model_zoo.build("squeezenet").model)
+    pass_ = PrunePass(sparsity=0.8)
+
+    result = run_pipeline(model, [pass_])
+
+    report = pass_.summary.compression
+    assert report["int8_bytes"] * 4 == report["dense_bytes"]
+    assert report["entropy_bound_bytes"] < report["int8_bytes"] / 2
+    assert min(report["zlib_bytes"], report["lzma_bytes"]) < report["int8_bytes"] / 2
+    assert "layers pruned" in result.ledger.rows[0].details["summary"]
+
+
+@pytest.mark.parametrize("spec", ["prune(pattern=3:2)", "prune(pattern=channel)", "prune(sparsity=1.5)", "prune(scope=model)"])
+def test_bad_options_are_spec_errors(spec):
+    with pytest.raises(PipelineSpecError, match="prune"):
+        run_pipeline(load(model_zoo.build("mlp").model), spec)
