@@ -26,6 +26,8 @@ import onnx_ir as ir
 from passes.lift_constants import LiftConstantsPass
 from passes.prune.compression import compression_report
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
+from passes.prune.reconstruct import input_gram, refit
+from passes.qdq.samples import Samples
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class PruneSummary:
     sparsity: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     compression: dict[str, Any] = field(default_factory=dict)
+    reconstructed: list[str] = field(default_factory=list)
+    not_reconstructed: dict[str, str] = field(default_factory=dict)
 
     def line(self) -> str:
         total = self.compression.get("dense_bytes", 0)
@@ -54,6 +58,8 @@ class PruneSummary:
         if total:
             best = min(self.compression["zlib_bytes"], self.compression["lzma_bytes"])
             parts.append(f"int8 + entropy coding {total / best:.1f}x smaller than dense")
+        if self.reconstructed:
+            parts.append(f"{len(self.reconstructed)} layers refit on calibration data")
         parts.append("zeros alone do not speed up onnxruntime CPU")
         return ", ".join(parts)
 
@@ -71,11 +77,29 @@ class PrunePass(ir.passes.InPlacePass):
             ``default`` skips the first Conv and the final classifier (the
             last weighted layer before an output). Embedding tables are never
             pruned (only the ops above are).
+        reconstruct: Refit each pruned MatMul/Gemm's kept weights (and bias)
+            so its outputs match the original layer's on calibration data
+            (see reconstruct.py).
+        data: Calibration feeds for ``reconstruct`` (as for ``qdq``); None
+            synthesizes ``samples`` feeds with ``seed``.
+        threads: onnxruntime threads for the calibration run.
     """
 
     visits_subgraphs = False
 
-    def __init__(self, *, pattern: str = "unstructured", sparsity: float = 0.5, scope: str = "layer", skip: str = DEFAULT_SKIP) -> None:
+    def __init__(
+        self,
+        *,
+        pattern: str = "unstructured",
+        sparsity: float = 0.5,
+        scope: str = "layer",
+        skip: str = DEFAULT_SKIP,
+        reconstruct: bool = False,
+        data: Any = None,
+        samples: int = 16,
+        seed: int = 0,
+        threads: int | None = 1,
+    ) -> None:
         super().__init__()
         self.n_of_m = parse_n_of_m(pattern) if pattern != "unstructured" else None
         if pattern != "unstructured" and self.n_of_m is None:
@@ -84,7 +108,10 @@ class PrunePass(ir.passes.InPlacePass):
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
         if scope not in ("layer", "global"):
             raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        if samples < 1:
+            raise ValueError(f"samples must be at least 1, got {samples!r}")
         self.pattern, self.sparsity, self.scope = pattern, sparsity, scope
+        self.reconstruct, self.data, self.samples, self.seed, self.threads = reconstruct, data, samples, seed, threads
         self.skip = frozenset(part.strip() for part in str(skip or "").split(",") if part.strip())
         self.summary = PruneSummary()
 
@@ -100,6 +127,7 @@ class PrunePass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, False)
         arrays = [weight.const_value.numpy() for _, weight, _ in layers]  # type: ignore[union-attr]
         masks = self._masks(layers, arrays)
+        grams = self._grams(model, layers) if self.reconstruct else {}
         modified = False
         pruned_arrays = []
         for (node, weight, _), array, mask in zip(layers, arrays, masks):
@@ -113,9 +141,36 @@ class PrunePass(ir.passes.InPlacePass):
                 modified = True
             self.summary.sparsity[label] = float(1 - mask.mean())
             pruned_arrays.append(pruned)
+            if self.reconstruct and np.any(array[~mask] != 0):
+                self._refit(node, weight, array, mask, grams)
         if pruned_arrays:
             self.summary.compression = dataclasses.asdict(compression_report(pruned_arrays))
         return ir.passes.PassResult(model, modified)
+
+    def _grams(self, model: ir.Model, layers: list[tuple[ir.Node, ir.Value, int]]) -> dict[str, np.ndarray]:
+        """Input Gram matrices of the layers that can be refit, from the still unpruned model."""
+        fit = [node for node, _, _ in layers if _refittable(node)]
+        for node, _, _ in layers:
+            if not _refittable(node):
+                self.summary.not_reconstructed[node.name or node.op_type] = f"reconstruction of {node.op_type} is not built"
+        if not fit:
+            return {}
+        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
+        return input_gram(model, fit, samples.calibration(), self.threads)
+
+    def _refit(self, node: ir.Node, weight: ir.Value, original: np.ndarray, mask: np.ndarray, grams: dict[str, np.ndarray]) -> None:
+        gram = grams.get(node.inputs[0].name or "") if node.inputs[0] is not None else None
+        if gram is None or not _refittable(node):
+            return
+        transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
+        as_kn = (lambda a: a.T) if transposed else (lambda a: a)
+        bias_value = _refittable_bias(node, original.shape[0] if transposed else original.shape[1])
+        bias = bias_value.const_value.numpy() if bias_value is not None else None  # type: ignore[union-attr]
+        new_weight, new_bias = refit(gram, as_kn(original), bias, as_kn(mask))
+        weight.const_value = ir.Tensor(np.ascontiguousarray(as_kn(new_weight)), name=weight.name)
+        if bias_value is not None and new_bias is not None:
+            bias_value.const_value = ir.Tensor(new_bias, name=bias_value.name)
+        self.summary.reconstructed.append(node.name or node.op_type)
 
     def _masks(self, layers: list[tuple[ir.Node, ir.Value, int]], arrays: list[np.ndarray]) -> list[np.ndarray | None]:
         if self.n_of_m is not None:
@@ -181,3 +236,18 @@ def _input_axis(node: ir.Node, shape: tuple[int, ...]) -> int | None:
     if node.op_type == "MatMul":
         return 0 if len(shape) == 2 else None
     return None
+
+
+def _refittable(node: ir.Node) -> bool:
+    return node.op_type == "MatMul" or (node.op_type == "Gemm" and not node.attributes.get_int("transA", 0))
+
+
+def _refittable_bias(node: ir.Node, outputs: int) -> ir.Value | None:
+    """A Gemm's C when it is a constant [N] vector read only here with beta = 1 (refit with the weight)."""
+    if node.op_type != "Gemm" or len(node.inputs) < 3 or node.inputs[2] is None:
+        return None
+    bias = node.inputs[2]
+    if bias.const_value is None or tuple(bias.const_value.shape.numpy()) != (outputs,) or node.attributes.get_float("beta", 1.0) != 1.0:
+        return None
+    return bias if all(user is node for user, _ in bias.uses()) else None
+

@@ -161,3 +161,49 @@ def test_compression_report_shows_entropy_coding_gains_at_high_sparsity():
 def test_bad_options_are_spec_errors(spec):
     with pytest.raises(PipelineSpecError, match="prune"):
         run_pipeline(load(model_zoo.build("mlp").model), spec)
+
+
+def _correlated_model(seed: int = 0):
+    # x (16 features) -> MatMul(A) -> h (32 correlated features) -> Gemm(W, b) -> y
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((16, 32)).astype(np.float32)
+    w = rng.standard_normal((32, 8)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "a"], ["h"], name="mix"), helper.make_node("Gemm", ["h", "w", "b"], ["y"], name="fc")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(a, "a"), numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_reconstruction_lowers_the_output_error_of_pruning():
+    proto = _correlated_model()
+    rng = np.random.default_rng(7)
+    calibration = [{"x": rng.standard_normal((32, 16)).astype(np.float32)} for _ in range(8)]
+    held_out = {"x": rng.standard_normal((64, 16)).astype(np.float32)}
+    expected = run_ort(proto, held_out)[0]
+    errors = {}
+    for reconstruct in (False, True):
+        model = load(proto)
+        pass_ = PrunePass(sparsity=0.6, skip="mix", reconstruct=reconstruct, data=calibration)
+        run_pipeline(model, [pass_])
+        weight = _weights(model)["w"]
+        assert abs(float((weight == 0).mean()) - 0.6) <= 0.01  # the mask survives the refit
+        got = run_ort(model, held_out)[0]
+        errors[reconstruct] = float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+        assert pass_.summary.reconstructed == (["fc"] if reconstruct else [])
+    # h has rank 16 in 32 dims: the kept weights can stand in for the pruned ones.
+    assert errors[True] < errors[False] / 2, errors
+
+
+def test_reconstruction_says_which_layers_it_cannot_refit():
+    model = load(model_zoo.build("cnn_bn").model)
+    pass_ = PrunePass(sparsity=0.5, skip="", reconstruct=True, samples=2)
+
+    run_pipeline(model, [pass_])
+
+    assert set(pass_.summary.not_reconstructed.values()) == {"reconstruction of Conv is not built"}
+    assert len(pass_.summary.reconstructed) == 1  # the Gemm
