@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.lift_constants import LiftConstantsPass
+from passes.prune.channels import find_chains, importance, prune_chain
 from passes.prune.compression import compression_report
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
 from passes.prune.reconstruct import input_gram, refit
@@ -44,11 +45,20 @@ class PruneSummary:
     sparsity: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     compression: dict[str, Any] = field(default_factory=dict)
+    pattern: str = "unstructured"
+    channels: dict[str, tuple[int, int]] = field(default_factory=dict)  # producer -> (before, after)
     reconstructed: list[str] = field(default_factory=list)
     not_reconstructed: dict[str, str] = field(default_factory=dict)
 
     def line(self) -> str:
         total = self.compression.get("dense_bytes", 0)
+        if self.pattern == "channel":
+            before = sum(b for b, _ in self.channels.values())
+            after = sum(a for _, a in self.channels.values())
+            parts = [f"{len(self.channels)} layers lost {before - after} of {before} output channels (tensors shrink)"]
+            if self.skipped:
+                parts.append(f"{len(self.skipped)} left whole ({'; '.join(sorted(set(self.skipped.values()))[:4])})")
+            return ", ".join(parts)
         pruned = f"{len(self.sparsity)} layers pruned"
         if self.sparsity:
             pruned += f" (sparsity {min(self.sparsity.values()):.3f}-{max(self.sparsity.values()):.3f})"
@@ -68,8 +78,12 @@ class PrunePass(ir.passes.InPlacePass):
     """Zeroes the smallest weights of Conv/ConvTranspose/Gemm/MatMul layers.
 
     Options (keyword-only):
-        pattern: ``unstructured`` or ``N:M`` (e.g. ``2:4``: keep 2 of every
-            4 consecutive weights along the input-channel axis).
+        pattern: ``unstructured``, ``N:M`` (e.g. ``2:4``: keep 2 of every
+            4 consecutive weights along the input-channel axis), or
+            ``channel``: remove whole output channels and shrink the tensors
+            that carry them (see channels.py).
+        ratio: Share of output channels ``channel`` removes per layer.
+        norm: Channel importance for ``channel``: ``l1`` or ``l2`` weight norm.
         sparsity: Share of weights to zero (unstructured only).
         scope: ``layer`` (each layer hits ``sparsity``) or ``global`` (one
             magnitude threshold over all layers).
@@ -92,6 +106,8 @@ class PrunePass(ir.passes.InPlacePass):
         *,
         pattern: str = "unstructured",
         sparsity: float = 0.5,
+        ratio: float = 0.3,
+        norm: str = "l1",
         scope: str = "layer",
         skip: str = DEFAULT_SKIP,
         reconstruct: bool = False,
@@ -101,9 +117,14 @@ class PrunePass(ir.passes.InPlacePass):
         threads: int | None = 1,
     ) -> None:
         super().__init__()
-        self.n_of_m = parse_n_of_m(pattern) if pattern != "unstructured" else None
-        if pattern != "unstructured" and self.n_of_m is None:
-            raise ValueError(f"pattern must be 'unstructured' or N:M with 0 < N < M (e.g. 2:4), got {pattern!r}")
+        self.n_of_m = parse_n_of_m(pattern) if pattern not in ("unstructured", "channel") else None
+        if pattern not in ("unstructured", "channel") and self.n_of_m is None:
+            raise ValueError(f"pattern must be 'unstructured', 'channel' or N:M with 0 < N < M (e.g. 2:4), got {pattern!r}")
+        if not 0 <= ratio < 1:
+            raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
+        if norm not in ("l1", "l2"):
+            raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
+        self.ratio, self.norm = ratio, norm
         if not 0 <= sparsity < 1:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
         if scope not in ("layer", "global"):
@@ -121,10 +142,12 @@ class PrunePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         LiftConstantsPass()(model)  # Paddle-style Constant weights become initializers first
-        self.summary = PruneSummary()
+        self.summary = PruneSummary(pattern=self.pattern)
         layers = self._layers(model)
         if not layers:
             return ir.passes.PassResult(model, False)
+        if self.pattern == "channel":
+            return ir.passes.PassResult(model, self._prune_channels(model, [node for node, _, _ in layers]))
         arrays = [weight.const_value.numpy() for _, weight, _ in layers]  # type: ignore[union-attr]
         masks = self._masks(layers, arrays)
         grams = self._grams(model, layers) if self.reconstruct else {}
@@ -146,6 +169,26 @@ class PrunePass(ir.passes.InPlacePass):
         if pruned_arrays:
             self.summary.compression = dataclasses.asdict(compression_report(pruned_arrays))
         return ir.passes.PassResult(model, modified)
+
+    def _prune_channels(self, model: ir.Model, producers: list[ir.Node]) -> bool:
+        """Structured pruning of every chain that can be followed; returns whether anything shrank."""
+        chains, refused = find_chains(model.graph, producers)
+        self.summary.skipped.update(refused)
+        # Importance from the unpruned weights, so the result does not depend on chain order.
+        keeps = []
+        for chain in chains:
+            scores = importance(chain, self.norm)
+            kept = max(1, int(round(len(scores) * (1 - self.ratio))))
+            keeps.append(np.sort(np.argsort(-scores, kind="stable")[:kept]))
+        modified = False
+        for chain, keep in zip(chains, keeps):
+            channels = len(importance(chain, self.norm))
+            label = chain.producer.name or chain.producer.op_type
+            if len(keep) < channels:
+                prune_chain(chain, keep)
+                modified = True
+            self.summary.channels[label] = (channels, len(keep))
+        return modified
 
     def _grams(self, model: ir.Model, layers: list[tuple[ir.Node, ir.Value, int]]) -> dict[str, np.ndarray]:
         """Input Gram matrices of the layers that can be refit, from the still unpruned model."""

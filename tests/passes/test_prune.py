@@ -157,7 +157,7 @@ def test_compression_report_shows_entropy_coding_gains_at_high_sparsity():
     assert "layers pruned" in result.ledger.rows[0].details["summary"]
 
 
-@pytest.mark.parametrize("spec", ["prune(pattern=3:2)", "prune(pattern=channel)", "prune(sparsity=1.5)", "prune(scope=model)"])
+@pytest.mark.parametrize("spec", ["prune(pattern=3:2)", "prune(pattern=rows)", "prune(sparsity=1.5)", "prune(scope=model)", "prune(ratio=1.0)", "prune(norm=l3)"])
 def test_bad_options_are_spec_errors(spec):
     with pytest.raises(PipelineSpecError, match="prune"):
         run_pipeline(load(model_zoo.build("mlp").model), spec)
@@ -207,3 +207,86 @@ def test_reconstruction_says_which_layers_it_cannot_refit():
 
     assert set(pass_.summary.not_reconstructed.values()) == {"reconstruction of Conv is not built"}
     assert len(pass_.summary.reconstructed) == 1  # the Gemm
+
+
+# ---------------------------------------------------------------- channel pruning
+
+
+def _conv_chain(head: str, dead_channels=(1, 4, 6), seed: int = 0):
+    """x -> Conv c1 (8 out, no bias; ``dead_channels`` all zero) -> ``head``; returns the proto.
+
+    ``head`` "conv": Relu -> Conv c2 (8 -> 4); "gap": Relu -> GlobalAveragePool ->
+    Flatten -> Gemm fc (8 -> 5); "residual": Add(c1, x) -> Conv c2 (the Add blocks pruning);
+    "reshape": Reshape -> Conv c2 (a Reshape we cannot follow).
+    """
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+    w1[list(dead_channels)] = 0.0
+    inits = [numpy_helper.from_array(w1, "w1")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="c1", pads=[1, 1, 1, 1])]
+    out_shape = [1, 4, 6, 6]
+    if head == "conv":
+        nodes += [helper.make_node("Relu", ["c1"], ["r"]), helper.make_node("Conv", ["r", "w2"], ["y"], name="c2")]
+        inits.append(numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2"))
+    elif head == "gap":
+        nodes += [helper.make_node("Relu", ["c1"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+                  helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "w2", "b2"], ["y"], name="fc", transB=1)]
+        inits += [numpy_helper.from_array(rng.standard_normal((5, 8)).astype(np.float32), "w2"),
+                  numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "b2")]
+        out_shape = [1, 5]
+    elif head == "residual":
+        nodes += [helper.make_node("Add", ["c1", "x"], ["s"]), helper.make_node("Conv", ["s", "w2"], ["y"], name="c2")]
+        inits.append(numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2"))
+    else:  # reshape
+        nodes += [helper.make_node("Reshape", ["c1", "shape"], ["s"]), helper.make_node("Conv", ["s", "w2"], ["y"], name="c2")]
+        inits += [numpy_helper.from_array(np.array([1, 8, 6, 6], dtype=np.int64), "shape"),
+                  numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+X_CHAIN = {"x": np.random.default_rng(3).standard_normal((1, 8, 6, 6)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("head", ["conv", "gap"])
+def test_channel_pruning_shrinks_the_chain_and_is_exact_when_pruned_channels_are_dead(head):
+    proto = _conv_chain(head)
+    model = load(proto)
+    pass_ = PrunePass(pattern="channel", ratio=3 / 8, skip="")
+
+    result = run_pipeline(model, [pass_])
+
+    weights = _weights(model)
+    assert result.modified is True and pass_.summary.channels["c1"] == (8, 5)
+    assert weights["w1"].shape == (5, 8, 3, 3)
+    assert weights["w2"].shape == ((4, 5, 1, 1) if head == "conv" else (5, 5))
+    check_full(model)
+    # The three all-zero channels are the least important, so nothing the model computes changes.
+    np.testing.assert_allclose(run_ort(model, X_CHAIN)[0], run_ort(proto, X_CHAIN)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_channel_pruning_folds_through_batchnorm_and_keeps_output_shapes():
+    zoo = model_zoo.build("cnn_bn")
+    model = load(zoo.model)
+    pass_ = PrunePass(pattern="channel", ratio=0.3, skip="")
+
+    run_pipeline(model, [pass_])
+
+    assert pass_.summary.channels and all(after < before for before, after in pass_.summary.channels.values())
+    check_full(model)
+    want, got = run_ort(zoo.model, zoo.feeds), run_ort(model, zoo.feeds)
+    assert [w.shape for w in want] == [g.shape for g in got]
+
+
+@pytest.mark.parametrize("head,reason", [("residual", "channels reach Add"), ("reshape", "channels reach Reshape")])
+def test_channels_joined_by_an_add_or_a_reshape_are_left_alone(head, reason):
+    proto = _conv_chain(head)
+    model = load(proto)
+    pass_ = PrunePass(pattern="channel", ratio=0.5, skip="")
+
+    result = run_pipeline(model, [pass_])
+
+    assert result.modified is False
+    assert pass_.summary.skipped["c1"].startswith(reason)
+    assert _weights(model)["w1"].shape == (8, 8, 3, 3)
