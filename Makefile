@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_MODEL ?= resnet50
 DEMO_DIR := out/demo
 
-.PHONY: demo demo-qdq test bench-scale bench-validate bench-qdq clean
+.PHONY: demo demo-qdq test bench-scale bench-validate bench-qdq bench-prune clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench-validate: $(VENV)/.installed
 
 bench-qdq: $(VENV)/.installed
 	$(PY) bench/qdq.py --markdown
+
+bench-prune: $(VENV)/.installed
+	$(PY) bench/prune.py --markdown
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis
