@@ -24,10 +24,10 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.lift_constants import LiftConstantsPass
-from passes.prune.channels import find_chains, importance, prune_chain
+from passes.prune.channels import find_chains, importance, output_axis, prune_chain
 from passes.prune.compression import compression_report
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
-from passes.prune.reconstruct import input_gram, refit
+from passes.prune.reconstruct import input_gram, refit, refit_rows
 from passes.qdq.samples import Samples
 
 logger = logging.getLogger(__name__)
@@ -180,6 +180,8 @@ class PrunePass(ir.passes.InPlacePass):
             scores = importance(chain, self.norm)
             kept = max(1, int(round(len(scores) * (1 - self.ratio))))
             keeps.append(np.sort(np.argsort(-scores, kind="stable")[:kept]))
+        refits = self._refit_consumers(model, chains, keeps) if self.reconstruct else {}
+        out_keep = {chain.producer: keep for chain, keep in zip(chains, keeps)}
         modified = False
         for chain, keep in zip(chains, keeps):
             channels = len(importance(chain, self.norm))
@@ -188,7 +190,34 @@ class PrunePass(ir.passes.InPlacePass):
                 prune_chain(chain, keep)
                 modified = True
             self.summary.channels[label] = (channels, len(keep))
+        for node, (weight, bias) in refits.items():  # after every cut, then cut to the node's own kept outputs
+            if node in out_keep:
+                weight = np.take(weight, out_keep[node], axis=output_axis(node))
+                bias = None if bias is None else np.take(bias, out_keep[node])
+            node.inputs[1].const_value = ir.Tensor(np.ascontiguousarray(weight), name=node.inputs[1].name)
+            if bias is not None:
+                node.inputs[2].const_value = ir.Tensor(np.ascontiguousarray(bias), name=node.inputs[2].name)
+            self.summary.reconstructed.append(node.name or node.op_type)
         return modified
+
+    def _refit_consumers(self, model: ir.Model, chains: list, keeps: list[np.ndarray]) -> dict[ir.Node, tuple[np.ndarray, np.ndarray | None]]:
+        """New weights (all outputs, kept inputs) and biases of every chain consumer, from the unpruned model."""
+        consumers = {user: keep for chain, keep in zip(chains, keeps) for user in chain.consumers}
+        if not consumers:
+            return {}
+        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
+        grams = input_gram(model, list(consumers), samples.calibration(), self.threads)
+        refits = {}
+        for node, keep in consumers.items():
+            weight = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
+            bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+            bias = bias_value.const_value.numpy() if bias_value is not None and bias_value.const_value is not None else None
+            if bias is not None and bias.ndim != 1:
+                bias = None  # a broadcast Gemm C is left as it is
+            kn, rows = _as_kn(node, weight, keep)
+            new_kn, new_bias = refit_rows(grams[node.name or ""], kn, bias, rows)
+            refits[node] = (_from_kn(node, new_kn, weight, len(keep)), new_bias)
+        return refits
 
     def _grams(self, model: ir.Model, layers: list[tuple[ir.Node, ir.Value, int]]) -> dict[str, np.ndarray]:
         """Input Gram matrices of the layers that can be refit, from the still unpruned model."""
@@ -202,7 +231,7 @@ class PrunePass(ir.passes.InPlacePass):
         return input_gram(model, fit, samples.calibration(), self.threads)
 
     def _refit(self, node: ir.Node, weight: ir.Value, original: np.ndarray, mask: np.ndarray, grams: dict[str, np.ndarray]) -> None:
-        gram = grams.get(node.inputs[0].name or "") if node.inputs[0] is not None else None
+        gram = grams.get(node.name or "")
         if gram is None or not _refittable(node):
             return
         transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
@@ -293,4 +322,21 @@ def _refittable_bias(node: ir.Node, outputs: int) -> ir.Value | None:
     if bias.const_value is None or tuple(bias.const_value.shape.numpy()) != (outputs,) or node.attributes.get_float("beta", 1.0) != 1.0:
         return None
     return bias if all(user is node for user, _ in bias.uses()) else None
+
+
+def _as_kn(node: ir.Node, weight: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The weight as [K, N] (K = input features, patch-major for Conv) and the K rows of kept channels."""
+    if node.op_type == "Conv":
+        out, channels, kh, kw = weight.shape
+        rows = (keep[:, None] * kh * kw + np.arange(kh * kw)[None, :]).ravel()
+        return weight.reshape(out, channels * kh * kw).T, rows
+    return (weight.T if node.attributes.get_int("transB", 0) else weight), keep
+
+
+def _from_kn(node: ir.Node, kn: np.ndarray, original: np.ndarray, kept: int) -> np.ndarray:
+    """Back from [K_kept, N] to the node's weight layout with ``kept`` input channels."""
+    if node.op_type == "Conv":
+        out, _, kh, kw = original.shape
+        return kn.T.reshape(out, kept, kh, kw)
+    return kn.T if node.attributes.get_int("transB", 0) else kn
 

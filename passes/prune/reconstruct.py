@@ -11,12 +11,14 @@ with G = X^T X accumulated over the samples (with a column of ones when the
 layer has a bias, so the bias is refit too). Only G is kept: memory is
 K x K per layer whatever the number of samples. The inputs are the original
 model's activations, so each layer is fitted independently (closed form,
-numpy only). MatMul and Gemm (transA=0) are supported; Conv is not yet.
+numpy only). Unstructured masks are refit for MatMul and Gemm (transA=0);
+after channel pruning, the consumers (Conv with group 1, Gemm) are refit
+on their remaining input channels with one solve each (``refit_rows``).
 """
 
 from __future__ import annotations
 
-__all__ = ["input_gram", "refit"]
+__all__ = ["input_gram", "refit", "refit_rows", "conv_patches"]
 
 from collections.abc import Iterable, Sequence
 
@@ -28,13 +30,15 @@ from graphopt.runtime import ModelRunner
 
 # Ridge strength relative to the mean of G's diagonal: enough to keep nearly
 # collinear inputs solvable, small enough not to shrink the weights visibly.
-RELATIVE_DAMPING = 1e-4
+RELATIVE_DAMPING = 1e-2
 
 
 def input_gram(model: ir.Model, nodes: Sequence[ir.Node], feeds: Iterable[Feeds], threads: int | None) -> dict[str, np.ndarray]:
-    """``X^T X`` of each node's first input over all samples (rows = all leading dims), by tensor name.
+    """``X^T X`` of each node's first input over all samples, by node name.
 
-    Tensors get a trailing column of ones, so G[-1, -1] counts the rows and
+    Rows are all leading dims for MatMul/Gemm, and input patches (im2col,
+    at most ``MAX_PATCHES`` a sample, drawn with a fixed seed) for Conv.
+    Rows get a trailing column of ones, so G[-1, -1] counts the rows and
     G[:-1, -1] sums the inputs (what a bias needs).
     """
     names = list(dict.fromkeys(node.inputs[0].name for node in nodes if node.inputs[0] is not None))
@@ -44,14 +48,56 @@ def input_gram(model: ir.Model, nodes: Sequence[ir.Node], feeds: Iterable[Feeds]
     with ModelRunner(model, threads=threads, extra_outputs=exposed) as runner:
         for sample in feeds:
             outputs = runner.run({k: v for k, v in sample.items() if k in runner.input_names}, exposed)
-            for name in names:
-                array = outputs[name] if name in outputs else sample.get(name)
+            for node in nodes:
+                name = node.inputs[0].name if node.inputs[0] is not None else None
+                array = outputs[name] if name in outputs else sample.get(name or "")
                 if array is None:
                     continue
-                rows = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
+                rows = conv_patches(node, array) if node.op_type == "Conv" else np.asarray(array, np.float64).reshape(-1, array.shape[-1])
                 rows = np.hstack([rows, np.ones((rows.shape[0], 1))])
-                grams[name] = grams.get(name, 0) + rows.T @ rows
+                key = node.name or ""
+                grams[key] = grams.get(key, 0) + rows.T @ rows
     return grams
+
+
+MAX_PATCHES = 2048
+
+
+def conv_patches(node: ir.Node, array: np.ndarray) -> np.ndarray:
+    """Input patches of a 2-D Conv as rows [P, C*kh*kw] (C-major, like the weight), subsampled."""
+    weight_shape = node.inputs[1].const_value.shape.numpy()  # type: ignore[union-attr]
+    kh, kw = int(weight_shape[2]), int(weight_shape[3])
+    strides = node.attributes.get_ints("strides", [1, 1])
+    dilations = node.attributes.get_ints("dilations", [1, 1])
+    pads = node.attributes.get_ints("pads", [0, 0, 0, 0])
+    x = np.pad(np.asarray(array, np.float64), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    span_h, span_w = dilations[0] * (kh - 1) + 1, dilations[1] * (kw - 1) + 1
+    windows = np.lib.stride_tricks.sliding_window_view(x, (span_h, span_w), axis=(2, 3))
+    windows = windows[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]  # N, C, Ho, Wo, kh, kw
+    rows = windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+    if rows.shape[0] > MAX_PATCHES:
+        rows = rows[np.random.default_rng(0).choice(rows.shape[0], MAX_PATCHES, replace=False)]
+    return rows
+
+
+def refit_rows(gram: np.ndarray, original: np.ndarray, bias: np.ndarray | None, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Refit a [K, N] weight using only input rows ``kept`` (the same for every output); one solve.
+
+    Returns the [len(kept), N] weight and the refit bias (None without bias).
+    """
+    k = original.shape[0]
+    with_bias = bias is not None
+    size = k + 1 if with_bias else k
+    g = gram[:size, :size]
+    target = original.astype(np.float64)
+    if with_bias:
+        target = np.vstack([target, np.asarray(bias, np.float64)[None, :]])
+    index = np.append(kept, k) if with_bias else np.asarray(kept)
+    system = g[np.ix_(index, index)] + RELATIVE_DAMPING * float(np.mean(np.diag(g))) * np.eye(index.size)
+    solution = np.linalg.solve(system, (g @ target)[index])
+    if with_bias:
+        return solution[:-1].astype(original.dtype), solution[-1].astype(np.asarray(bias).dtype)
+    return solution.astype(original.dtype), None
 
 
 def refit(gram: np.ndarray, original: np.ndarray, bias: np.ndarray | None, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

@@ -290,3 +290,18 @@ def test_channels_joined_by_an_add_or_a_reshape_are_left_alone(head, reason):
     assert result.modified is False
     assert pass_.summary.skipped["c1"].startswith(reason)
     assert _weights(model)["w1"].shape == (8, 8, 3, 3)
+
+
+def test_reconstruction_after_channel_pruning_refits_the_consumers():
+    zoo = model_zoo.build("cnn_bn")
+    expected = run_ort(zoo.model, zoo.feeds)[0]
+    errors, passes = {}, {}
+    for reconstruct in (False, True):
+        model = load(zoo.model)
+        passes[reconstruct] = PrunePass(pattern="channel", ratio=0.3, reconstruct=reconstruct, samples=8)
+        run_pipeline(model, [passes[reconstruct]])
+        check_full(model)
+        got = run_ort(model, zoo.feeds)[0]
+        errors[reconstruct] = float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+    # Seen: 0.39 -> 0.03 (the Gemm after the pruned conv is refit on the remaining channels).
+    assert passes[True].summary.reconstructed and errors[True] < errors[False] / 2, errors
