@@ -127,6 +127,8 @@ def validate(
             pairs[provider] = (runner(ref_model, provider), pending.result())
         noise = {p: pairs[p][0] for p in available if p != "cpu"}
         cpu_reference = pairs["cpu"][0] if "cpu" in pairs else (runner(ref_model, "cpu") if noise else None)
+        # Before the opener starts: synthesizing feeds reads the IR that opening a session briefly edits.
+        stream = feed_stream(ref_model, data, count=samples, seed=seed, shapes=overrides)
         layer_runners = None
         if instrument:
             # They open while the stream runs, in the gaps it leaves between
@@ -139,7 +141,6 @@ def validate(
                     runner(cand_model, layer_provider, candidate_tensors(layer_pairs)),
                 )
             )
-        stream = feed_stream(ref_model, data, count=samples, seed=seed, shapes=overrides)
         worst, first = _compare_stream(report, stream, pairs, cpu_reference, noise, tolerance, pool)
         if layer_runners is not None:
             ref_layers, cand_layers = layer_runners.result()
