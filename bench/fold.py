@@ -57,7 +57,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -70,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from cli_args import OneLineParser, positive_int, positive_seconds  # bench/ is on sys.path when run as a script
+from machine import machine_line
 from peak_rss import peak_rss_kib
 from scale import build_chain
 
@@ -490,23 +490,6 @@ def diagnosis_lines(results: list[ModelResult]) -> list[str]:
     return lines
 
 
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        models = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
-        cpu = models[0] if models else cpu
-    except OSError:
-        pass
-    versions = []
-    for package in ("graphopt", "onnx", "onnx-ir", "onnxruntime", "onnxsim", "onnxslim", "onnxoptimizer"):
-        try:
-            versions.append(f"{package} {importlib.metadata.version(package)}")
-        except importlib.metadata.PackageNotFoundError:
-            versions.append(f"{package} not installed")
-    return (f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"{platform.system()} {platform.machine()}; " + ", ".join(versions))
-
-
 def print_report(results: list[ModelResult], markdown: bool) -> None:
     bullet = "- " if markdown else ""
     for result in results:
@@ -516,7 +499,7 @@ def print_report(results: list[ModelResult], markdown: bool) -> None:
         print()
     legend = ("time: median of runs, load+optimize+save, one thread; peak RSS: largest VmHWM; max |diff|: "
               "vs the original in onnxruntime; latency ratio: median onnxruntime CPU latency (1 thread) / original's")
-    for line in [machine_line(), legend, *goal_lines(results), *diagnosis_lines(results)]:
+    for line in [machine_line(("graphopt", "onnx", "onnx-ir", "onnxruntime", "onnxsim", "onnxslim", "onnxoptimizer")), legend, *goal_lines(results), *diagnosis_lines(results)]:
         print(f"{bullet}{line}")
 
 

@@ -73,10 +73,8 @@ numpy's BLAS is pinned to 1 thread. This is a benchmark, not a test: it exits
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -87,6 +85,7 @@ from pathlib import Path
 from typing import Any
 
 from cli_args import OneLineParser, positive_int, positive_seconds  # bench/ is on sys.path when run as a script
+from machine import machine_line
 
 # Only the standard library at module level: the thread variables below must
 # be set before numpy and onnxruntime are first imported.
@@ -540,24 +539,6 @@ def goal_lines(results: list[ModelResult], tool: str = "graphopt") -> list[str]:
             for text, misses in goals]
 
 
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")]
-        cpu = models[0] if models else cpu
-    except OSError:
-        pass
-    versions = []
-    for package in ("graphopt", "onnx", "onnx-ir", "onnxruntime", "numpy"):
-        try:
-            versions.append(f"{package} {importlib.metadata.version(package)}")
-        except importlib.metadata.PackageNotFoundError:
-            versions.append(f"{package} not installed")
-    return (f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"{platform.system()} {platform.machine()}; " + ", ".join(versions))
-
-
 def print_report(results: list[ModelResult], args: argparse.Namespace) -> None:
     bullet = "- " if args.markdown else ""
     threads = sorted({1, os.cpu_count() or 1})
@@ -586,7 +567,7 @@ def print_report(results: list[ModelResult], args: argparse.Namespace) -> None:
              f"check_speed), plus a target_cosine={COSINE_GOAL} row where the default misses the cosine goal")
     weights = (f"weight-dominated: initializers >= {WEIGHT_SHARE:.0%} of the float file; below that a perfect 4x weight "
                f"shrink cannot leave room for the {SIZE_GOAL}x goal (see each model's ceiling)")
-    lines = [machine_line(), legend, tools, weights, *goal_lines(results)]
+    lines = [machine_line(("graphopt", "onnx", "onnx-ir", "onnxruntime", "numpy")), legend, tools, weights, *goal_lines(results)]
     if any("graphopt-cos" in r.cells for r in results):
         lines += [f"(info) {line}" for line in goal_lines(results, "graphopt-cos")]
     lines += diagnosis_lines(results)
