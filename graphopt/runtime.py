@@ -19,7 +19,7 @@ from __future__ import annotations
 
 __all__ = [
     "PROVIDERS", "OPTIMIZATION_LEVELS", "ProviderStatus", "resolve_providers", "session_options",
-    "ModelRunner", "measure_latency",
+    "ModelRunner", "measure_latency", "stream_tensors",
 ]
 
 import contextlib
@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -396,6 +396,24 @@ def _expose_values(model: ir.Model, names: Sequence[str]) -> list[ir.Value]:
     model.graph.outputs.extend(added)
     logger.debug("exposed %d intermediate tensors as outputs", len(added))
     return added
+
+
+def stream_tensors(
+    model: ir.Model, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]], *, threads: int | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yields, for each sample, the named tensors of ``model``'s main graph as the model computes them.
+
+    Node outputs are exposed on one CPU session; graph inputs among
+    ``names`` are taken from the sample itself. Feed entries the model does
+    not take are dropped. For passes that learn from activations.
+    """
+    graph_inputs = {value.name for value in model.graph.inputs}
+    wanted = list(dict.fromkeys(names))
+    exposed = [name for name in wanted if name not in graph_inputs]
+    with ModelRunner(model, threads=threads, extra_outputs=exposed) as runner:
+        for sample in feeds:
+            outputs = runner.run({k: v for k, v in sample.items() if k in runner.input_names}, exposed)
+            yield {name: outputs[name] if name in outputs else sample[name] for name in wanted if name in outputs or name in sample}
 
 
 class _Runs(Protocol):

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.data import Feeds
-from graphopt.runtime import ModelRunner
+from graphopt.runtime import stream_tensors
 
 # Ridge strength relative to the mean of G's diagonal: enough to keep nearly
 # collinear inputs solvable, small enough not to shrink the weights visibly.
@@ -41,22 +41,17 @@ def input_gram(model: ir.Model, nodes: Sequence[ir.Node], feeds: Iterable[Feeds]
     Rows get a trailing column of ones, so G[-1, -1] counts the rows and
     G[:-1, -1] sums the inputs (what a bias needs).
     """
-    names = list(dict.fromkeys(node.inputs[0].name for node in nodes if node.inputs[0] is not None))
-    graph_inputs = {value.name for value in model.graph.inputs}
-    exposed = [name for name in names if name not in graph_inputs]
+    names = [node.inputs[0].name or "" for node in nodes if node.inputs[0] is not None]
     grams: dict[str, np.ndarray] = {}
-    with ModelRunner(model, threads=threads, extra_outputs=exposed) as runner:
-        for sample in feeds:
-            outputs = runner.run({k: v for k, v in sample.items() if k in runner.input_names}, exposed)
-            for node in nodes:
-                name = node.inputs[0].name if node.inputs[0] is not None else None
-                array = outputs[name] if name in outputs else sample.get(name or "")
-                if array is None:
-                    continue
-                rows = conv_patches(node, array) if node.op_type == "Conv" else np.asarray(array, np.float64).reshape(-1, array.shape[-1])
-                rows = np.hstack([rows, np.ones((rows.shape[0], 1))])
-                key = node.name or ""
-                grams[key] = grams.get(key, 0) + rows.T @ rows
+    for tensors in stream_tensors(model, names, feeds, threads=threads):
+        for node in nodes:
+            array = tensors.get(node.inputs[0].name or "") if node.inputs[0] is not None else None
+            if array is None:
+                continue
+            rows = conv_patches(node, array) if node.op_type == "Conv" else np.asarray(array, np.float64).reshape(-1, array.shape[-1])
+            rows = np.hstack([rows, np.ones((rows.shape[0], 1))])
+            key = node.name or ""
+            grams[key] = grams.get(key, 0) + rows.T @ rows
     return grams
 
 

@@ -17,27 +17,22 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.data import Feeds
-from graphopt.runtime import ModelRunner
+from graphopt.runtime import stream_tensors
 
 
 def input_means(model: ir.Model, nodes: Sequence[ir.Node], feeds: Iterable[Feeds], threads: int | None) -> dict[str, np.ndarray]:
     """Mean of each node's first input per channel (axis 1 for Conv, the last axis otherwise), by tensor name."""
     inputs = {node.inputs[0].name: node.op_type for node in nodes if node.inputs and node.inputs[0] is not None}
-    graph_inputs = {value.name for value in model.graph.inputs}
-    exposed = [name for name in inputs if name not in graph_inputs]
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    with ModelRunner(model, threads=threads, extra_outputs=exposed) as runner:
-        for sample in feeds:
-            outputs = runner.run({k: v for k, v in sample.items() if k in runner.input_names}, exposed)
-            for name, op in inputs.items():
-                array = outputs[name] if name in outputs else sample.get(name)
-                if array is None or array.ndim < 2:
-                    continue
-                channels = np.moveaxis(np.asarray(array, dtype=np.float64), 1 if op == "Conv" else -1, -1)
-                flat = channels.reshape(-1, channels.shape[-1])
-                sums[name] = sums.get(name, 0) + flat.sum(axis=0)
-                counts[name] = counts.get(name, 0) + flat.shape[0]
+    for tensors in stream_tensors(model, [name for name in inputs if name], feeds, threads=threads):
+        for name, array in tensors.items():
+            if array.ndim < 2:
+                continue
+            channels = np.moveaxis(np.asarray(array, dtype=np.float64), 1 if inputs[name] == "Conv" else -1, -1)
+            flat = channels.reshape(-1, channels.shape[-1])
+            sums[name] = sums.get(name, 0) + flat.sum(axis=0)
+            counts[name] = counts.get(name, 0) + flat.shape[0]
     return {name: sums[name] / counts[name] for name in sums}
 
 

@@ -13,7 +13,14 @@ import pytest
 import graphopt
 from graphopt import runtime
 from graphopt.errors import GraphoptError
-from graphopt.runtime import ModelRunner, ProviderStatus, measure_latency, resolve_providers, session_options
+from graphopt.runtime import (
+    ModelRunner,
+    ProviderStatus,
+    measure_latency,
+    resolve_providers,
+    session_options,
+    stream_tensors,
+)
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((3, 4)).astype(np.float32)
@@ -339,3 +346,16 @@ def test_model_with_external_data_runs_from_path_and_from_ir(tmp_path, extra_out
     assert isinstance(loaded.graph.initializers["W"].const_value, ir.ExternalTensor)
     with ModelRunner(loaded) as again:
         np.testing.assert_allclose(again.run(feeds)["y"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stream_tensors_yields_intermediates_and_graph_inputs_per_sample():
+    model = _model()
+    samples = [FEEDS, {**FEEDS, "x": X * 2, "unused": X}]
+
+    streamed = list(stream_tensors(model, ["h", "x", "h"], samples))
+
+    assert [sorted(tensors) for tensors in streamed] == [["h", "x"], ["h", "x"]]
+    np.testing.assert_allclose(streamed[0]["h"], EXPECTED_H, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(streamed[1]["h"], 2 * EXPECTED_H, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(streamed[1]["x"], X * 2)
+    assert [value.name for value in model.graph.outputs] == ["y"]
