@@ -109,6 +109,7 @@ def _add_fidelity_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--per-layer", action="store_true", help="localize the first drifting intermediate tensors")
     group.add_argument("--latency", action="store_true", help="compare median CPU latency (interleaved runs)")
     group.add_argument("--exact", action="store_true", help="disable onnxruntime graph optimizations")
+    group.add_argument("--tf32", action="store_true", help="let CUDA run float32 MatMul/Conv in TF32 (onnxruntime's default)")
     group.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     group.add_argument("--require-providers", action="store_true", help="fail (exit 2) if a requested provider is unavailable")
     group.add_argument("--report", type=Path, metavar="FILE", help="write the fidelity report as JSON")
@@ -133,6 +134,7 @@ def _validation_options(args: argparse.Namespace, providers: str) -> dict[str, o
         "seed": args.seed,
         "shapes": args.shape,
         "optimization": "none" if args.exact else "full",
+        "tf32": args.tf32,
         "threads": args.threads,
         "require_providers": args.require_providers,
     }

@@ -145,6 +145,7 @@ def localize(
     threads: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     limit: int = 5,
+    tf32: bool = False,
 ) -> LayerReport:
     """Compares every aligned intermediate tensor on the given samples.
 
@@ -158,6 +159,7 @@ def localize(
         threads: intra-op threads; None lets onnxruntime decide.
         chunk_size: Tensors exposed per session; bounds activation memory.
         limit: How many first divergent tensors the report lists.
+        tf32: Let CUDA use TF32 math (see graphopt.runtime.ModelRunner).
     """
     from graphopt import io
 
@@ -166,7 +168,9 @@ def localize(
     report = LayerReport(provider=provider, samples=len(samples), limit=limit)
     for start in range(0, len(pairs), chunk_size):
         chunk = pairs[start : start + chunk_size]
-        comparators = _compare_chunk(ref_model, reference, candidate, chunk, samples, tolerance, provider, optimization, threads)
+        comparators = _compare_chunk(
+            ref_model, reference, candidate, chunk, samples, tolerance, provider, {"optimization": optimization, "threads": threads, "tf32": tf32}
+        )
         report.layers.extend(LayerResult(pair, comparator.result()) for pair, comparator in zip(chunk, comparators))
     logger.debug("localize: compared %d tensors, %d diverge", len(report.layers), len(report.first_divergent))
     return report
@@ -180,11 +184,10 @@ def _compare_chunk(
     samples: Iterable[Feeds],
     tolerance: Tolerance,
     provider: str,
-    optimization: str,
-    threads: int | None,
+    options: dict[str, Any],
 ) -> list[OutputComparator]:
+    """``options`` are ModelRunner's keyword arguments."""
     comparators = [OutputComparator(pair.candidate, tolerance) for pair in chunk]
-    options = {"optimization": optimization, "threads": threads}
     # The two sessions open and run side by side: onnxruntime releases the GIL.
     with ThreadPoolExecutor(max_workers=1) as pool, contextlib.ExitStack() as stack:
         pending = pool.submit(ModelRunner, candidate, provider, extra_outputs=candidate_tensors(chunk), **options)

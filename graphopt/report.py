@@ -7,6 +7,7 @@ JSON schema ``graphopt.fidelity/1`` (keys of ``FidelityReport.to_dict()``):
   (``path`` and ``bytes`` are null for in-memory models).
 - ``tolerance``: ``{atol, rtol, min_cosine, min_snr_db, description}``.
 - ``data``: ``{source, samples, seed}``; ``optimization``: onnxruntime level name.
+- ``cuda_tf32``: whether CUDA ran float32 MatMul/Conv in TF32 (``--tf32``).
 - ``providers``: ``[{name, ort_name, available, reason}]``.
 - ``outputs``: one entry per (provider, output): ``{provider, output, samples,
   elements, max_abs, mean_abs, rel_l2, cosine, snr_db, nan_reference,
@@ -69,6 +70,7 @@ class FidelityReport:
     seed: int
     optimization: str
     providers: list[ProviderStatus]
+    tf32: bool = False
     outputs: list[tuple[str, ComparisonResult]] = field(default_factory=list)
     noise_floor: list[tuple[str, ComparisonResult]] = field(default_factory=list)
     per_layer: LayerReport | None = None
@@ -92,6 +94,7 @@ class FidelityReport:
             "tolerance": {**_tolerance_dict(self.tolerance), "description": self.tolerance.describe()},
             "data": {"source": self.data_source, "samples": self.samples, "seed": self.seed},
             "optimization": self.optimization,
+            "cuda_tf32": self.tf32,
             "providers": [status.to_dict() for status in self.providers],
             "outputs": [_entry(provider, result) for provider, result in self.outputs],
             "noise_floor": [_entry(provider, result) for provider, result in self.noise_floor],
@@ -120,6 +123,9 @@ class FidelityReport:
         rows = [header] + [_row(provider, result) for provider, result in self.outputs]
         rows += [_row(f"{provider} noise", result) for provider, result in self.noise_floor]
         lines += _table(rows)
+        if self.noise_floor:
+            math = "TF32 (--tf32)" if self.tf32 else "full float32 (TF32 off; --tf32 allows it)"
+            lines.append(f"cuda math: {math}; 'noise' rows compare the original on CPU and on that provider")
         lines += self._extra_lines()
         return "\n".join(lines)
 

@@ -223,6 +223,7 @@ class ModelRunner:
         optimization: str = "full",
         threads: int | None = None,
         extra_outputs: Sequence[str] = (),
+        tf32: bool = False,
     ) -> None:
         """Opens the session.
 
@@ -234,6 +235,9 @@ class ModelRunner:
             threads: Intra-op threads; see :func:`session_options`.
             extra_outputs: Names of main-graph node outputs to expose as
                 additional outputs, for per-layer comparison.
+            tf32: Let CUDA run float32 MatMul/Conv in TF32 (onnxruntime's
+                default). Off here: TF32 keeps 10 mantissa bits, so on an
+                Ampere or newer GPU a lossless rewrite drifts by ~1e-3.
 
         Raises:
             GraphoptError: Unknown or unavailable provider, or onnxruntime
@@ -252,7 +256,7 @@ class ModelRunner:
         self._lent: list[np.ndarray] = []
         self._exposed = 0  # how many extra outputs _prepare added
         source = self._prepare(model, extra_outputs, options)
-        self._session = _open_session(source, options, status.ort_name, self.label)
+        self._session = _open_session(source, options, _provider_list(status.ort_name, tf32), self.label)
         self.input_names: list[str] = [arg.name for arg in self._session.get_inputs()]
         self.output_names: list[str] = [arg.name for arg in self._session.get_outputs()]
         self.model_output_names: list[str] = self.output_names[: len(self.output_names) - self._exposed]
@@ -368,8 +372,17 @@ def _placeholder(tensor: ir.TensorProtocol, name: str) -> ir.ExternalTensor:
     )
 
 
-def _open_session(source: str | bytes, options: ort.SessionOptions, ort_name: str, label: str) -> ort.InferenceSession:
-    providers = [ort_name] if ort_name == PROVIDERS["cpu"] else [ort_name, PROVIDERS["cpu"]]
+def _provider_list(ort_name: str, tf32: bool) -> list[str | tuple[str, dict[str, str]]]:
+    """onnxruntime's ``providers`` argument: CUDA with its TF32 switch, then CPU as the fallback."""
+    if ort_name == PROVIDERS["cpu"]:
+        return [ort_name]
+    return [(ort_name, {"use_tf32": "1" if tf32 else "0"}), PROVIDERS["cpu"]]
+
+
+def _open_session(
+    source: str | bytes, options: ort.SessionOptions, providers: list[str | tuple[str, dict[str, str]]], label: str
+) -> ort.InferenceSession:
+    ort_name = providers[0] if isinstance(providers[0], str) else providers[0][0]
     try:
         session = ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception hierarchy

@@ -67,6 +67,7 @@ def validate(
     optimization: str = "full",
     threads: int | None = None,
     require_providers: bool = False,
+    tf32: bool = False,
 ) -> FidelityReport:
     """Compares ``candidate`` against ``reference`` through onnxruntime.
 
@@ -87,6 +88,8 @@ def validate(
             exact graphs (``--exact``).
         threads: onnxruntime intra-op threads for every session.
         require_providers: Raise instead of reporting an unavailable provider.
+        tf32: Let CUDA run float32 MatMul/Conv in TF32, as onnxruntime does
+            by default; off, so a lossless rewrite compares within 1e-4.
 
     Raises:
         ValidationSetupError, DataError, GraphoptError: the models or data
@@ -107,6 +110,7 @@ def validate(
         seed=seed,
         optimization=optimization,
         providers=statuses,
+        tf32=tf32 and any(status.name == "cuda" and status.available for status in statuses),
     )
     # Localization needs sessions that expose intermediate tensors. They are
     # separate from the stream's: exposing a tensor keeps onnxruntime from
@@ -116,7 +120,7 @@ def validate(
     layer_provider = available[0]
     with contextlib.ExitStack() as stack:
         def runner(loaded: ir.Model, provider: str, extra: Sequence[str] = ()) -> ModelRunner:
-            opened = ModelRunner(loaded, provider, optimization=optimization, threads=threads, extra_outputs=extra)
+            opened = ModelRunner(loaded, provider, optimization=optimization, threads=threads, extra_outputs=extra, tf32=tf32)
             return stack.enter_context(opened)
 
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="graphopt-candidate"))
@@ -156,6 +160,7 @@ def validate(
                 provider=layer_provider,
                 optimization=optimization,
                 threads=threads,
+                tf32=tf32,
             )
         if latency:
             timed = "cpu" if "cpu" in pairs else available[0]

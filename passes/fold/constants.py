@@ -278,7 +278,11 @@ def _one_node_model(
     graph_outputs = [onnx.helper.make_empty_tensor_value_info(name) for name in node_proto.output if name]
     graph = onnx.helper.make_graph([node_proto], "fold", graph_inputs, graph_outputs)
     domain = node.domain or ""
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(domain, opset)])
+    opsets = [onnx.helper.make_opsetid(domain, opset)]
+    # The oldest IR version that carries this opset, not onnx's newest: an
+    # onnxruntime older than the installed onnx refuses IR versions it predates.
+    ir_version = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    model = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=ir_version)
     return model, feeds
 
 

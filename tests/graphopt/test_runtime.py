@@ -268,6 +268,33 @@ def test_cuda_runs_when_a_device_is_present():
         np.testing.assert_allclose(gpu.run(FEEDS)["y"], cpu.run(FEEDS)["y"], rtol=1e-4, atol=1e-4)
 
 
+def _large_matmul() -> tuple[ir.Model, dict[str, np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((1024, 256)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "mm",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [64, 1024])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [64, 256])],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((64, 1024)).astype(np.float32)
+    return ir.serde.deserialize_model(model), {"x": x}, x.astype(np.float64) @ weight.astype(np.float64)
+
+
+@pytest.mark.skipif(not CUDA.available, reason=f"no CUDA device: {CUDA.reason}")
+def test_cuda_computes_in_full_float32_unless_tf32_is_asked_for():
+    model, feeds, exact = _large_matmul()
+    with ModelRunner(model, "cuda") as fp32, ModelRunner(model, "cuda", tf32=True) as tf32:
+        fp32_error = np.abs(fp32.run(feeds)["y"] - exact).max() / np.abs(exact).max()
+        tf32_error = np.abs(tf32.run(feeds)["y"] - exact).max() / np.abs(exact).max()
+    # float32 with K=1024 keeps ~1e-6 relative error; TF32's 10-bit mantissa
+    # gives ~1e-3 on GPUs that have it (Ampere and newer), else the same as fp32.
+    assert fp32_error < 1e-5
+    assert tf32_error >= fp32_error
+
+
 def test_measure_latency_returns_one_positive_median_per_runner():
     with ModelRunner(_model(), threads=1) as first, ModelRunner(_model(), optimization="none", threads=1) as second:
         medians = measure_latency([first, second], FEEDS, warmup=1, repeats=5)

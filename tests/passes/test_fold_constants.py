@@ -13,7 +13,7 @@ from helpers import (
 )
 
 from graphopt import run_pipeline
-from passes.fold.constants import FoldConstantsPass
+from passes.fold.constants import FoldConstantsPass, _one_node_model
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((2, 3)).astype(np.float32)
@@ -338,3 +338,16 @@ def test_second_run_changes_nothing(factory):
 
     assert again.modified is False
     assert to_proto(model).SerializeToString() == before
+
+
+def test_single_node_models_carry_the_oldest_ir_version_of_their_opset():
+    # onnx 1.23 writes IR version 14 by default and onnxruntime 1.31 refuses
+    # it, which silently turned the onnxruntime fallback above into a no-op.
+    model = _chain("initializers")
+    node = model.graph.node(0)
+    inputs = [value.const_value.numpy() for value in node.inputs]
+
+    proto, feeds = _one_node_model(node, inputs, 17)
+
+    assert proto.ir_version == 8  # the first IR version that carries opset 17
+    assert sorted(feeds) == ["c1", "c2"]
