@@ -113,7 +113,7 @@ def run_model(name: str, ratio: float, sparsity: float) -> tuple[list[tuple[str,
         summary = pass_.summary
         storage = ""
         if summary.compression:
-            best = min(summary.compression["zlib_bytes"], summary.compression["lzma_bytes"])
+            best = min(summary.compression[key] for key in ("zlib_bytes", "lzma_bytes", "sparse_bytes"))
             storage = f"{summary.compression['dense_bytes'] / best:.1f}x, bound eff {summary.compression['entropy_bound_bytes'] / best:.2f}"
             facts["bound_efficiency"] = summary.compression["entropy_bound_bytes"] / best
         refit = f"{len(summary.reconstructed)} refit" if "reconstruct" in label else ""

@@ -66,7 +66,7 @@ class PruneSummary:
         if self.skipped:
             parts.append(f"{len(self.skipped)} skipped ({'; '.join(sorted(set(self.skipped.values())))})")
         if total:
-            best = min(self.compression["zlib_bytes"], self.compression["lzma_bytes"])
+            best = min(self.compression["zlib_bytes"], self.compression["lzma_bytes"], self.compression["sparse_bytes"])
             parts.append(f"int8 + entropy coding {total / best:.1f}x smaller than dense")
         if self.reconstructed:
             parts.append(f"{len(self.reconstructed)} layers refit on calibration data")

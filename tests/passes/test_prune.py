@@ -11,12 +11,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import check_full, run_ort, to_proto
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import model_zoo
 from graphopt import load, run_pipeline
 from graphopt.errors import PipelineSpecError
 from passes.prune import PrunePass
+from passes.prune.compression import sparse_decode, sparse_encode
 
 
 def _weights(model) -> dict[str, np.ndarray]:
@@ -154,7 +157,20 @@ def test_compression_report_shows_entropy_coding_gains_at_high_sparsity():
     assert report["int8_bytes"] * 4 == report["dense_bytes"]
     assert report["entropy_bound_bytes"] < report["int8_bytes"] / 2
     assert min(report["zlib_bytes"], report["lzma_bytes"]) < report["int8_bytes"] / 2
+    # The sparse layout (coded bitmap + values) comes within 10% of the order-0 bound.
+    assert report["entropy_bound_bytes"] <= report["sparse_bytes"] < report["entropy_bound_bytes"] / 0.9
     assert "layers pruned" in result.ledger.rows[0].details["summary"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 3000), st.floats(0, 1), st.integers(0, 2**32 - 1))
+def test_sparse_layout_decodes_to_the_same_symbols(count, density, seed):
+    rng = np.random.default_rng(seed)
+    symbols = np.where(rng.random(count) < density, rng.integers(-127, 128, count), 0).astype(np.int8)
+
+    bitmap, values = sparse_encode(symbols)
+
+    np.testing.assert_array_equal(sparse_decode(bitmap, values, count), symbols)
 
 
 @pytest.mark.parametrize("spec", ["prune(pattern=3:2)", "prune(pattern=rows)", "prune(sparsity=1.5)", "prune(scope=model)", "prune(ratio=1.0)", "prune(norm=l3)"])
