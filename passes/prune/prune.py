@@ -84,6 +84,12 @@ class PrunePass(ir.passes.InPlacePass):
             that carry them (see channels.py).
         ratio: Share of output channels ``channel`` removes per layer.
         norm: Channel importance for ``channel``: ``l1`` or ``l2`` weight norm.
+        align: ``channel`` keeps a multiple of this many channels in layers
+            whose count is one (the nearest multiple, at least one block):
+            onnxruntime's fast NCHWc conv kernels need channel counts that
+            are multiples of their block (8 on AVX2, 16 on AVX-512), and
+            misaligned layers fall back to slower kernels plus layout
+            conversions. 1 keeps exactly ``ratio``.
         sparsity: Share of weights to zero (unstructured only).
         scope: ``layer`` (each layer hits ``sparsity``) or ``global`` (one
             magnitude threshold over all layers).
@@ -108,6 +114,7 @@ class PrunePass(ir.passes.InPlacePass):
         sparsity: float = 0.5,
         ratio: float = 0.3,
         norm: str = "l1",
+        align: int = 16,
         scope: str = "layer",
         skip: str = DEFAULT_SKIP,
         reconstruct: bool = False,
@@ -124,7 +131,9 @@ class PrunePass(ir.passes.InPlacePass):
             raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
         if norm not in ("l1", "l2"):
             raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
-        self.ratio, self.norm = ratio, norm
+        if not isinstance(align, int) or align < 1:
+            raise ValueError(f"align must be a positive integer, got {align!r}")
+        self.ratio, self.norm, self.align = ratio, norm, align
         if not 0 <= sparsity < 1:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
         if scope not in ("layer", "global"):
@@ -178,7 +187,7 @@ class PrunePass(ir.passes.InPlacePass):
         keeps = []
         for chain in chains:
             scores = importance(chain, self.norm)
-            kept = max(1, int(round(len(scores) * (1 - self.ratio))))
+            kept = _kept_channels(len(scores), self.ratio, self.align)
             keeps.append(np.sort(np.argsort(-scores, kind="stable")[:kept]))
         refits = self._refit_consumers(model, chains, keeps) if self.reconstruct else {}
         out_keep = {chain.producer: keep for chain, keep in zip(chains, keeps)}
@@ -274,6 +283,14 @@ class PrunePass(ir.passes.InPlacePass):
             else:
                 layers.append((node, weight, axis))
         return layers
+
+
+def _kept_channels(channels: int, ratio: float, align: int) -> int:
+    """How many of ``channels`` to keep: ``1 - ratio`` of them, rounded to a multiple of ``align`` when it divides them."""
+    kept = max(1, int(round(channels * (1 - ratio))))
+    if align > 1 and channels % align == 0:
+        kept = min(channels, max(align, int(round(kept / align)) * align))
+    return kept
 
 
 def _default_skips(graph: ir.Graph, candidates: list[ir.Node]) -> dict[ir.Node, str]:

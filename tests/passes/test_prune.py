@@ -173,7 +173,7 @@ def test_sparse_layout_decodes_to_the_same_symbols(count, density, seed):
     np.testing.assert_array_equal(sparse_decode(bitmap, values, count), symbols)
 
 
-@pytest.mark.parametrize("spec", ["prune(pattern=3:2)", "prune(pattern=rows)", "prune(sparsity=1.5)", "prune(scope=model)", "prune(ratio=1.0)", "prune(norm=l3)"])
+@pytest.mark.parametrize("spec", ["prune(pattern=3:2)", "prune(pattern=rows)", "prune(sparsity=1.5)", "prune(scope=model)", "prune(ratio=1.0)", "prune(norm=l3)", "prune(align=0)"])
 def test_bad_options_are_spec_errors(spec):
     with pytest.raises(PipelineSpecError, match="prune"):
         run_pipeline(load(model_zoo.build("mlp").model), spec)
@@ -285,7 +285,7 @@ def test_channel_pruning_shrinks_the_chain_and_is_exact_when_pruned_channels_are
 def test_channel_pruning_folds_through_batchnorm_and_keeps_output_shapes():
     zoo = model_zoo.build("cnn_bn")
     model = load(zoo.model)
-    pass_ = PrunePass(pattern="channel", ratio=0.3, skip="")
+    pass_ = PrunePass(pattern="channel", ratio=0.3, skip="", align=1)
 
     run_pipeline(model, [pass_])
 
@@ -293,6 +293,24 @@ def test_channel_pruning_folds_through_batchnorm_and_keeps_output_shapes():
     check_full(model)
     want, got = run_ort(zoo.model, zoo.feeds), run_ort(model, zoo.feeds)
     assert [w.shape for w in want] == [g.shape for g in got]
+
+
+@pytest.mark.parametrize(
+    "align,want",
+    [(1, {"conv_c1": (16, 11), "conv_c2": (32, 22)}), (8, {"conv_c1": (16, 8), "conv_c2": (32, 24)}), (16, {"conv_c1": (16, 16), "conv_c2": (32, 16)})],
+)
+def test_channel_counts_are_rounded_to_the_alignment(align, want):
+    # 16 * 0.7 = 11.2 and 32 * 0.7 = 22.4, rounded to the nearest multiple of
+    # align but never below one block (so a 16-channel layer stays whole at 16).
+    zoo = model_zoo.build("cnn_bn")
+    model = load(zoo.model)
+    pass_ = PrunePass(pattern="channel", ratio=0.3, skip="", align=align)
+
+    run_pipeline(model, [pass_])
+
+    assert pass_.summary.channels == want
+    check_full(model)
+    assert run_ort(model, zoo.feeds)[0].shape == run_ort(zoo.model, zoo.feeds)[0].shape
 
 
 @pytest.mark.parametrize("head,reason", [("residual", "channels reach Add"), ("reshape", "channels reach Reshape")])
