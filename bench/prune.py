@@ -37,7 +37,7 @@ from cli_args import OneLineParser  # bench/ is on sys.path when run as a script
 
 os.environ.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODELS = ("cnn_bn", "squeezenet", "resnet50")
+DEFAULT_MODELS = ("cnn_bn", "mobilenet", "squeezenet", "resnet50")
 ROUNDS, MIN_ROUNDS, SLOW_ROUND_SECONDS = 20, 5, 1.0
 SPEEDUP_GOAL, RECONSTRUCTION_GOAL, BOUND_GOAL = 1.3, 2.0, 0.8
 

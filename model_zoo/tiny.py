@@ -124,6 +124,47 @@ def _build_cnn_bn(seed: int) -> ZooModel:
     return ZooModel("cnn_bn", _assemble(text, weights), feeds)
 
 
+def _build_mobilenet(seed: int) -> ZooModel:
+    """MobileNet-v1-style blocks: depthwise 3x3 then pointwise 1x1, each Conv-BN-ReLU6, and a classifier.
+
+    No residuals, so every pointwise layer's channels reach the next block
+    through a depthwise conv: the pattern channel pruning must keep consistent.
+    """
+    rng = np.random.default_rng(seed)
+    blocks = [(32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1)]
+    weights = {"stem_weight": _he(rng, (32, 3, 3, 3), 27), **_batch_norm(rng, "stem_bn", 32)}
+    weights["relu6_min"], weights["relu6_max"] = np.array(0.0, np.float32), np.array(6.0, np.float32)
+    lines = [
+        "s = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], strides = [2, 2]> (image, stem_weight)",
+        "sn = BatchNormalization <epsilon = 1e-5> (s, stem_bn_scale, stem_bn_bias, stem_bn_mean, stem_bn_var)",
+        "x0 = Clip (sn, relu6_min, relu6_max)",
+    ]
+    for i, (cin, cout, stride) in enumerate(blocks, 1):
+        weights[f"dw{i}_weight"] = _he(rng, (cin, 1, 3, 3), 9)
+        weights.update(_batch_norm(rng, f"dw{i}_bn", cin))
+        weights[f"pw{i}_weight"] = _he(rng, (cout, cin, 1, 1), cin)
+        weights.update(_batch_norm(rng, f"pw{i}_bn", cout))
+        dw_bn, pw_bn = (", ".join(f"{kind}{i}_bn_{p}" for p in ("scale", "bias", "mean", "var")) for kind in ("dw", "pw"))
+        lines += [
+            f"d{i} = Conv <group = {cin}, kernel_shape = [3, 3], pads = [1, 1, 1, 1], strides = [{stride}, {stride}]> (x{i - 1}, dw{i}_weight)",
+            f"dn{i} = BatchNormalization <epsilon = 1e-5> (d{i}, {dw_bn})",
+            f"dr{i} = Clip (dn{i}, relu6_min, relu6_max)",
+            f"p{i} = Conv <kernel_shape = [1, 1]> (dr{i}, pw{i}_weight)",
+            f"pn{i} = BatchNormalization <epsilon = 1e-5> (p{i}, {pw_bn})",
+            f"x{i} = Clip (pn{i}, relu6_min, relu6_max)",
+        ]
+    weights["fc_weight"], weights["fc_bias"] = _he(rng, (10, 256), 256), _normal(rng, (10,), 0.01)
+    lines += [f"pooled = GlobalAveragePool (x{len(blocks)})", "flat = Flatten <axis = 1> (pooled)", "logits = Gemm <transB = 1> (flat, fc_weight, fc_bias)"]
+    body = "\n        ".join(lines)
+    text = f"""
+    mobilenet (float[1,3,112,112] image) => (float[1,10] logits) {{
+        {body}
+    }}
+    """
+    feeds = {"image": rng.standard_normal((1, 3, 112, 112), dtype=np.float32)}
+    return ZooModel("mobilenet", _assemble(text, weights), feeds)
+
+
 def _build_residual(seed: int) -> ZooModel:
     """A ResNet basic block: Conv-BN-Relu-Conv-BN, Add with the skip input, Relu."""
     rng = np.random.default_rng(seed)
@@ -265,6 +306,7 @@ def _build_external_data(seed: int) -> ZooModel:
 TINY_BUILDERS: dict[str, Callable[[int], ZooModel]] = {
     "mlp": _build_mlp,
     "cnn_bn": _build_cnn_bn,
+    "mobilenet": _build_mobilenet,
     "residual": _build_residual,
     "attention": _build_attention,
     "if_outer_scope": _build_if_outer_scope,

@@ -3,24 +3,37 @@
 A *chain* starts at a Conv (group 1) or Gemm whose output channels can go,
 and follows the channels to the layers that consume them:
 
-    producer -> [BatchNormalization] -> [Relu | Clip | LeakyRelu | Sigmoid | Tanh]
-             -> [MaxPool | AveragePool | GlobalAveragePool] -> [Flatten after a global pool]
+    producer -> any sequence of
+                  channel-wise nodes: BatchNormalization, a depthwise Conv
+                    (group = channels, one filter each), Mul/Add/Sub/Div by a
+                    per-channel or scalar constant,
+                  activations: Relu | Clip | LeakyRelu | Sigmoid | Tanh,
+                  pools: MaxPool | AveragePool | GlobalAveragePool,
+                  Flatten after a global pool
              -> consumers (Conv group 1, or Gemm reading the channels as features)
 
-Along it, the producer's weight rows and bias, the BatchNorm parameters and
-the consumers' input channels are cut to the kept channels, so tensors
-physically shrink and the graph's outputs keep their shapes. Anything else
-on the way (a residual Add, a Concat, a depthwise conv, a Reshape, a graph
-output) leaves the chain alone, and the reason is reported.
+Along it, the producer's weight rows and bias, every channel-wise node's
+per-channel parameters (a depthwise conv's filters, bias and group count
+included) and the consumers' input channels are cut to the kept channels,
+so tensors physically shrink and the graph's outputs keep their shapes.
+Channel-wise nodes never mix channels, which is what lets the kept channels
+keep their meaning through them. Anything else on the way (a residual Add, a
+Concat, a grouped conv, a Reshape, a graph output) leaves the chain alone,
+and the reason is reported.
 
 Importance is the L1 norm of each output channel's weights (L2 with
-``norm=l2``).
+``norm=l2``), or, from calibration data (``norm=activation``), how much each
+channel feeds forward: its mean absolute activation where the consumers read
+it times the L2 norm of the consumer weights that read it. Weight norms
+ignore what BatchNorm, activations and the inputs do to a channel; a channel
+with large filters that ReLU keeps at zero costs nothing to remove.
 """
 
 from __future__ import annotations
 
-__all__ = ["Chain", "find_chains", "importance", "prune_chain"]
+__all__ = ["Chain", "activation_importance", "channel_mean_abs", "find_chains", "importance", "prune_chain"]
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +42,7 @@ import onnx_ir as ir
 _ONNX_DOMAINS = ("", "ai.onnx")
 _UNARY = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh"})
 _POOLS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool"})
+_ARITHMETIC = frozenset({"Mul", "Add", "Sub", "Div"})
 
 
 @dataclass
@@ -36,9 +50,11 @@ class Chain:
     """A producer, the channel-carrying nodes after it, and the consumers whose inputs shrink."""
 
     producer: ir.Node
-    batchnorm: ir.Node | None = None
+    # Each channel-wise node with the (input index, axis) of its per-channel constants.
+    channelwise: list[tuple[ir.Node, list[tuple[int, int]]]] = field(default_factory=list)
     passthrough: list[ir.Node] = field(default_factory=list)
     consumers: list[ir.Node] = field(default_factory=list)
+    output: ir.Value | None = None  # the tensor the consumers read
 
 
 def find_chains(graph: ir.Graph, candidates: list[ir.Node]) -> tuple[list[Chain], dict[str, str]]:
@@ -66,6 +82,8 @@ def _follow(producer: ir.Node) -> Chain | str:
         return "bias is not a constant vector per channel"
     chain = Chain(producer)
     value, flattened, pooled_globally = producer.outputs[0], False, False
+    if producer.op_type == "Gemm":
+        flattened = True  # its channels are features on axis 1 of a 2-D tensor
     while True:
         if value.is_graph_output():
             return "channels reach a graph output"
@@ -75,10 +93,11 @@ def _follow(producer: ir.Node) -> Chain | str:
         (user,) = users
         if user.domain not in _ONNX_DOMAINS:
             return f"channels reach custom op {user.domain}.{user.op_type}"
-        if user.op_type == "BatchNormalization" and chain.batchnorm is None and not chain.passthrough and user.inputs[0] is value:
-            if not all(_const(v) for v in user.inputs[1:5]):
-                return "BatchNormalization with non-constant parameters"
-            chain.batchnorm = user
+        cuts = _channelwise_cuts(user, value, flattened)
+        if isinstance(cuts, str):
+            return cuts
+        if cuts is not None:
+            chain.channelwise.append((user, cuts))
         elif user.op_type in _UNARY and user.inputs[0] is value and all(_const(v) for v in user.inputs[1:] if v is not None):
             chain.passthrough.append(user)
         elif user.op_type in _POOLS and not flattened:
@@ -90,6 +109,40 @@ def _follow(producer: ir.Node) -> Chain | str:
         else:
             return _consumers(chain, value, users, flattened)
         value = user.outputs[0]
+
+
+def _channelwise_cuts(user: ir.Node, value: ir.Value, flattened: bool) -> list[tuple[int, int]] | str | None:
+    """(input index, axis) of the per-channel constants ``user`` needs cut; None if it is not channel-wise, a reason if it cannot be cut."""
+    label = f"{user.op_type} {user.name or ''}".rstrip()
+    if user.op_type == "BatchNormalization" and user.inputs[0] is value and not flattened:
+        cuts = [(index, 0) for index in range(1, 5)]
+    elif user.op_type == "Conv" and user.inputs[0] is value and not flattened:
+        weight = user.inputs[1]
+        group = user.attributes.get_int("group", 1)
+        if group == 1:
+            return None  # a consumer
+        if not _const(weight) or weight.const_value.shape[0] != group or weight.const_value.shape[1] != 1:  # type: ignore[union-attr]
+            return f"channels reach grouped conv {label} (only depthwise convs with one filter per channel are followed)"
+        cuts = [(1, 0)] + ([(2, 0)] if len(user.inputs) > 2 and user.inputs[2] is not None else [])
+    elif user.op_type in _ARITHMETIC and len(user.inputs) == 2 and user.inputs[0] is value and user.inputs[1] is not value:
+        constant = user.inputs[1]
+        if not _const(constant):
+            return None  # a residual-style join: the consumer check names it
+        dims = constant.const_value.shape.numpy()  # type: ignore[union-attr]
+        if math.prod(dims) == 1:
+            cuts = []
+        else:
+            channel_axis = len(dims) - (1 if flattened else 3)  # NCHW channels, or the feature axis after Flatten
+            if channel_axis < 0 or any(d != 1 for i, d in enumerate(dims) if i != channel_axis):
+                return f"channels reach {label} with a constant that is not per channel"
+            cuts = [(1, channel_axis)]
+    else:
+        return None
+    for index, _ in cuts:
+        param = user.inputs[index]
+        if not _const(param) or any(other is not user for other, _ in param.uses()):  # type: ignore[union-attr]
+            return f"{label} has a shared or non-constant parameter"
+    return cuts
 
 
 def _consumers(chain: Chain, value: ir.Value, users: list[ir.Node], flattened: bool) -> Chain | str:
@@ -106,7 +159,7 @@ def _consumers(chain: Chain, value: ir.Value, users: list[ir.Node], flattened: b
             return f"{label} has no private constant weight"
     if not users:
         return "channels are not used"
-    chain.consumers = users
+    chain.consumers, chain.output = users, value
     return chain
 
 
@@ -133,6 +186,21 @@ def importance(chain: Chain, norm: str) -> np.ndarray:
     return np.sqrt((moved**2).sum(axis=1)) if norm == "l2" else moved.sum(axis=1)
 
 
+def channel_mean_abs(array: np.ndarray) -> np.ndarray:
+    """Mean absolute value of each channel (axis 1) of one activation tensor."""
+    return np.abs(np.asarray(array, np.float64)).mean(axis=tuple(axis for axis in range(array.ndim) if axis != 1))
+
+
+def activation_importance(chain: Chain, mean_abs: np.ndarray) -> np.ndarray:
+    """One score per channel: ``mean_abs`` (of the consumers' input) times the L2 norm of the consumer weights reading it."""
+    reach = np.zeros_like(mean_abs)
+    for user in chain.consumers:
+        weight = user.inputs[1].const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
+        moved = np.moveaxis(weight, input_axis(user), 0).reshape(weight.shape[input_axis(user)], -1)
+        reach += (moved**2).sum(axis=1)
+    return mean_abs * np.sqrt(reach)
+
+
 def prune_chain(chain: Chain, keep: np.ndarray) -> None:
     """Cuts every tensor of the chain to the channels in ``keep`` (sorted indices)."""
     producer = chain.producer
@@ -140,13 +208,17 @@ def prune_chain(chain: Chain, keep: np.ndarray) -> None:
     bias = producer.inputs[2] if len(producer.inputs) > 2 else None
     if bias is not None and bias.const_value is not None and bias.const_value.size > 1:  # a broadcast scalar stays
         _take(bias, keep, 0)
-    if chain.batchnorm is not None:
-        for value in chain.batchnorm.inputs[1:5]:
-            _take(value, keep, 0)
+    for node, cuts in chain.channelwise:
+        for index, axis in cuts:
+            constant = node.inputs[index]
+            if constant is not None and constant.const_value is not None and constant.const_value.shape[axis] > 1:
+                _take(constant, keep, axis)
+        if node.op_type == "Conv":  # depthwise: one group per kept channel
+            node.attributes["group"] = ir.AttrInt64("group", len(keep))
     for user in chain.consumers:
         _take(user.inputs[1], keep, input_axis(user))
     # Shapes recorded on the chain's tensors no longer hold; onnxruntime infers them.
-    for node in [producer, *([chain.batchnorm] if chain.batchnorm else []), *chain.passthrough]:
+    for node in [producer, *(node for node, _ in chain.channelwise), *chain.passthrough]:
         for output in node.outputs:
             output.shape = None
 

@@ -8,7 +8,8 @@ Zeros alone make no model faster on onnxruntime's CPU kernels, and the
 summary says so: what they buy is storage once the weights are entropy
 coded (see compression.py) and speed on hardware with sparse kernels (the
 N:M layout along the input-channel axis is what sparse tensor cores use).
-Structured channel pruning, which shrinks tensors, is not built yet.
+Structured channel pruning (``pattern=channel``, channels.py) shrinks the
+tensors, and that is what makes onnxruntime faster.
 """
 
 from __future__ import annotations
@@ -23,8 +24,17 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.runtime import stream_tensors
 from passes.lift_constants import LiftConstantsPass
-from passes.prune.channels import find_chains, importance, output_axis, prune_chain
+from passes.prune.channels import (
+    Chain,
+    activation_importance,
+    channel_mean_abs,
+    find_chains,
+    importance,
+    output_axis,
+    prune_chain,
+)
 from passes.prune.compression import compression_report
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
 from passes.prune.reconstruct import input_gram, refit, refit_rows
@@ -83,7 +93,8 @@ class PrunePass(ir.passes.InPlacePass):
             ``channel``: remove whole output channels and shrink the tensors
             that carry them (see channels.py).
         ratio: Share of output channels ``channel`` removes per layer.
-        norm: Channel importance for ``channel``: ``l1`` or ``l2`` weight norm.
+        norm: Channel importance for ``channel``: ``l1`` or ``l2`` weight norm,
+            or ``activation`` (from ``data``; see channels.py).
         align: ``channel`` keeps a multiple of this many channels in layers
             whose count is one (the nearest multiple, at least one block):
             onnxruntime's fast NCHWc conv kernels need channel counts that
@@ -129,8 +140,8 @@ class PrunePass(ir.passes.InPlacePass):
             raise ValueError(f"pattern must be 'unstructured', 'channel' or N:M with 0 < N < M (e.g. 2:4), got {pattern!r}")
         if not 0 <= ratio < 1:
             raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
-        if norm not in ("l1", "l2"):
-            raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
+        if norm not in ("l1", "l2", "activation"):
+            raise ValueError(f"norm must be 'l1', 'l2' or 'activation', got {norm!r}")
         if not isinstance(align, int) or align < 1:
             raise ValueError(f"align must be a positive integer, got {align!r}")
         self.ratio, self.norm, self.align = ratio, norm, align
@@ -183,17 +194,18 @@ class PrunePass(ir.passes.InPlacePass):
         """Structured pruning of every chain that can be followed; returns whether anything shrank."""
         chains, refused = find_chains(model.graph, producers)
         self.summary.skipped.update(refused)
-        # Importance from the unpruned weights, so the result does not depend on chain order.
+        # Importance from the unpruned model, so the result does not depend on chain order.
+        activations = self._channel_activations(model, chains) if self.norm == "activation" else {}
         keeps = []
         for chain in chains:
-            scores = importance(chain, self.norm)
+            scores = activation_importance(chain, activations[chain.output.name]) if activations else importance(chain, self.norm)  # type: ignore[union-attr]
             kept = _kept_channels(len(scores), self.ratio, self.align)
             keeps.append(np.sort(np.argsort(-scores, kind="stable")[:kept]))
         refits = self._refit_consumers(model, chains, keeps) if self.reconstruct else {}
         out_keep = {chain.producer: keep for chain, keep in zip(chains, keeps)}
         modified = False
         for chain, keep in zip(chains, keeps):
-            channels = len(importance(chain, self.norm))
+            channels = chain.producer.inputs[1].const_value.shape[output_axis(chain.producer)]  # type: ignore[union-attr]
             label = chain.producer.name or chain.producer.op_type
             if len(keep) < channels:
                 prune_chain(chain, keep)
@@ -208,6 +220,18 @@ class PrunePass(ir.passes.InPlacePass):
                 node.inputs[2].const_value = ir.Tensor(np.ascontiguousarray(bias), name=node.inputs[2].name)
             self.summary.reconstructed.append(node.name or node.op_type)
         return modified
+
+    def _channel_activations(self, model: ir.Model, chains: list[Chain]) -> dict[str, np.ndarray]:
+        """Mean absolute activation per channel of each chain's consumer input, over the calibration samples."""
+        names = [chain.output.name or "" for chain in chains if chain.output is not None]
+        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
+        totals: dict[str, np.ndarray] = {}
+        count = 0
+        for tensors in stream_tensors(model, names, samples.calibration(), threads=self.threads):
+            count += 1
+            for name in names:
+                totals[name] = totals.get(name, 0) + channel_mean_abs(tensors[name])
+        return {name: total / max(count, 1) for name, total in totals.items()}
 
     def _refit_consumers(self, model: ir.Model, chains: list, keeps: list[np.ndarray]) -> dict[ir.Node, tuple[np.ndarray, np.ndarray | None]]:
         """New weights (all outputs, kept inputs) and biases of every chain consumer, from the unpruned model."""

@@ -45,6 +45,7 @@ def test_names_are_tiny_then_real_when_listed() -> None:
     assert model_zoo.TINY == (
         "mlp",
         "cnn_bn",
+        "mobilenet",
         "residual",
         "attention",
         "if_outer_scope",

@@ -233,7 +233,10 @@ def _conv_chain(head: str, dead_channels=(1, 4, 6), seed: int = 0):
 
     ``head`` "conv": Relu -> Conv c2 (8 -> 4); "gap": Relu -> GlobalAveragePool ->
     Flatten -> Gemm fc (8 -> 5); "residual": Add(c1, x) -> Conv c2 (the Add blocks pruning);
-    "reshape": Reshape -> Conv c2 (a Reshape we cannot follow).
+    "reshape": Reshape -> Conv c2 (a Reshape we cannot follow); "depthwise": Relu ->
+    Mul by a per-channel constant -> depthwise Conv (group 8) -> BatchNormalization
+    (zero shift, so dead channels stay zero) -> Conv c2 (8 -> 4); "grouped": a
+    group-2 Conv (4 inputs per group) -> Conv c2.
     """
     rng = np.random.default_rng(seed)
     w1 = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
@@ -250,6 +253,23 @@ def _conv_chain(head: str, dead_channels=(1, 4, 6), seed: int = 0):
         inits += [numpy_helper.from_array(rng.standard_normal((5, 8)).astype(np.float32), "w2"),
                   numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "b2")]
         out_shape = [1, 5]
+    elif head == "depthwise":
+        nodes += [helper.make_node("Relu", ["c1"], ["r"]), helper.make_node("Mul", ["r", "scale"], ["m"]),
+                  helper.make_node("Conv", ["m", "wd"], ["d"], name="dw", group=8, pads=[1, 1, 1, 1]),
+                  helper.make_node("BatchNormalization", ["d", "g", "zero_b", "zero_m", "var"], ["n"]),
+                  helper.make_node("Conv", ["n", "w2"], ["y"], name="c2")]
+        inits += [numpy_helper.from_array(rng.uniform(0.5, 2, (8, 1, 1)).astype(np.float32), "scale"),
+                  numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "wd"),
+                  numpy_helper.from_array(rng.uniform(0.5, 2, 8).astype(np.float32), "g"),
+                  numpy_helper.from_array(np.zeros(8, np.float32), "zero_b"),
+                  numpy_helper.from_array(np.zeros(8, np.float32), "zero_m"),
+                  numpy_helper.from_array(rng.uniform(0.5, 2, 8).astype(np.float32), "var"),
+                  numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2")]
+    elif head == "grouped":
+        nodes += [helper.make_node("Conv", ["c1", "wg"], ["g"], name="grouped", group=2, pads=[1, 1, 1, 1]),
+                  helper.make_node("Conv", ["g", "w2"], ["y"], name="c2")]
+        inits += [numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), "wg"),
+                  numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2")]
     elif head == "residual":
         nodes += [helper.make_node("Add", ["c1", "x"], ["s"]), helper.make_node("Conv", ["s", "w2"], ["y"], name="c2")]
         inits.append(numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2"))
@@ -263,6 +283,56 @@ def _conv_chain(head: str, dead_channels=(1, 4, 6), seed: int = 0):
 
 
 X_CHAIN = {"x": np.random.default_rng(3).standard_normal((1, 8, 6, 6)).astype(np.float32)}
+
+
+def test_channel_pruning_cuts_depthwise_convs_batchnorm_and_per_channel_constants_consistently():
+    proto = _conv_chain("depthwise")
+    model = load(proto)
+    pass_ = PrunePass(pattern="channel", ratio=3 / 8, skip="")
+
+    result = run_pipeline(model, [pass_])
+
+    weights = _weights(model)
+    assert result.modified is True and pass_.summary.channels["c1"] == (8, 5)
+    assert weights["w1"].shape == (5, 8, 3, 3) and weights["wd"].shape == (5, 1, 3, 3)
+    assert weights["scale"].shape == (5, 1, 1) and weights["g"].shape == (5,) and weights["w2"].shape == (4, 5, 1, 1)
+    depthwise = next(node for node in model.graph if node.name == "dw")
+    assert depthwise.attributes.get_int("group") == 5
+    check_full(model)
+    # Dead channels stay zero through Relu, the scale, the bias-free depthwise conv and the zero-shift BN.
+    np.testing.assert_allclose(run_ort(model, X_CHAIN)[0], run_ort(proto, X_CHAIN)[0], rtol=1e-5, atol=1e-5)
+
+
+def _relu_chain_with_large_dead_filters(dead=(1, 4, 6)):
+    """x -> Conv c1 (8 out, bias) -> Relu -> Conv c2; the ``dead`` filters are the largest, but their bias keeps them below zero."""
+    rng = np.random.default_rng(5)
+    w1 = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+    w1[list(dead)] *= 10
+    b1 = np.zeros(8, np.float32)
+    b1[list(dead)] = -1e4
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r"]), helper.make_node("Conv", ["r", "w2"], ["y"], name="c2")]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
+             numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_activation_importance_removes_channels_that_relu_silences_despite_large_weights():
+    proto = _relu_chain_with_large_dead_filters()
+    by_activation, by_norm = load(proto), load(proto)
+    calibration = [{"x": np.random.default_rng(i).standard_normal((1, 8, 6, 6)).astype(np.float32)} for i in range(4)]
+
+    run_pipeline(by_activation, [PrunePass(pattern="channel", ratio=3 / 8, skip="", norm="activation", data=calibration)])
+    run_pipeline(by_norm, [PrunePass(pattern="channel", ratio=3 / 8, skip="", norm="l1")])
+
+    kept_bias = _weights(by_activation)["b1"]
+    assert kept_bias.shape == (5,) and not np.any(kept_bias < 0)  # the three silenced channels went
+    want = run_ort(proto, X_CHAIN)[0]
+    np.testing.assert_allclose(run_ort(by_activation, X_CHAIN)[0], want, rtol=1e-5, atol=1e-4)
+    # The weight norm keeps the large silenced filters and drops live ones instead.
+    assert np.abs(run_ort(by_norm, X_CHAIN)[0] - want).max() > 1.0
 
 
 @pytest.mark.parametrize("head", ["conv", "gap"])
@@ -313,7 +383,9 @@ def test_channel_counts_are_rounded_to_the_alignment(align, want):
     assert run_ort(model, zoo.feeds)[0].shape == run_ort(zoo.model, zoo.feeds)[0].shape
 
 
-@pytest.mark.parametrize("head,reason", [("residual", "channels reach Add"), ("reshape", "channels reach Reshape")])
+@pytest.mark.parametrize(
+    "head,reason", [("residual", "channels reach Add"), ("reshape", "channels reach Reshape"), ("grouped", "channels reach grouped conv Conv grouped")]
+)
 def test_channels_joined_by_an_add_or_a_reshape_are_left_alone(head, reason):
     proto = _conv_chain(head)
     model = load(proto)
