@@ -8,12 +8,14 @@ For every model, in one process:
 
 - structured: ``fold`` then ``prune(pattern=channel, ratio=R)``, and the same
   with ``reconstruct=true`` (the layers after each pruned one are refit on
-  8 synthesized calibration samples; the table says how many were);
+  8 synthesized calibration samples, in graph order on the pruned model's
+  own inputs; the table says how many were);
 - unstructured: ``fold`` then ``prune(sparsity=S)``.
 
 Printed per variant: parameter ratio (pruned / original elements, zeros
 counted as stored), onnxruntime CPU latency ratio (pruned / original median,
-1 thread, interleaved rounds after a warm-up), and fidelity against the
+1 thread, interleaved rounds after a warm-up, each timing enough runs to
+last 5 ms), and fidelity against the
 original on 8 other synthesized samples (relative L2 and cosine of the
 outputs). For unstructured pruning also the storage after int8 + the best of
 zlib/lzma against the order-0 entropy bound.
@@ -38,7 +40,7 @@ from cli_args import OneLineParser  # bench/ is on sys.path when run as a script
 os.environ.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = ("cnn_bn", "mobilenet", "squeezenet", "resnet50")
-ROUNDS, MIN_ROUNDS, SLOW_ROUND_SECONDS = 20, 5, 1.0
+ROUNDS, MIN_ROUNDS, SLOW_ROUND_SECONDS, MIN_TIMED_SECONDS = 20, 5, 1.0, 0.005
 SPEEDUP_GOAL, RECONSTRUCTION_GOAL, BOUND_GOAL = 1.3, 2.0, 0.8
 
 
@@ -67,16 +69,24 @@ def _fidelity(reference: Any, candidate: Any, feeds: list[dict]) -> tuple[float,
 
 
 def _latencies(sessions: list[Any], feeds: dict) -> list[float]:
+    """Median seconds per run of each session, timed in interleaved rounds.
+
+    Each timing covers enough back-to-back runs to last MIN_TIMED_SECONDS:
+    a 0.1 ms model timed one run at a time is mostly timer and scheduler noise.
+    """
     start = time.perf_counter()
     for session in sessions:
         session.run(None, feeds)
-    rounds = ROUNDS if time.perf_counter() - start <= SLOW_ROUND_SECONDS else MIN_ROUNDS
+    first = time.perf_counter() - start
+    rounds = ROUNDS if first <= SLOW_ROUND_SECONDS else MIN_ROUNDS
+    repeats = max(1, int(MIN_TIMED_SECONDS * len(sessions) / max(first, 1e-6)))
     times: list[list[float]] = [[] for _ in sessions]
     for _ in range(rounds):
         for session, bucket in zip(sessions, times):
             begin = time.perf_counter()
-            session.run(None, feeds)
-            bucket.append(time.perf_counter() - begin)
+            for _ in range(repeats):
+                session.run(None, feeds)
+            bucket.append((time.perf_counter() - begin) / repeats)
     return [statistics.median(bucket) for bucket in times]
 
 
@@ -165,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         return "PASS" if all(float(v.split()[-1].rstrip("x")) >= goal for v in values) else "FAIL"
 
     print(f"{bullet}{verdict(goals['speed'], SPEEDUP_GOAL)} structured speed-up >= {SPEEDUP_GOAL}x at ratio {args.ratio}: {', '.join(goals['speed'])}")
-    print(f"{bullet}{verdict(goals['reconstruction'], RECONSTRUCTION_GOAL)} reconstruction divides rel L2 by >= 2: {', '.join(goals['reconstruction'])} (consumers refit on the original activations, one layer at a time)")
+    print(f"{bullet}{verdict(goals['reconstruction'], RECONSTRUCTION_GOAL)} reconstruction divides rel L2 by >= 2: {', '.join(goals['reconstruction'])} (layers after each pruned one refit in graph order on the pruned model's inputs; refits that lose on held-out samples are skipped)")
     print(f"{bullet}{verdict(goals['bound'], BOUND_GOAL)} unstructured coding >= {BOUND_GOAL:.0%} of the entropy bound's efficiency: {', '.join(goals['bound'])}")
     print(f"{bullet}latency: 1 thread, onnxruntime default optimization, medians of interleaved rounds; total {time.perf_counter() - started:.0f} s")
     return 0

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.runtime import stream_tensors
+from graphopt.runtime import ModelRunner, stream_tensors
 from passes.lift_constants import LiftConstantsPass
 from passes.prune.channels import (
     Chain,
@@ -32,12 +32,13 @@ from passes.prune.channels import (
     channel_mean_abs,
     find_chains,
     importance,
+    input_axis,
     output_axis,
     prune_chain,
 )
 from passes.prune.compression import compression_report
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
-from passes.prune.reconstruct import input_gram, refit, refit_rows
+from passes.prune.reconstruct import Grams, cross_grams, fit_error, input_gram, refit, refit_cross
 from passes.qdq.samples import Samples
 
 logger = logging.getLogger(__name__)
@@ -201,25 +202,20 @@ class PrunePass(ir.passes.InPlacePass):
             scores = activation_importance(chain, activations[chain.output.name]) if activations else importance(chain, self.norm)  # type: ignore[union-attr]
             kept = _kept_channels(len(scores), self.ratio, self.align)
             keeps.append(np.sort(np.argsort(-scores, kind="stable")[:kept]))
-        refits = self._refit_consumers(model, chains, keeps) if self.reconstruct else {}
-        out_keep = {chain.producer: keep for chain, keep in zip(chains, keeps)}
-        modified = False
+        # The unpruned model is the teacher that reconstruction fits the pruned layers to.
+        teacher = ir.serde.deserialize_model(ir.serde.serialize_model(model)) if self.reconstruct and chains else None
+        cut: list[Chain] = []
         for chain, keep in zip(chains, keeps):
             channels = chain.producer.inputs[1].const_value.shape[output_axis(chain.producer)]  # type: ignore[union-attr]
             label = chain.producer.name or chain.producer.op_type
             if len(keep) < channels:
                 prune_chain(chain, keep)
-                modified = True
+                cut.append(chain)
             self.summary.channels[label] = (channels, len(keep))
-        for node, (weight, bias) in refits.items():  # after every cut, then cut to the node's own kept outputs
-            if node in out_keep:
-                weight = np.take(weight, out_keep[node], axis=output_axis(node))
-                bias = None if bias is None else np.take(bias, out_keep[node])
-            node.inputs[1].const_value = ir.Tensor(np.ascontiguousarray(weight), name=node.inputs[1].name)
-            if bias is not None:
-                node.inputs[2].const_value = ir.Tensor(np.ascontiguousarray(bias), name=node.inputs[2].name)
-            self.summary.reconstructed.append(node.name or node.op_type)
-        return modified
+        if teacher is not None and cut:
+            out_keep = {chain.producer: keep for chain, keep in zip(chains, keeps)}
+            self._refit_in_order(model, teacher, [user for chain in cut for user in chain.consumers], out_keep)
+        return bool(cut)
 
     def _channel_activations(self, model: ir.Model, chains: list[Chain]) -> dict[str, np.ndarray]:
         """Mean absolute activation per channel of each chain's consumer input, over the calibration samples."""
@@ -233,24 +229,55 @@ class PrunePass(ir.passes.InPlacePass):
                 totals[name] = totals.get(name, 0) + channel_mean_abs(tensors[name])
         return {name: total / max(count, 1) for name, total in totals.items()}
 
-    def _refit_consumers(self, model: ir.Model, chains: list, keeps: list[np.ndarray]) -> dict[ir.Node, tuple[np.ndarray, np.ndarray | None]]:
-        """New weights (all outputs, kept inputs) and biases of every chain consumer, from the unpruned model."""
-        consumers = {user: keep for chain, keep in zip(chains, keeps) for user in chain.consumers}
-        if not consumers:
-            return {}
+    def _refit_in_order(self, model: ir.Model, teacher: ir.Model, consumers: list[ir.Node], out_keep: dict[ir.Node, np.ndarray]) -> None:
+        """Refits the consumers in graph order on the pruned model's own inputs (see reconstruct.py).
+
+        Consumers that do not feed one another are refit together from one
+        run of the pruned model; the teacher session is opened once.
+        """
+        position = {node: index for index, node in enumerate(model.graph)}
+        pending = sorted(set(consumers), key=position.__getitem__)
+        twin = dict(zip(model.graph, teacher.graph))  # pruning adds and removes no nodes
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
-        grams = input_gram(model, list(consumers), samples.calibration(), self.threads)
-        refits = {}
-        for node, keep in consumers.items():
-            weight = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
-            bias_value = node.inputs[2] if len(node.inputs) > 2 else None
-            bias = bias_value.const_value.numpy() if bias_value is not None and bias_value.const_value is not None else None
-            if bias is not None and bias.ndim != 1:
-                bias = None  # a broadcast Gemm C is left as it is
-            kn, rows = _as_kn(node, weight, keep)
-            new_kn, new_bias = refit_rows(grams[node.name or ""], kn, bias, rows)
-            refits[node] = (_from_kn(node, new_kn, weight, len(keep)), new_bias)
-        return refits
+        names = [node.inputs[0].name or "" for node in pending]
+        with ModelRunner(teacher, threads=self.threads, extra_outputs=names) as runner:
+            while pending:
+                level = _independent_prefix(pending)
+                pending = pending[len(level) :]
+                wanted = [node.inputs[0].name or "" for node in level]
+                taught = (runner.run({k: v for k, v in feeds.items() if k in runner.input_names}, wanted) for feeds in samples.calibration())
+                grams = cross_grams(model, taught, level, samples.calibration(), self.threads)
+                for node in level:
+                    self._write_refit(node, twin[node], grams[node.name or ""], out_keep.get(node))
+
+    def _write_refit(self, node: ir.Node, original: ir.Node, halves: list[Grams], kept_outputs: np.ndarray | None) -> None:
+        """Refits ``node``'s weight (and bias) to its ``original`` twin's outputs, if that beats plain pruning on held-out samples.
+
+        The check fits on the even samples and compares on the odd ones: an
+        underdetermined fit (few rows per input, as on resnet50's 7x7 stage)
+        matches its calibration samples and drifts on any others.
+        """
+        label = node.name or node.op_type
+        weight = original.inputs[1].const_value.numpy()  # type: ignore[union-attr]
+        bias = _vector_bias(original)
+        target, _ = _as_kn(original, weight, np.arange(0))
+        if kept_outputs is not None:  # the node is itself pruned: fit only its kept outputs
+            target, bias = target[:, kept_outputs], None if bias is None else bias[kept_outputs]
+        current = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
+        if len(halves) == 2:
+            plain = _with_bias_row(_as_kn(node, current, np.arange(0))[0], None if bias is None else _vector_bias(node))
+            trial = _with_bias_row(*refit_cross(*halves[0], target, bias))
+            goal = _with_bias_row(target, bias)
+            if fit_error(halves[1], trial, goal) >= fit_error(halves[1], plain, goal):
+                self.summary.not_reconstructed[label] = "a refit did not beat plain pruning on held-out calibration samples"
+                return
+        own, cross = (sum(parts) for parts in zip(*halves))
+        new_kn, new_bias = refit_cross(own, cross, target, bias)
+        new_weight = _from_kn(node, new_kn, current, current.shape[input_axis(node)])
+        node.inputs[1].const_value = ir.Tensor(np.ascontiguousarray(new_weight), name=node.inputs[1].name)
+        if new_bias is not None:
+            node.inputs[2].const_value = ir.Tensor(np.ascontiguousarray(new_bias), name=node.inputs[2].name)
+        self.summary.reconstructed.append(label)
 
     def _grams(self, model: ir.Model, layers: list[tuple[ir.Node, ir.Value, int]]) -> dict[str, np.ndarray]:
         """Input Gram matrices of the layers that can be refit, from the still unpruned model."""
@@ -307,6 +334,40 @@ class PrunePass(ir.passes.InPlacePass):
             else:
                 layers.append((node, weight, axis))
         return layers
+
+
+def _vector_bias(node: ir.Node) -> np.ndarray | None:
+    """The node's constant [N] bias, or None (absent, or a broadcast Gemm C that stays as it is)."""
+    value = node.inputs[2] if len(node.inputs) > 2 else None
+    if value is None or value.const_value is None or len(value.const_value.shape) != 1:
+        return None
+    return value.const_value.numpy()
+
+
+def _with_bias_row(weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    return np.asarray(weight, np.float64) if bias is None else np.vstack([np.asarray(weight, np.float64), np.asarray(bias, np.float64)[None, :]])
+
+
+def _independent_prefix(pending: list[ir.Node]) -> list[ir.Node]:
+    """The longest prefix of ``pending`` (in graph order) in which no node feeds another."""
+    level: list[ir.Node] = []
+    for node in pending:
+        if any(earlier in _ancestors(node) for earlier in level):
+            break
+        level.append(node)
+    return level
+
+
+def _ancestors(node: ir.Node) -> set[ir.Node]:
+    seen: set[ir.Node] = set()
+    stack = [value.producer() for value in node.inputs if value is not None]
+    while stack:
+        current = stack.pop()
+        if current is None or current in seen:
+            continue
+        seen.add(current)
+        stack.extend(value.producer() for value in current.inputs if value is not None)
+    return seen
 
 
 def _kept_channels(channels: int, ratio: float, align: int) -> int:

@@ -11,14 +11,25 @@ with G = X^T X accumulated over the samples (with a column of ones when the
 layer has a bias, so the bias is refit too). Only G is kept: memory is
 K x K per layer whatever the number of samples. The inputs are the original
 model's activations, so each layer is fitted independently (closed form,
-numpy only). Unstructured masks are refit for MatMul and Gemm (transA=0);
-after channel pruning, the consumers (Conv with group 1, Gemm) are refit
-on their remaining input channels with one solve each (``refit_rows``).
+numpy only). Unstructured masks are refit for MatMul and Gemm (transA=0).
+
+After channel pruning the consumers (Conv with group 1, Gemm) are refit
+*sequentially*, in graph order, on the inputs the pruned model really
+computes (X_p, with the layers before already refit), against the original
+layer's outputs on the original inputs (X_o W):
+
+    W' = argmin ||X_p W' - X_o W||^2 + lambda ||W'||^2  =  (X_p^T X_p + lambda I)^-1 (X_p^T X_o) W
+
+Fitting each layer to the original activations alone made
+resnet50 worse (logit error 0.57 -> 0.62 over 32 refit layers): each refit
+is exact only for inputs the earlier pruned layers no longer produce, so the
+errors compound. The cross-Gram X_p^T X_o lets each layer absorb the error
+upstream of it (``cross_grams`` + ``refit_cross``).
 """
 
 from __future__ import annotations
 
-__all__ = ["input_gram", "refit", "refit_rows", "conv_patches"]
+__all__ = ["Grams", "conv_patches", "cross_grams", "fit_error", "input_gram", "refit", "refit_cross"]
 
 from collections.abc import Iterable, Sequence
 
@@ -55,6 +66,69 @@ def input_gram(model: ir.Model, nodes: Sequence[ir.Node], feeds: Iterable[Feeds]
     return grams
 
 
+Grams = tuple[np.ndarray, np.ndarray]  # (X_p^T X_p, X_p^T X_o)
+
+
+def cross_grams(
+    student: ir.Model, teacher_tensors: Iterable[dict[str, np.ndarray]], nodes: Sequence[ir.Node], feeds: Iterable[Feeds], threads: int | None
+) -> dict[str, list[Grams]]:
+    """``(X_p^T X_p, X_p^T X_o)`` of each of ``student``'s ``nodes``, by node name, for even and odd samples apart.
+
+    X_p is the node's first input as ``student`` computes it on ``feeds``; X_o
+    is the same-named tensor in ``teacher_tensors`` (one dict per sample, in
+    the same order). Both get a trailing column of ones (for the bias) and
+    the same rows (patches for Conv, drawn with the same seed). The two
+    halves let a refit be checked on samples it was not fitted to.
+    """
+    names = [node.inputs[0].name or "" for node in nodes]
+    grams: dict[str, list[Grams]] = {}
+    pairs = zip(stream_tensors(student, names, feeds, threads=threads), teacher_tensors)
+    for index, (pruned, original) in enumerate(pairs):
+        for node, name in zip(nodes, names):
+            rows_p, rows_o = (_rows(node, tensors[name]) for tensors in (pruned, original))
+            halves = grams.setdefault(node.name or "", [])
+            if len(halves) <= index % 2:
+                halves.append((rows_p.T @ rows_p, rows_p.T @ rows_o))
+            else:
+                own, cross = halves[index % 2]
+                halves[index % 2] = (own + rows_p.T @ rows_p, cross + rows_p.T @ rows_o)
+    return grams
+
+
+def fit_error(grams: Grams, weight: np.ndarray, target: np.ndarray) -> float:
+    """``||X_p A - X_o T||^2`` up to a term that does not depend on A; A and T carry a bias row when the grams have one used."""
+    own, cross = grams
+    kp, k = weight.shape[0], target.shape[0]
+    own, cross = own[:kp, :kp], cross[:kp, :k]
+    return float(np.sum(weight * (own @ weight)) - 2 * np.sum(weight * (cross @ target)))
+
+
+def _rows(node: ir.Node, array: np.ndarray) -> np.ndarray:
+    rows = conv_patches(node, array) if node.op_type == "Conv" else np.asarray(array, np.float64).reshape(-1, array.shape[-1])
+    return np.hstack([rows, np.ones((rows.shape[0], 1))])
+
+
+def refit_cross(own: np.ndarray, cross: np.ndarray, original: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The [Kp, N] weight (and bias) mapping the pruned inputs onto the original layer's outputs.
+
+    Args:
+        own: (Kp+1) x (Kp+1) = X_p^T X_p from :func:`cross_grams`.
+        cross: (Kp+1) x (K+1) = X_p^T X_o.
+        original: The original [K, N] weight; ``bias`` its [N] bias or None.
+    """
+    k, kp = original.shape[0], own.shape[0] - 1
+    target = np.asarray(original, np.float64)
+    if bias is not None:
+        target = np.vstack([target, np.asarray(bias, np.float64)[None, :]])
+    else:
+        own, cross = own[:kp, :kp], cross[:kp, :k]
+    system = own + RELATIVE_DAMPING * float(np.mean(np.diag(own))) * np.eye(own.shape[0])
+    solution = np.linalg.solve(system, cross @ target)
+    if bias is not None:
+        return solution[:-1].astype(original.dtype), solution[-1].astype(np.asarray(bias).dtype)
+    return solution.astype(original.dtype), None
+
+
 MAX_PATCHES = 2048
 
 
@@ -73,26 +147,6 @@ def conv_patches(node: ir.Node, array: np.ndarray) -> np.ndarray:
     if rows.shape[0] > MAX_PATCHES:
         rows = rows[np.random.default_rng(0).choice(rows.shape[0], MAX_PATCHES, replace=False)]
     return rows
-
-
-def refit_rows(gram: np.ndarray, original: np.ndarray, bias: np.ndarray | None, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Refit a [K, N] weight using only input rows ``kept`` (the same for every output); one solve.
-
-    Returns the [len(kept), N] weight and the refit bias (None without bias).
-    """
-    k = original.shape[0]
-    with_bias = bias is not None
-    size = k + 1 if with_bias else k
-    g = gram[:size, :size]
-    target = original.astype(np.float64)
-    if with_bias:
-        target = np.vstack([target, np.asarray(bias, np.float64)[None, :]])
-    index = np.append(kept, k) if with_bias else np.asarray(kept)
-    system = g[np.ix_(index, index)] + RELATIVE_DAMPING * float(np.mean(np.diag(g))) * np.eye(index.size)
-    solution = np.linalg.solve(system, (g @ target)[index])
-    if with_bias:
-        return solution[:-1].astype(original.dtype), solution[-1].astype(np.asarray(bias).dtype)
-    return solution.astype(original.dtype), None
 
 
 def refit(gram: np.ndarray, original: np.ndarray, bias: np.ndarray | None, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
