@@ -9,7 +9,10 @@ and follows the channels to the layers that consume them:
                     per-channel or scalar constant,
                   activations: Relu | Clip | LeakyRelu | Sigmoid | Tanh,
                   pools: MaxPool | AveragePool | GlobalAveragePool,
-                  Flatten after a global pool
+                  Flatten (after a global pool, or of a whole feature map:
+                    then each channel is a block of H*W features),
+                  one Concat along the channel axis (the channels become a
+                    segment of its output, at an offset)
              -> consumers (Conv group 1, or Gemm reading the channels as features)
 
 Along it, the producer's weight rows and bias, every channel-wise node's
@@ -17,9 +20,11 @@ per-channel parameters (a depthwise conv's filters, bias and group count
 included) and the consumers' input channels are cut to the kept channels,
 so tensors physically shrink and the graph's outputs keep their shapes.
 Channel-wise nodes never mix channels, which is what lets the kept channels
-keep their meaning through them. Anything else on the way (a residual Add, a
-Concat, a grouped conv, a Reshape, a graph output) leaves the chain alone,
-and the reason is reported.
+keep their meaning through them. Through a Concat, the consumers' input
+channels are cut once for all its segments (``prune_concat_consumers``),
+since several chains may feed one Concat. Anything else on the way (a
+residual Add, a grouped conv, a Reshape, a graph output) leaves the chain
+alone, and the reason is reported.
 
 Importance is the L1 norm of each output channel's weights (L2 with
 ``norm=l2``), or, from calibration data (``norm=activation``), how much each
@@ -31,7 +36,7 @@ with large filters that ReLU keeps at zero costs nothing to remove.
 
 from __future__ import annotations
 
-__all__ = ["Chain", "activation_importance", "channel_mean_abs", "find_chains", "importance", "prune_chain"]
+__all__ = ["Chain", "activation_importance", "channel_mean_abs", "find_chains", "importance", "prune_chain", "prune_concat_consumers"]
 
 import math
 from dataclasses import dataclass, field
@@ -55,6 +60,9 @@ class Chain:
     passthrough: list[ir.Node] = field(default_factory=list)
     consumers: list[ir.Node] = field(default_factory=list)
     output: ir.Value | None = None  # the tensor the consumers read
+    block: int = 1  # consumer input features per channel (H*W after Flatten of a feature map)
+    concat: tuple[ir.Node, int] | None = None  # the Concat the channels join, and at which input
+    segments: list[int] = field(default_factory=list)  # channel counts of that Concat's inputs
 
 
 def find_chains(graph: ir.Graph, candidates: list[ir.Node]) -> tuple[list[Chain], dict[str, str]]:
@@ -81,7 +89,7 @@ def _follow(producer: ir.Node) -> Chain | str:
     if bias is not None and not (_const(bias) and bias.const_value.shape.dims in ((channels,), (1,), ())):  # type: ignore[union-attr]
         return "bias is not a constant vector per channel"
     chain = Chain(producer)
-    value, flattened, pooled_globally = producer.outputs[0], False, False
+    value, flattened, pooled_globally, spatial = producer.outputs[0], False, False, False
     if producer.op_type == "Gemm":
         flattened = True  # its channels are features on axis 1 of a 2-D tensor
     while True:
@@ -89,13 +97,15 @@ def _follow(producer: ir.Node) -> Chain | str:
             return "channels reach a graph output"
         users = [user for user, _ in value.uses()]
         if len(users) != 1:
-            return _consumers(chain, value, users, flattened)
+            return _consumers(chain, value, users, flattened, spatial)
         (user,) = users
         if user.domain not in _ONNX_DOMAINS:
             return f"channels reach custom op {user.domain}.{user.op_type}"
         cuts = _channelwise_cuts(user, value, flattened)
         if isinstance(cuts, str):
             return cuts
+        if cuts and chain.concat is not None:
+            return f"per-channel constants of {user.op_type} after a Concat"
         if cuts is not None:
             chain.channelwise.append((user, cuts))
         elif user.op_type in _UNARY and user.inputs[0] is value and all(_const(v) for v in user.inputs[1:] if v is not None):
@@ -103,11 +113,19 @@ def _follow(producer: ir.Node) -> Chain | str:
         elif user.op_type in _POOLS and not flattened:
             chain.passthrough.append(user)
             pooled_globally = pooled_globally or user.op_type == "GlobalAveragePool"
-        elif user.op_type == "Flatten" and pooled_globally and not flattened and user.attributes.get_int("axis", 1) == 1:
+        elif user.op_type == "Flatten" and not flattened and user.attributes.get_int("axis", 1) == 1:
             chain.passthrough.append(user)
-            flattened = True
+            flattened, spatial = True, not pooled_globally
+        elif user.op_type == "Concat" and chain.concat is None and not flattened and user.attributes.get_int("axis", 0) == 1:
+            if list(user.inputs).count(value) != 1:
+                return "channels reach a Concat twice"
+            segments = [_channel_count(v) for v in user.inputs]
+            if any(count is None for count in segments):
+                return "channel counts of the Concat inputs are unknown"
+            chain.concat, chain.segments = (user, list(user.inputs).index(value)), segments  # type: ignore[assignment]
+            chain.passthrough.append(user)
         else:
-            return _consumers(chain, value, users, flattened)
+            return _consumers(chain, value, users, flattened, spatial)
         value = user.outputs[0]
 
 
@@ -145,7 +163,27 @@ def _channelwise_cuts(user: ir.Node, value: ir.Value, flattened: bool) -> list[t
     return cuts
 
 
-def _consumers(chain: Chain, value: ir.Value, users: list[ir.Node], flattened: bool) -> Chain | str:
+def _channel_count(value: ir.Value | None) -> int | None:
+    """Channels (axis 1) of ``value``: from its shape, or from the weights of the layer that made them."""
+    if value is None:
+        return None
+    if value.shape is not None and len(value.shape) >= 2 and isinstance(value.shape[1], int):
+        return value.shape[1]
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type in ("Conv", "Gemm") and _const(node.inputs[1] if len(node.inputs) > 1 else None):
+        return node.inputs[1].const_value.shape[output_axis(node)]  # type: ignore[union-attr]
+    if node.op_type == "Concat" and node.attributes.get_int("axis", 0) == 1:
+        counts = [_channel_count(v) for v in node.inputs]
+        return None if any(c is None for c in counts) else sum(counts)  # type: ignore[arg-type]
+    if node.op_type in _UNARY | _POOLS - {"GlobalAveragePool"} | {"BatchNormalization"} | _ARITHMETIC:
+        return _channel_count(node.inputs[0])
+    return None
+
+
+def _consumers(chain: Chain, value: ir.Value, users: list[ir.Node], flattened: bool, spatial: bool) -> Chain | str:
+    channels = sum(chain.segments) if chain.concat else chain.producer.inputs[1].const_value.shape[output_axis(chain.producer)]  # type: ignore[union-attr]
     for user in users:
         label = f"{user.op_type} {user.name or ''}".rstrip()
         conv_ok = user.op_type == "Conv" and not flattened and user.attributes.get_int("group", 1) == 1
@@ -157,6 +195,11 @@ def _consumers(chain: Chain, value: ir.Value, users: list[ir.Node], flattened: b
         weight = user.inputs[1] if len(user.inputs) > 1 else None
         if not _const(weight) or any(other is not user for other, _ in weight.uses()):  # type: ignore[union-attr]
             return f"{label} has no private constant weight"
+        features = weight.const_value.shape[input_axis(user)]  # type: ignore[union-attr]
+        block = features // channels if spatial else 1
+        if features != channels * block or (chain.block != 1 and block != chain.block):
+            return f"{label} reads {features} features, not a block per channel of {channels}"
+        chain.block = block
     if not users:
         return "channels are not used"
     chain.consumers, chain.output = users, value
@@ -192,13 +235,20 @@ def channel_mean_abs(array: np.ndarray) -> np.ndarray:
 
 
 def activation_importance(chain: Chain, mean_abs: np.ndarray) -> np.ndarray:
-    """One score per channel: ``mean_abs`` (of the consumers' input) times the L2 norm of the consumer weights reading it."""
+    """One score per channel of the producer from ``mean_abs``, the mean |x| of each consumer input feature.
+
+    A feature scores its mean |x| times the L2 norm of the consumer weights
+    reading it; a channel sums its block of features, in its Concat segment.
+    """
     reach = np.zeros_like(mean_abs)
     for user in chain.consumers:
         weight = user.inputs[1].const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
         moved = np.moveaxis(weight, input_axis(user), 0).reshape(weight.shape[input_axis(user)], -1)
         reach += (moved**2).sum(axis=1)
-    return mean_abs * np.sqrt(reach)
+    per_channel = (mean_abs * np.sqrt(reach)).reshape(-1, chain.block).sum(axis=1)
+    offset = sum(chain.segments[: chain.concat[1]]) if chain.concat else 0
+    channels = chain.producer.inputs[1].const_value.shape[output_axis(chain.producer)]  # type: ignore[union-attr]
+    return per_channel[offset : offset + channels]
 
 
 def prune_chain(chain: Chain, keep: np.ndarray) -> None:
@@ -215,12 +265,38 @@ def prune_chain(chain: Chain, keep: np.ndarray) -> None:
                 _take(constant, keep, axis)
         if node.op_type == "Conv":  # depthwise: one group per kept channel
             node.attributes["group"] = ir.AttrInt64("group", len(keep))
-    for user in chain.consumers:
-        _take(user.inputs[1], keep, input_axis(user))
+    if chain.concat is None:
+        for user in chain.consumers:
+            _take(user.inputs[1], _blocks(keep, chain.block), input_axis(user))
     # Shapes recorded on the chain's tensors no longer hold; onnxruntime infers them.
     for node in [producer, *(node for node, _ in chain.channelwise), *chain.passthrough]:
         for output in node.outputs:
             output.shape = None
+
+
+def prune_concat_consumers(chains: list[tuple[Chain, np.ndarray]]) -> None:
+    """Cuts the consumers after each Concat to the kept channels of all its segments at once.
+
+    ``chains`` are the pruned chains that pass a Concat, with their kept
+    channels; segments no chain pruned stay whole.
+    """
+    by_concat: dict[ir.Node, dict[int, tuple[Chain, np.ndarray]]] = {}
+    for chain, keep in chains:
+        assert chain.concat is not None
+        by_concat.setdefault(chain.concat[0], {})[chain.concat[1]] = (chain, keep)
+    for segments in by_concat.values():
+        first = next(iter(segments.values()))[0]
+        offsets = np.cumsum([0, *first.segments[:-1]])
+        index = np.concatenate(
+            [(segments[i][1] if i in segments else np.arange(count)) + offset for i, (count, offset) in enumerate(zip(first.segments, offsets))]
+        )
+        for user in first.consumers:
+            _take(user.inputs[1], _blocks(index, first.block), input_axis(user))
+
+
+def _blocks(channels: np.ndarray, block: int) -> np.ndarray:
+    """Input feature indices of the given channels when each channel is ``block`` consecutive features."""
+    return (np.asarray(channels)[:, None] * block + np.arange(block)[None, :]).ravel()
 
 
 def _take(value: ir.Value | None, keep: np.ndarray, axis: int) -> None:

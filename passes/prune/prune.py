@@ -35,6 +35,7 @@ from passes.prune.channels import (
     input_axis,
     output_axis,
     prune_chain,
+    prune_concat_consumers,
 )
 from passes.prune.compression import compression_report
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
@@ -212,6 +213,8 @@ class PrunePass(ir.passes.InPlacePass):
                 prune_chain(chain, keep)
                 cut.append(chain)
             self.summary.channels[label] = (channels, len(keep))
+        pruned = {id(chain) for chain in cut}
+        prune_concat_consumers([(chain, keep) for chain, keep in zip(chains, keeps) if id(chain) in pruned and chain.concat is not None])
         if teacher is not None and cut:
             out_keep = {chain.producer: keep for chain, keep in zip(chains, keeps)}
             self._refit_in_order(model, teacher, [user for chain in cut for user in chain.consumers], out_keep)

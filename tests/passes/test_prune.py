@@ -237,7 +237,9 @@ def _conv_chain(head: str, dead_channels=(1, 4, 6), seed: int = 0):
     "reshape": Reshape -> Conv c2 (a Reshape we cannot follow); "depthwise": Relu ->
     Mul by a per-channel constant -> depthwise Conv (group 8) -> BatchNormalization
     (zero shift, so dead channels stay zero) -> Conv c2 (8 -> 4); "grouped": a
-    group-2 Conv (4 inputs per group) -> Conv c2.
+    group-2 Conv (4 inputs per group) -> Conv c2; "concat": Relu -> Concat(r, x) on
+    channels -> Conv c2 (16 -> 4); "flatten": Relu -> Flatten of the whole map -> Gemm
+    fc (8*6*6 -> 5).
     """
     rng = np.random.default_rng(seed)
     w1 = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
@@ -266,6 +268,15 @@ def _conv_chain(head: str, dead_channels=(1, 4, 6), seed: int = 0):
                   numpy_helper.from_array(np.zeros(8, np.float32), "zero_m"),
                   numpy_helper.from_array(rng.uniform(0.5, 2, 8).astype(np.float32), "var"),
                   numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2")]
+    elif head == "concat":
+        nodes += [helper.make_node("Relu", ["c1"], ["r"]), helper.make_node("Concat", ["r", "x"], ["cat"], axis=1),
+                  helper.make_node("Conv", ["cat", "w2"], ["y"], name="c2")]
+        inits.append(numpy_helper.from_array(rng.standard_normal((4, 16, 1, 1)).astype(np.float32), "w2"))
+    elif head == "flatten":
+        nodes += [helper.make_node("Relu", ["c1"], ["r"]), helper.make_node("Flatten", ["r"], ["f"]),
+                  helper.make_node("Gemm", ["f", "w2"], ["y"], name="fc", transB=1)]
+        inits.append(numpy_helper.from_array(rng.standard_normal((5, 8 * 36)).astype(np.float32), "w2"))
+        out_shape = [1, 5]
     elif head == "grouped":
         nodes += [helper.make_node("Conv", ["c1", "wg"], ["g"], name="grouped", group=2, pads=[1, 1, 1, 1]),
                   helper.make_node("Conv", ["g", "w2"], ["y"], name="c2")]
@@ -284,6 +295,20 @@ def _conv_chain(head: str, dead_channels=(1, 4, 6), seed: int = 0):
 
 
 X_CHAIN = {"x": np.random.default_rng(3).standard_normal((1, 8, 6, 6)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("head,want", [("concat", (4, 13, 1, 1)), ("flatten", (5, 5 * 36))])
+def test_channel_pruning_cuts_concat_segments_and_flattened_feature_blocks(head, want):
+    proto = _conv_chain(head)
+    model = load(proto)
+    pass_ = PrunePass(pattern="channel", ratio=3 / 8, skip="")
+
+    run_pipeline(model, [pass_])
+
+    assert pass_.summary.channels["c1"] == (8, 5)
+    assert _weights(model)["w2"].shape == want  # the other Concat input keeps its 8 channels
+    check_full(model)
+    np.testing.assert_allclose(run_ort(model, X_CHAIN)[0], run_ort(proto, X_CHAIN)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_channel_pruning_cuts_depthwise_convs_batchnorm_and_per_channel_constants_consistently():
