@@ -9,8 +9,9 @@ and follows the channels to the layers that consume them:
                     per-channel or scalar constant,
                   activations: Relu | Clip | LeakyRelu | Sigmoid | Tanh,
                   pools: MaxPool | AveragePool | GlobalAveragePool,
-                  Flatten (after a global pool, or of a whole feature map:
-                    then each channel is a block of H*W features),
+                  Flatten, or Reshape to [batch, -1] (after a global pool, or of
+                    a whole feature map: then each channel is a block of H*W
+                    features),
                   one Concat along the channel axis (the channels become a
                     segment of its output, at an offset)
              -> consumers (Conv group 1, or Gemm reading the channels as features)
@@ -113,7 +114,9 @@ def _follow(producer: ir.Node) -> Chain | str:
         elif user.op_type in _POOLS and not flattened:
             chain.passthrough.append(user)
             pooled_globally = pooled_globally or user.op_type == "GlobalAveragePool"
-        elif user.op_type == "Flatten" and not flattened and user.attributes.get_int("axis", 1) == 1:
+        elif not flattened and (
+            (user.op_type == "Flatten" and user.attributes.get_int("axis", 1) == 1) or (user.op_type == "Reshape" and _flattens_to_rows(user))
+        ):
             chain.passthrough.append(user)
             flattened, spatial = True, not pooled_globally
         elif user.op_type == "Concat" and chain.concat is None and not flattened and user.attributes.get_int("axis", 0) == 1:
@@ -161,6 +164,15 @@ def _channelwise_cuts(user: ir.Node, value: ir.Value, flattened: bool) -> list[t
         if not _const(param) or any(other is not user for other, _ in param.uses()):  # type: ignore[union-attr]
             return f"{label} has a shared or non-constant parameter"
     return cuts
+
+
+def _flattens_to_rows(reshape: ir.Node) -> bool:
+    """Whether a Reshape's constant shape is ``[batch or 0, -1]``: a Flatten at axis 1 that survives a channel cut."""
+    shape = reshape.inputs[1] if len(reshape.inputs) > 1 else None
+    if not _const(shape) or reshape.inputs[0] is None:
+        return False
+    dims = shape.const_value.numpy().tolist()  # type: ignore[union-attr]
+    return len(dims) == 2 and dims[1] == -1 and dims[0] >= 0
 
 
 def _channel_count(value: ir.Value | None) -> int | None:

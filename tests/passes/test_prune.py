@@ -272,8 +272,12 @@ def _conv_chain(head: str, dead_channels=(1, 4, 6), seed: int = 0):
         nodes += [helper.make_node("Relu", ["c1"], ["r"]), helper.make_node("Concat", ["r", "x"], ["cat"], axis=1),
                   helper.make_node("Conv", ["cat", "w2"], ["y"], name="c2")]
         inits.append(numpy_helper.from_array(rng.standard_normal((4, 16, 1, 1)).astype(np.float32), "w2"))
-    elif head == "flatten":
-        nodes += [helper.make_node("Relu", ["c1"], ["r"]), helper.make_node("Flatten", ["r"], ["f"]),
+    elif head in ("flatten", "reshape_rows"):
+        flatten = helper.make_node("Flatten", ["r"], ["f"])
+        if head == "reshape_rows":
+            flatten = helper.make_node("Reshape", ["r", "rows"], ["f"])
+            inits.append(numpy_helper.from_array(np.array([0, -1], np.int64), "rows"))
+        nodes += [helper.make_node("Relu", ["c1"], ["r"]), flatten,
                   helper.make_node("Gemm", ["f", "w2"], ["y"], name="fc", transB=1)]
         inits.append(numpy_helper.from_array(rng.standard_normal((5, 8 * 36)).astype(np.float32), "w2"))
         out_shape = [1, 5]
@@ -297,7 +301,7 @@ def _conv_chain(head: str, dead_channels=(1, 4, 6), seed: int = 0):
 X_CHAIN = {"x": np.random.default_rng(3).standard_normal((1, 8, 6, 6)).astype(np.float32)}
 
 
-@pytest.mark.parametrize("head,want", [("concat", (4, 13, 1, 1)), ("flatten", (5, 5 * 36))])
+@pytest.mark.parametrize("head,want", [("concat", (4, 13, 1, 1)), ("flatten", (5, 5 * 36)), ("reshape_rows", (5, 5 * 36))])
 def test_channel_pruning_cuts_concat_segments_and_flattened_feature_blocks(head, want):
     proto = _conv_chain(head)
     model = load(proto)
