@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_MODEL ?= resnet50
 DEMO_DIR := out/demo
 
-.PHONY: demo demo-qdq test bench-scale bench-validate bench-qdq bench-prune clean
+.PHONY: demo demo-qdq test bench-scale bench-validate bench-qdq bench-prune bench-lowrank clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-qdq: $(VENV)/.installed
 
 bench-prune: $(VENV)/.installed
 	$(PY) bench/prune.py --markdown
+
+bench-lowrank: $(VENV)/.installed
+	$(PY) bench/lowrank.py --markdown
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from cli_args import OneLineParser  # bench/ is on sys.path when run as a script
+from tables import table
 
 os.environ.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -135,13 +136,6 @@ def run_model(name: str, ratio: float, sparsity: float) -> tuple[list[tuple[str,
 _HEADERS = ("variant", "params ratio", "latency ratio", "rel L2", "cosine", "storage (int8+coding)", "reconstruction")
 
 
-def _table(rows: list[tuple[str, ...]], markdown: bool) -> str:
-    if markdown:
-        return "\n".join(["| " + " | ".join(_HEADERS) + " |", "|---|" + "---:|" * (len(_HEADERS) - 1)] + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max(len(t) for t in column) for column in zip(_HEADERS, *rows)]
-    return "\n".join("  ".join(t.ljust(w) for t, w in zip(r, widths)).rstrip() for r in [_HEADERS, *rows])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated zoo models")
@@ -164,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}...", file=sys.stderr, flush=True)
         rows, facts = run_model(name, args.ratio, args.sparsity)
         print(f"### {name} (original {facts['reference_ms']:.2f} ms)\n" if args.markdown else f"{name} (original {facts['reference_ms']:.2f} ms)")
-        print(_table(rows, args.markdown) + "\n")
+        print(table(_HEADERS, rows, args.markdown) + "\n")
         goals["speed"].append(f"{name} {facts[structured]['speedup']:.2f}x")
         gain = facts[structured]["rel_l2"] / max(facts[rebuilt]["rel_l2"], 1e-12)
         goals["reconstruction"].append(f"{name} {gain:.2f}x")

@@ -23,6 +23,7 @@ from passes.fold import (
     fold,
 )
 from passes.lift_constants import LiftConstantsPass
+from passes.lowrank import LowRankPass
 from passes.prune import PrunePass
 from passes.qdq import QuantizePass
 from passes.toposort import SortTopologicallyPass
@@ -45,4 +46,5 @@ BUILTIN_PASSES = {
     # Lossy passes.
     "qdq": QuantizePass,
     "prune": PrunePass,
+    "lowrank": LowRankPass,
 }

@@ -12,7 +12,7 @@ float: the result must never be slower than what the user had.
 
 from __future__ import annotations
 
-__all__ = ["choose", "sensitivity"]
+__all__ = ["choose", "held_back_fidelity", "sensitivity"]
 
 import json
 import logging
@@ -61,7 +61,7 @@ def choose(
     with ModelRunner(reference, threads=threads) as runner:
         expected = [runner.run(feeds) for feeds in held_back]
     model, summary = build([])
-    cosine, snr = _fidelity(model, held_back, expected, threads)
+    cosine, snr = held_back_fidelity(model, held_back, expected, threads)
     if not _meets(cosine, snr, target_cosine, target_snr):
         ranking = sensitivity(reference, model, held_back[0], threads)
         model, summary, cosine, snr, kept_float = _fewest_float_layers(
@@ -84,7 +84,7 @@ def choose(
                 model, summary, ratio = variant, variant_summary, variant_ratio
                 summary.float_layers.update(kept)
                 summary.float_layers.update({name: f"int8 kernel slower than float ({text})" for name, text in slow.items()})
-                cosine, snr = _fidelity(model, held_back, expected, threads)
+                cosine, snr = held_back_fidelity(model, held_back, expected, threads)
                 summary.fidelity = {"cosine": cosine, "snr_db": snr}
         summary.latency_ratio = ratio
         if ratio > SLOWER_THAN_FLOAT:
@@ -168,7 +168,7 @@ def _fewest_float_layers(build: Build, ranking: list[str], held_back, expected, 
     while high - low > 1:
         middle = (low + high) // 2
         model, summary = build(ranking[:middle])
-        cosine, snr = _fidelity(model, held_back, expected, threads)
+        cosine, snr = held_back_fidelity(model, held_back, expected, threads)
         logger.info("qdq: %d layers float -> cosine %.5f, SNR %.1f dB", middle, cosine, snr)
         if _meets(cosine, snr, target_cosine, target_snr):
             high, best = middle, (model, summary, cosine, snr)
@@ -176,12 +176,12 @@ def _fewest_float_layers(build: Build, ranking: list[str], held_back, expected, 
             low = middle
     if best is None:  # only "everything float" met the target
         model, summary = build(ranking[:high])
-        cosine, snr = _fidelity(model, held_back, expected, threads)
+        cosine, snr = held_back_fidelity(model, held_back, expected, threads)
         best = (model, summary, cosine, snr)
     return (*best, ranking[:high])
 
 
-def _fidelity(model: ir.Model, held_back: Sequence[Feeds], expected: list[dict[str, np.ndarray]], threads: int | None) -> tuple[float, float]:
+def held_back_fidelity(model: ir.Model, held_back: Sequence[Feeds], expected: list[dict[str, np.ndarray]], threads: int | None) -> tuple[float, float]:
     """Worst cosine and SNR over the outputs, accumulated over the held-back samples."""
     comparators: dict[str, OutputComparator] = {}
     with ModelRunner(model, threads=threads) as runner:

@@ -1,0 +1,352 @@
+"""``lowrank``: low-rank decomposition of MatMul/Gemm weights and Conv kernels.
+
+A layer y = x W (+ b) with W [k, n] becomes y = (x A) B (+ b) with A [k, r]
+and B [r, n]; it pays when r (k + n) < k n. A group-1 Conv kernel
+W [O, I, kh, kw] becomes either three convs (``conv=tucker``: 1x1 reduce to
+r_in channels, the kh x kw core r_in -> r_out with the original strides,
+pads and dilations, 1x1 expand with the bias) or two (``conv=channel``: a
+kh x kw conv with r filters, then a 1x1 conv with the bias). 1x1 kernels are
+always factored as matrices (two 1x1 convs): a Tucker core would be a third.
+Factors are exact at full rank; a layer is rewritten only if it saves
+``min_gain`` of its weight parameters.
+
+Error model: plain SVD keeps the best rank-r approximation of each weight;
+its relative weight error is sqrt(sum of the dropped s_i^2 / sum of all
+s_i^2), and the layer's output error follows it for isotropic inputs. Real
+activations are far from isotropic, so ``data_aware`` weighs the weight
+error by the layer's input Gram matrix (see factor.py) and minimizes the
+output error on calibration data instead. Errors of successive layers add
+up; nothing here re-trains.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LowRankPass", "LowRankSummary"]
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.runtime import ModelRunner, stream_tensors
+from passes.lift_constants import LiftConstantsPass
+from passes.lowrank import allocate, factor, speed
+from passes.lowrank.layers import Layer, find_layers, label
+from passes.lowrank.rewrite import Chain, Step, copy_attributes
+from passes.prune.reconstruct import input_gram
+from passes.qdq.mixed import held_back_fidelity
+from passes.qdq.samples import Samples
+
+logger = logging.getLogger(__name__)
+
+_CONV_MODES = ("tucker", "channel")
+_CONV_ATTRIBUTES = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
+
+
+@dataclass
+class LowRankSummary:
+    """Per-layer ranks and parameter counts, and what was skipped and why."""
+
+    decomposed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    fidelity: dict[str, Any] = field(default_factory=dict)  # with target_cosine: what the allocation reached
+
+    def line(self) -> str:
+        before = sum(entry["params_before"] for entry in self.decomposed.values())
+        after = sum(entry["params_after"] for entry in self.decomposed.values())
+        if self.decomposed:
+            ranks = [rank for entry in self.decomposed.values() for rank in entry["ranks"]]
+            parts = [f"{len(self.decomposed)} layers factored (ranks {min(ranks)}-{max(ranks)}), weights {before} -> {after} params"]
+        else:
+            parts = ["no layer factored"]
+        if self.skipped:
+            reasons = sorted(set(self.skipped.values()))
+            parts.append(f"{len(self.skipped)} skipped ({'; '.join(reasons[:4])}{'; ...' if len(reasons) > 4 else ''})")
+        if self.fidelity:
+            parts.append(f"output cosine {self.fidelity['cosine']:.5f} on held-back samples (target {self.fidelity['target_cosine']:g})")
+        return ", ".join(parts)
+
+
+class LowRankPass(ir.passes.InPlacePass):
+    """Factors MatMul/Gemm weights and group-1 Conv kernels into low-rank chains.
+
+    Options (keyword-only):
+        ratio: Share of each layer's weight parameters the factors keep
+            (2-D: r = floor(ratio k n / (k + n)), at least 1).
+        energy: If given, instead of ``ratio``: the smallest rank whose squared
+            singular values hold this share of the total (per channel mode for
+            Tucker; of the whitened weight when ``data_aware``).
+        rank: If given, instead of both: one rank for every layer (capped at
+            the layer's full rank; both Tucker ranks).
+        min_gain: Factor a layer only if that saves at least this share of
+            its weight parameters. Negative values allow factorizations that
+            grow the layer (full-rank checks).
+        conv: ``tucker`` (Tucker-2, three convs) or ``channel`` (two convs).
+        data_aware: Fit MatMul/Gemm and ``channel`` conv factors to the
+            layer's calibration activations (see factor.py); Tucker stays
+            plain HOSVD.
+        skip: Comma-separated node names or op types to leave alone.
+        target_cosine: If given, ignore ``ratio``/``energy``/``rank`` and
+            allocate ranks across layers (see allocate.py) until the model's
+            output cosine on held-back calibration samples (every fourth,
+            never fitted to) would drop below this.
+        check_speed: Time each MatMul/Gemm alone on onnxruntime CPU at its
+            real input rows, dense against factored, and keep it dense unless
+            factoring is faster (see speed.py). Convs are not timed.
+        data: Calibration feeds for ``data_aware`` (as for ``qdq``); None
+            synthesizes ``samples`` feeds with ``seed``.
+        threads: onnxruntime threads for the calibration run.
+    """
+
+    visits_subgraphs = False
+
+    def __init__(
+        self,
+        *,
+        ratio: float = 0.5,
+        energy: float | None = None,
+        rank: int | None = None,
+        min_gain: float = 0.1,
+        conv: str = "tucker",
+        data_aware: bool = False,
+        skip: str = "",
+        target_cosine: float | None = None,
+        check_speed: bool = True,
+        data: Any = None,
+        samples: int = 16,
+        seed: int = 0,
+        threads: int | None = 1,
+    ) -> None:
+        super().__init__()
+        if not 0 < ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+        if energy is not None and not 0 < energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], got {energy!r}")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        if energy is not None and rank is not None:
+            raise ValueError("give at most one of energy and rank")
+        if not min_gain < 1:
+            raise ValueError(f"min_gain must be below 1, got {min_gain!r}")
+        if conv not in _CONV_MODES:
+            raise ValueError(f"conv must be 'tucker' or 'channel', got {conv!r}")
+        if target_cosine is not None and not 0 < target_cosine <= 1:
+            raise ValueError(f"target_cosine must be in (0, 1], got {target_cosine!r}")
+        self.target_cosine, self.check_speed = target_cosine, bool(check_speed)
+        self._rows: dict[str, int] = {}
+        if not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be a positive integer, got {samples!r}")
+        self.ratio, self.energy, self.rank, self.min_gain, self.conv = ratio, energy, rank, min_gain, conv
+        self.data_aware, self.data, self.samples, self.seed, self.threads = bool(data_aware), data, samples, seed, threads
+        self.skip = frozenset(part.strip() for part in str(skip or "").split(",") if part.strip())
+        self.summary = LowRankSummary()
+
+    def details(self) -> dict[str, Any]:
+        """The last run's summary for the pipeline ledger, with a one-line ``summary``."""
+        return {**dataclasses.asdict(self.summary), "summary": self.summary.line()}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        LiftConstantsPass()(model)  # Constant-node weights become initializers first
+        self.summary = LowRankSummary()
+        layers = find_layers(model.graph, self.skip, self.conv, self.summary.skipped)
+        if not layers:
+            return ir.passes.PassResult(model, False)
+        self._rows = self._input_rows(model, layers) if self.check_speed else {}
+        if self.target_cosine is not None:
+            return ir.passes.PassResult(model, self._allocate(model, layers))
+        grams = self._grams(model, layers) if self.data_aware else {}
+        chain = Chain(model.graph)
+        modified = False
+        for layer in layers:
+            modified |= self._try_factor(layer, grams.get(layer.node), chain)
+        return ir.passes.PassResult(model, modified)
+
+    def _allocate(self, model: ir.Model, layers: list[Layer]) -> bool:
+        """Factors the layers at the ranks that keep the most steps of allocate.plan within ``target_cosine``."""
+        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=True)
+        grams = {label(node): gram for node, gram in (self._grams(model, layers, samples) if self.data_aware else {}).items()}
+        ladders = [allocate.ladder(label(layer.node), self._rungs(layer, grams.get(label(layer.node))), layer.params) for layer in layers]
+        steps = allocate.plan(ladders, {label(layer.node): layer.params for layer in layers})
+        with ModelRunner(model, threads=self.threads) as runner:
+            expected = [runner.run({k: v for k, v in feeds.items() if k in runner.input_names}) for feeds in samples.held_back]
+        cosines = {0: 1.0}
+
+        def meets(count: int) -> bool:
+            trial = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+            kept, self.summary = self.summary, LowRankSummary()
+            try:
+                self._factor_at(trial, allocate.allocation(steps[:count]), grams)
+            finally:
+                self.summary = kept
+            cosines[count] = held_back_fidelity(trial, samples.held_back, expected, self.threads)[0]
+            logger.info("lowrank: %d of %d rank steps -> held-back cosine %.5f", count, len(steps), cosines[count])
+            return cosines[count] >= self.target_cosine  # type: ignore[operator]
+
+        best = allocate.most_steps(len(steps), meets)
+        ranks = allocate.allocation(steps[:best])
+        for layer in layers:
+            if label(layer.node) not in ranks:
+                self.summary.skipped.setdefault(label(layer.node), f"kept whole to reach cosine {self.target_cosine:g}")
+        self.summary.fidelity = {"target_cosine": self.target_cosine, "cosine": cosines[best], "steps": best, "of": len(steps)}
+        return self._factor_at(model, ranks, grams)
+
+    def _input_rows(self, model: ir.Model, layers: list[Layer]) -> dict[str, int]:
+        """Rows of each MatMul/Gemm layer's input on the first calibration sample (all leading dims)."""
+        timed = [layer.node for layer in layers if layer.node.op_type in ("MatMul", "Gemm")]
+        if not timed:
+            return {}
+        first = next(Samples(model, self.data, count=1 if self.data is None else self.samples, seed=self.seed, hold_back=False).calibration())
+        names = [node.inputs[0].name or "" for node in timed]
+        tensors = next(stream_tensors(model, names, [first], threads=self.threads))
+        return {label(node): int(np.prod(tensors[name].shape[:-1])) for node, name in zip(timed, names) if name in tensors}
+
+    def _rungs(self, layer: Layer, gram: np.ndarray | None) -> list[tuple[tuple[int, ...], int, float]]:
+        """(ranks, params, predicted squared relative error) of the layer at each of allocate.LEVELS that saves min_gain."""
+        rungs = []
+        if layer.kind == "tucker":
+            out_channels, in_channels, kh, kw = layer.kernel.shape
+            out_values, in_values = factor.mode_singular_values(layer.kernel)
+            for level in allocate.LEVELS:
+                r_out, r_in = factor.tucker_ranks_for_ratio(out_channels, in_channels, kh * kw, level)
+                params = in_channels * r_in + r_out * r_in * kh * kw + r_out * out_channels
+                rungs.append(((r_out, r_in), params, allocate.dropped_energy(out_values, r_out) + allocate.dropped_energy(in_values, r_in)))
+        else:
+            k, n = layer.matrix.shape
+            values = factor.singular_values(layer.matrix) if gram is None else factor.whitened_singular_values(layer.matrix, factor.whitening(gram))
+            for level in allocate.LEVELS:
+                rank = min(factor.matrix_rank_for_ratio(k, n, level), k, n)
+                rungs.append(((rank,), rank * (k + n), allocate.dropped_energy(values, rank)))
+        return [rung for rung in rungs if rung[1] <= (1 - self.min_gain) * layer.params]
+
+    def _factor_at(self, model: ir.Model, ranks: dict[str, tuple[int, ...]], grams: dict[str, np.ndarray]) -> bool:
+        """Factors the layers of ``model`` named in ``ranks`` at those ranks; returns whether any was."""
+        chain = Chain(model.graph)
+        modified = False
+        for layer in find_layers(model.graph, self.skip, self.conv, {}):
+            name = label(layer.node)
+            if name in ranks:
+                modified |= self._try_factor(layer, grams.get(name), chain, list(ranks[name]))
+        return modified
+
+    def _grams(self, model: ir.Model, layers: list[Layer], samples: Samples | None = None) -> dict[ir.Node, np.ndarray]:
+        """X^T X of each data-aware layer's input, from the unfactored model."""
+        # conv_patches knows explicit pads only: auto_pad convs keep plain SVD.
+        fit = [layer.node for layer in layers if layer.kind != "tucker" and layer.node.attributes.get_string("auto_pad", "NOTSET") == "NOTSET"]
+        if not fit:
+            return {}
+        samples = samples or Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
+        # input_gram keys by node name; unnamed or duplicate names would share one
+        # Gram, so the nodes carry unique names for the run and get theirs back.
+        names = [node.name for node in fit]
+        for index, node in enumerate(fit):
+            node.name = f"lowrank_layer_{index}"
+        try:
+            grams = input_gram(model, fit, samples.calibration(), self.threads)
+        finally:
+            for node, name in zip(fit, names):
+                node.name = name
+        return {node: grams[f"lowrank_layer_{index}"][:-1, :-1] for index, node in enumerate(fit) if f"lowrank_layer_{index}" in grams}
+
+    def _try_factor(self, layer: Layer, gram: np.ndarray | None, chain: Chain, ranks: list[int] | None = None) -> bool:
+        """Factors one layer (at ``ranks`` if given) if that saves ``min_gain`` of its parameters; returns whether it did."""
+        name = label(layer.node)
+        chol = None
+        if layer.kind == "tucker":
+            ranks = ranks or self._tucker_ranks(layer.kernel)
+            r_out, r_in = ranks
+            out_channels, in_channels, kh, kw = layer.kernel.shape
+            params = in_channels * r_in + r_out * r_in * kh * kw + r_out * out_channels
+            method = "tucker2"
+        else:
+            k, n = layer.matrix.shape
+            chol = factor.whitening(gram) if gram is not None else None
+            ranks = ranks or [self._matrix_rank(layer.matrix, chol)]
+            params = ranks[0] * (k + n)
+            method = "svd" if chol is None else "data-aware svd"
+            if layer.node.op_type == "Conv" and layer.kernel.shape[2:] == (1, 1) and self.conv == "tucker":
+                method += " (1x1 kernel)"
+        if params > (1 - self.min_gain) * layer.params:
+            self.summary.skipped[name] = f"rank {'x'.join(map(str, ranks))} would not save {self.min_gain:g} of the parameters"
+            logger.debug("lowrank: %s left whole: %s", name, self.summary.skipped[name])
+            return False
+        timing = {}
+        if name in self._rows and layer.kind != "tucker":
+            dense, factored = speed.matmul_times(self._rows[name], *layer.matrix.shape, ranks[0], self.threads)
+            timing = {"dense_us": round(dense * 1e6, 2), "factored_us": round(factored * 1e6, 2)}
+            if factored >= dense:
+                self.summary.skipped[name] = f"factored layer not faster on onnxruntime CPU ({factored * 1e6:.0f} us vs {dense * 1e6:.0f} us dense)"
+                return False
+        steps = self._tucker_steps(layer, *ranks) if layer.kind == "tucker" else self._matrix_steps(layer, ranks[0], chol, chain)
+        chain.replace(layer.node, steps, layer.dtype)
+        self.summary.decomposed[name] = {
+            "op": layer.node.op_type,
+            "method": method,
+            "ranks": list(ranks),
+            "params_before": layer.params,
+            "params_after": params,
+            **timing,
+        }
+        logger.debug("lowrank: %s factored at rank %s", name, ranks)
+        return True
+
+    def _matrix_rank(self, matrix: np.ndarray, chol: np.ndarray | None) -> int:
+        k, n = matrix.shape
+        if self.rank is not None:
+            return min(self.rank, k, n)
+        if self.energy is not None:
+            values = factor.singular_values(matrix) if chol is None else factor.whitened_singular_values(matrix, chol)
+            return factor.energy_rank(values, self.energy)
+        return min(factor.matrix_rank_for_ratio(k, n, self.ratio), k, n)
+
+    def _matrix_steps(self, layer: Layer, rank: int, chol: np.ndarray | None, chain: Chain) -> list[Step]:
+        """Two-factor chain for MatMul, Gemm and ``channel``/1x1 Conv: y = (x A) B."""
+        a, b = factor.svd_factors(layer.matrix, rank) if chol is None else factor.data_aware_factors(layer.matrix, chol, rank)
+        node = layer.node
+        if node.op_type == "MatMul":
+            return [Step("a", "MatMul", a), Step("b", "MatMul", b)]
+        if node.op_type == "Gemm":
+            # The first factor is a MatMul: a Gemm without C is invalid before opset 11 (resnet50's is 9).
+            return [Step("a", "MatMul", a), Step("b", "Gemm", b, *_gemm_bias(node, chain))]
+        # Conv: the columns of A are r filters over the input patch, B^T is a 1x1 conv with the bias.
+        kernel = layer.kernel
+        first = Step("a", "Conv", a.T.reshape(rank, *kernel.shape[1:]), attributes=copy_attributes(node, _CONV_ATTRIBUTES))
+        return [first, Step("b", "Conv", b.T.reshape(kernel.shape[0], rank, 1, 1), _bias(node))]
+
+    def _tucker_ranks(self, kernel: np.ndarray) -> list[int]:
+        out_channels, in_channels, kh, kw = kernel.shape
+        if self.rank is not None:
+            return [min(self.rank, out_channels), min(self.rank, in_channels)]
+        if self.energy is not None:
+            out_values, in_values = factor.mode_singular_values(kernel)
+            return [factor.energy_rank(out_values, self.energy), factor.energy_rank(in_values, self.energy)]
+        return list(factor.tucker_ranks_for_ratio(out_channels, in_channels, kh * kw, self.ratio))
+
+    def _tucker_steps(self, layer: Layer, r_out: int, r_in: int) -> list[Step]:
+        """Reduce (1x1) -> core (kh x kw, the original geometry) -> expand (1x1, with the bias)."""
+        out_channels, in_channels = layer.kernel.shape[:2]
+        u_in, core, u_out = factor.tucker2(layer.kernel, r_out, r_in)
+        return [
+            Step("reduce", "Conv", u_in.T.reshape(r_in, in_channels, 1, 1)),
+            Step("core", "Conv", core, attributes=copy_attributes(layer.node, _CONV_ATTRIBUTES)),
+            Step("expand", "Conv", u_out.reshape(out_channels, r_out, 1, 1), _bias(layer.node)),
+        ]
+
+
+def _bias(node: ir.Node) -> list[ir.Value | None]:
+    return [node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] is not None else []
+
+
+def _gemm_bias(node: ir.Node, chain: Chain) -> tuple[list[ir.Value | None], list[ir.Attr]]:
+    """The second Gemm's C and attributes: beta folds into a constant C, else it stays an attribute."""
+    bias = _bias(node)
+    beta = node.attributes.get_float("beta", 1.0)
+    if not bias or beta == 1.0:
+        return bias, []
+    value = bias[0]
+    if value is not None and value.const_value is not None and not value.is_graph_input():
+        array = value.const_value.numpy()
+        return [chain.constant(f"{value.name}_lowrank_beta", (beta * array.astype(np.float64)).astype(array.dtype))], []
+    return bias, [ir.AttrFloat32("beta", beta)]
