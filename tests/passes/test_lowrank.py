@@ -10,6 +10,7 @@ rank, data-aware below plain) rather than to a fixed bound.
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from helpers import check_full, run_ort, to_proto
 from onnx import TensorProto, helper, numpy_helper
@@ -498,3 +499,28 @@ def test_an_opset_9_gemm_gets_factors_that_opset_9_allows():
     check_full(model)
     (want,), (got,) = run_ort(proto, feeds), run_ort(model, feeds)
     assert _relative(want, got) <= 1e-4
+
+
+def test_factors_compose_with_fold_before_and_qdq_after_and_get_quantized():
+    from passes.qdq import QuantizePass
+
+    proto, feeds = _linear("Gemm", 64, 48, trans_b=1)
+    model = load(proto)
+    calibration = [{"x": np.random.default_rng(i).standard_normal((8, 64)).astype(np.float32)} for i in range(8)]
+
+    run_pipeline(model, "fold")
+    first = run_pipeline(model, [LowRankPass(check_speed=False, ratio=0.75)])
+    (factored,) = run_ort(model, feeds)
+    second = run_pipeline(model, [QuantizePass(data=calibration, check_speed=False)])
+
+    assert first.modified and second.modified
+    factors = [node for node in model.graph if node.op_type in ("MatMul", "Gemm")]
+    assert len(factors) == 2
+    for node in factors:  # each factor's weight is stored int8 behind a DequantizeLinear
+        weight = node.inputs[1].producer()
+        assert weight is not None and weight.op_type == "DequantizeLinear"
+        assert weight.inputs[0].const_value.dtype == ir.DataType.INT8
+    check_full(model)
+    (quantized,) = run_ort(model, feeds)
+    # int8 adds little to what the rank cut already cost (random weights: flat spectra).
+    assert _cosine(factored, quantized) >= 0.99
