@@ -35,6 +35,7 @@ from graphopt.runtime import ModelRunner, stream_tensors
 from passes.lift_constants import LiftConstantsPass
 from passes.lowrank import allocate, factor, speed
 from passes.lowrank.layers import Layer, find_layers, label
+from passes.lowrank.refit import refit_last_factors
 from passes.lowrank.rewrite import Chain, Step, copy_attributes
 from passes.prune.reconstruct import input_gram
 from passes.qdq.mixed import held_back_fidelity
@@ -53,6 +54,8 @@ class LowRankSummary:
     decomposed: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     fidelity: dict[str, Any] = field(default_factory=dict)  # with target_cosine: what the allocation reached
+    reconstructed: list[str] = field(default_factory=list)  # last factors refit (reconstruct)
+    not_reconstructed: dict[str, str] = field(default_factory=dict)
 
     def line(self) -> str:
         before = sum(entry["params_before"] for entry in self.decomposed.values())
@@ -65,6 +68,8 @@ class LowRankSummary:
         if self.skipped:
             reasons = sorted(set(self.skipped.values()))
             parts.append(f"{len(self.skipped)} skipped ({'; '.join(reasons[:4])}{'; ...' if len(reasons) > 4 else ''})")
+        if self.reconstructed or self.not_reconstructed:
+            parts.append(f"{len(self.reconstructed)} refit to the original outputs")
         if self.fidelity:
             parts.append(f"output cosine {self.fidelity['cosine']:.5f} on held-back samples (target {self.fidelity['target_cosine']:g})")
         return ", ".join(parts)
@@ -93,6 +98,10 @@ class LowRankPass(ir.passes.InPlacePass):
             allocate ranks across layers (see allocate.py) until the model's
             output cosine on held-back calibration samples (every fourth,
             never fitted to) would drop below this.
+        reconstruct: After factoring, refit each layer's last factor (and
+            bias) in graph order on the inputs the factored model really
+            gives it, against the original layer's outputs on calibration
+            data (see refit.py).
         check_speed: Time each MatMul/Gemm alone on onnxruntime CPU at its
             real input rows, dense against factored, and keep it dense unless
             factoring is faster (see speed.py). Convs are not timed.
@@ -114,6 +123,7 @@ class LowRankPass(ir.passes.InPlacePass):
         data_aware: bool = False,
         skip: str = "",
         target_cosine: float | None = None,
+        reconstruct: bool = False,
         check_speed: bool = True,
         data: Any = None,
         samples: int = 16,
@@ -135,7 +145,8 @@ class LowRankPass(ir.passes.InPlacePass):
             raise ValueError(f"conv must be 'tucker' or 'channel', got {conv!r}")
         if target_cosine is not None and not 0 < target_cosine <= 1:
             raise ValueError(f"target_cosine must be in (0, 1], got {target_cosine!r}")
-        self.target_cosine, self.check_speed = target_cosine, bool(check_speed)
+        self.target_cosine, self.check_speed, self.reconstruct = target_cosine, bool(check_speed), bool(reconstruct)
+        self._factored_outputs: list[str] = []
         self._rows: dict[str, int] = {}
         if not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive integer, got {samples!r}")
@@ -155,13 +166,20 @@ class LowRankPass(ir.passes.InPlacePass):
         if not layers:
             return ir.passes.PassResult(model, False)
         self._rows = self._input_rows(model, layers) if self.check_speed else {}
+        teacher = ir.serde.deserialize_model(ir.serde.serialize_model(model)) if self.reconstruct else None
+        self._factored_outputs = []
         if self.target_cosine is not None:
-            return ir.passes.PassResult(model, self._allocate(model, layers))
-        grams = self._grams(model, layers) if self.data_aware else {}
-        chain = Chain(model.graph)
-        modified = False
-        for layer in layers:
-            modified |= self._try_factor(layer, grams.get(layer.node), chain)
+            modified = self._allocate(model, layers)
+        else:
+            grams = self._grams(model, layers) if self.data_aware else {}
+            chain = Chain(model.graph)
+            modified = False
+            for layer in layers:
+                modified |= self._try_factor(layer, grams.get(layer.node), chain)
+        if teacher is not None and modified:
+            samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
+            done, refused = refit_last_factors(model, teacher, self._factored_outputs, samples, self.threads)
+            self.summary.reconstructed, self.summary.not_reconstructed = done, refused
         return ir.passes.PassResult(model, modified)
 
     def _allocate(self, model: ir.Model, layers: list[Layer]) -> bool:
@@ -191,6 +209,7 @@ class LowRankPass(ir.passes.InPlacePass):
             if label(layer.node) not in ranks:
                 self.summary.skipped.setdefault(label(layer.node), f"kept whole to reach cosine {self.target_cosine:g}")
         self.summary.fidelity = {"target_cosine": self.target_cosine, "cosine": cosines[best], "steps": best, "of": len(steps)}
+        self._factored_outputs = []  # the trials' factors were in copies
         return self._factor_at(model, ranks, grams)
 
     def _input_rows(self, model: ir.Model, layers: list[Layer]) -> dict[str, int]:
@@ -280,6 +299,7 @@ class LowRankPass(ir.passes.InPlacePass):
                 self.summary.skipped[name] = f"factored layer not faster on onnxruntime CPU ({factored * 1e6:.0f} us vs {dense * 1e6:.0f} us dense)"
                 return False
         steps = self._tucker_steps(layer, *ranks) if layer.kind == "tucker" else self._matrix_steps(layer, ranks[0], chol, chain)
+        self._factored_outputs.append(layer.node.outputs[0].name or "")
         chain.replace(layer.node, steps, layer.dtype)
         self.summary.decomposed[name] = {
             "op": layer.node.op_type,

@@ -39,7 +39,7 @@ from passes.prune.channels import (
 )
 from passes.prune.compression import compression_report
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
-from passes.prune.reconstruct import Grams, cross_grams, fit_error, input_gram, refit, refit_cross
+from passes.prune.reconstruct import Grams, cross_grams, fit_error, independent_prefix, input_gram, refit, refit_cross
 from passes.qdq.samples import Samples
 
 logger = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ class PrunePass(ir.passes.InPlacePass):
         names = [node.inputs[0].name or "" for node in pending]
         with ModelRunner(teacher, threads=self.threads, extra_outputs=names) as runner:
             while pending:
-                level = _independent_prefix(pending)
+                level = independent_prefix(pending)
                 pending = pending[len(level) :]
                 wanted = [node.inputs[0].name or "" for node in level]
                 taught = (runner.run({k: v for k, v in feeds.items() if k in runner.input_names}, wanted) for feeds in samples.calibration())
@@ -349,28 +349,6 @@ def _vector_bias(node: ir.Node) -> np.ndarray | None:
 
 def _with_bias_row(weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     return np.asarray(weight, np.float64) if bias is None else np.vstack([np.asarray(weight, np.float64), np.asarray(bias, np.float64)[None, :]])
-
-
-def _independent_prefix(pending: list[ir.Node]) -> list[ir.Node]:
-    """The longest prefix of ``pending`` (in graph order) in which no node feeds another."""
-    level: list[ir.Node] = []
-    for node in pending:
-        if any(earlier in _ancestors(node) for earlier in level):
-            break
-        level.append(node)
-    return level
-
-
-def _ancestors(node: ir.Node) -> set[ir.Node]:
-    seen: set[ir.Node] = set()
-    stack = [value.producer() for value in node.inputs if value is not None]
-    while stack:
-        current = stack.pop()
-        if current is None or current in seen:
-            continue
-        seen.add(current)
-        stack.extend(value.producer() for value in current.inputs if value is not None)
-    return seen
 
 
 def _kept_channels(channels: int, ratio: float, align: int) -> int:

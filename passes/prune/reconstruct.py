@@ -29,7 +29,18 @@ upstream of it (``cross_grams`` + ``refit_cross``).
 
 from __future__ import annotations
 
-__all__ = ["Grams", "conv_patches", "cross_grams", "fit_error", "input_gram", "refit", "refit_cross"]
+__all__ = [
+    "Grams",
+    "ancestors",
+    "conv_patches",
+    "cross_grams",
+    "fit_error",
+    "independent_prefix",
+    "input_gram",
+    "output_grams",
+    "refit",
+    "refit_cross",
+]
 
 from collections.abc import Iterable, Sequence
 
@@ -93,6 +104,41 @@ def cross_grams(
                 own, cross = halves[index % 2]
                 halves[index % 2] = (own + rows_p.T @ rows_p, cross + rows_p.T @ rows_o)
     return grams
+
+
+def output_grams(
+    student: ir.Model, teacher_tensors: Iterable[dict[str, np.ndarray]], nodes: Sequence[ir.Node], feeds: Iterable[Feeds], threads: int | None
+) -> dict[str, list[Grams]]:
+    """``(H^T H, H^T Y)`` of each node by name, even and odd samples apart, for refitting a layer to a teacher's outputs.
+
+    H is the node's first input as ``student`` computes it; Y is the
+    teacher's tensor of the same name as the node's output (the layer the
+    node stands in for). Rows are positions: all leading dims for MatMul and
+    Gemm, N*H*W for a 1x1 stride-1 Conv, whose outputs line up with its
+    inputs. H gets a trailing column of ones (for the bias).
+    """
+    names = [node.inputs[0].name or "" for node in nodes]
+    outputs = [node.outputs[0].name or "" for node in nodes]
+    grams: dict[str, list[Grams]] = {}
+    for index, (student_tensors, teacher) in enumerate(zip(stream_tensors(student, names, feeds, threads=threads), teacher_tensors)):
+        for node, name, output in zip(nodes, names, outputs):
+            inputs = _positions(student_tensors[name], node)
+            rows, target = np.hstack([inputs, np.ones((inputs.shape[0], 1))]), _positions(teacher[output], node)
+            halves = grams.setdefault(node.name or "", [])
+            pair = (rows.T @ rows, rows.T @ target)
+            if len(halves) <= index % 2:
+                halves.append(pair)
+            else:
+                halves[index % 2] = (halves[index % 2][0] + pair[0], halves[index % 2][1] + pair[1])
+    return grams
+
+
+def _positions(array: np.ndarray, node: ir.Node) -> np.ndarray:
+    """[positions, channels] in float64: channels are axis 1 of a Conv's NCHW tensors, the last axis otherwise."""
+    array = np.asarray(array, np.float64)
+    if node.op_type == "Conv":
+        array = np.moveaxis(array, 1, -1)
+    return array.reshape(-1, array.shape[-1])
 
 
 def fit_error(grams: Grams, weight: np.ndarray, target: np.ndarray) -> float:
@@ -179,3 +225,26 @@ def refit(gram: np.ndarray, original: np.ndarray, bias: np.ndarray | None, mask:
         if with_bias:
             new_bias[j] = solution[-1]  # type: ignore[index]
     return weight.astype(original.dtype), None if new_bias is None else new_bias.astype(np.asarray(bias).dtype)
+
+
+def independent_prefix(pending: list[ir.Node]) -> list[ir.Node]:
+    """The longest prefix of ``pending`` (in graph order) in which no node feeds another."""
+    level: list[ir.Node] = []
+    for node in pending:
+        if any(earlier in ancestors(node) for earlier in level):
+            break
+        level.append(node)
+    return level
+
+
+def ancestors(node: ir.Node) -> set[ir.Node]:
+    """Every node that ``node``'s inputs depend on."""
+    seen: set[ir.Node] = set()
+    stack = [value.producer() for value in node.inputs if value is not None]
+    while stack:
+        current = stack.pop()
+        if current is None or current in seen:
+            continue
+        seen.add(current)
+        stack.extend(value.producer() for value in current.inputs if value is not None)
+    return seen
