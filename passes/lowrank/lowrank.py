@@ -24,6 +24,7 @@ from __future__ import annotations
 __all__ = ["LowRankPass", "LowRankSummary"]
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,6 +181,8 @@ class LowRankPass(ir.passes.InPlacePass):
             samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
             done, refused = refit_last_factors(model, teacher, self._factored_outputs, samples, self.threads)
             self.summary.reconstructed, self.summary.not_reconstructed = done, refused
+        if modified:
+            _record_factors(model, self.summary.decomposed)
         return ir.passes.PassResult(model, modified)
 
     def _allocate(self, model: ir.Model, layers: list[Layer]) -> bool:
@@ -353,6 +356,16 @@ class LowRankPass(ir.passes.InPlacePass):
             Step("core", "Conv", core, attributes=copy_attributes(layer.node, _CONV_ATTRIBUTES)),
             Step("expand", "Conv", u_out.reshape(out_channels, r_out, 1, 1), _bias(layer.node)),
         ]
+
+
+FACTORS_KEY = "graphopt.lowrank"
+
+
+def _record_factors(model: ir.Model, decomposed: dict[str, dict[str, Any]]) -> None:
+    """Adds each factored layer's method and ranks to the model metadata, so the saved file says what was done to it."""
+    recorded = json.loads(model.metadata_props.get(FACTORS_KEY) or "{}")
+    recorded.update({name: {"method": entry["method"], "ranks": entry["ranks"]} for name, entry in decomposed.items()})
+    model.metadata_props[FACTORS_KEY] = json.dumps(recorded, sort_keys=True)
 
 
 def _bias(node: ir.Node) -> list[ir.Value | None]:

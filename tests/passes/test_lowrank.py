@@ -546,3 +546,18 @@ def test_reconstruct_refits_the_last_factors_to_the_original_outputs():
     assert summary.reconstructed == ["second/lowrank/b"]
     assert "did not beat" in summary.not_reconstructed["first/lowrank/b"]
     assert errors[True] < 0.9 * errors[False], errors
+
+
+def test_the_saved_model_records_which_layers_were_factored_at_which_ranks(tmp_path):
+    import json
+
+    from graphopt import save
+
+    proto, _ = _linear("MatMul", 24, 16)
+    model = load(proto)
+    run_pipeline(model, [LowRankPass(check_speed=False, rank=3)])
+    path = save(model, tmp_path / "factored.onnx")
+
+    recorded = json.loads(load(path).metadata_props["graphopt.lowrank"])
+
+    assert recorded == {"fc": {"method": "svd", "ranks": [3]}}
