@@ -80,7 +80,10 @@ def find_chains(graph: ir.Graph, candidates: list[ir.Node]) -> tuple[list[Chain]
 
 def _follow(producer: ir.Node) -> Chain | str:
     if producer.op_type == "Conv" and producer.attributes.get_int("group", 1) != 1:
-        return "grouped or depthwise conv"
+        weight = producer.inputs[1].const_value if len(producer.inputs) > 1 and producer.inputs[1] is not None else None
+        if weight is not None and weight.shape[1] == 1 and weight.shape[0] == producer.attributes.get_int("group", 1):
+            return "depthwise conv (its channels are cut with the layer before it)"
+        return "grouped conv"
     if producer.op_type == "Gemm" and producer.attributes.get_int("transA", 0):
         return "Gemm with transA"
     if not _const(producer.inputs[1] if len(producer.inputs) > 1 else None):
