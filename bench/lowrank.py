@@ -11,9 +11,12 @@ text encoder of the model-zoo issue has not landed.
 
 For every model, in one process, after ``fold``:
 
-- ``lowrank(ratio=R)``: plain SVD (and Tucker-2 for Conv);
-- ``lowrank(ratio=R, data_aware=true)``: SVD whitened by the layers' input
-  activations, at the same ranks, so at the same parameter count;
+- ``lowrank(ratio=R, conv=channel)``: plain SVD of every layer (a Conv as a
+  kxk conv with r filters, then a 1x1);
+- ``lowrank(ratio=R, conv=channel, data_aware=true)``: the same factors fitted
+  to the layers' input activations, at the same ranks, so at the same
+  parameter count;
+- for models with Convs, ``lowrank(ratio=R)``: Tucker-2 (the default);
 - ``lowrank(target_cosine=0.98, data_aware=true)``: ranks allocated until the
   output cosine on held-back calibration samples reaches 0.98.
 
@@ -117,9 +120,13 @@ def run_model(name: str, ratio: float) -> tuple[list[tuple[str, ...]], dict[str,
     shapes = {key: value.shape for key, value in zoo.feeds.items()}
     calibration = list(synthesize_feeds(original, count=16, seed=0, shapes=shapes))
     evaluation = list(synthesize_feeds(original, count=8, seed=1, shapes=shapes))
+    # Plain and data-aware SVD factor every layer the same way (convs as a kxk conv with r
+    # filters, then a 1x1: conv=channel), so they differ only in the fit; Tucker-2 has its own row.
+    has_conv = any(node.op_type == "Conv" for node in original.graph)
     variants = {
-        f"svd ratio={ratio}": LowRankPass(ratio=ratio),
-        f"data-aware ratio={ratio}": LowRankPass(ratio=ratio, data_aware=True, data=calibration),
+        f"svd ratio={ratio}": LowRankPass(ratio=ratio, conv="channel"),
+        f"data-aware ratio={ratio}": LowRankPass(ratio=ratio, conv="channel", data_aware=True, data=calibration),
+        **({f"tucker2 ratio={ratio}": LowRankPass(ratio=ratio)} if has_conv else {}),
         f"target_cosine={COSINE_TARGET}": LowRankPass(target_cosine=COSINE_TARGET, data_aware=True, data=calibration),
     }
     models = {}
