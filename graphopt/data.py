@@ -177,7 +177,7 @@ def synthesize_feeds(
     return _draw([(spec, resolve_shape(spec, shapes), ranges.get(spec.name)) for spec in specs], count, seed)
 
 
-def load_feeds(source: Any, *, model: ir.Model | None = None) -> Iterator[Feeds]:
+def load_feeds(source: Any, *, model: ir.Model | None = None, keep_labels: bool = False) -> Iterator[Feeds]:
     """Yields the feed dicts held by ``source``, one at a time.
 
     Args:
@@ -189,6 +189,8 @@ def load_feeds(source: Any, *, model: ir.Model | None = None) -> Iterator[Feeds]
             ``labels`` key is dropped, dtypes are cast where numpy calls it
             safe (``same_kind``), and static dims must match. Without it the
             dicts pass through as they are (values as numpy arrays).
+        keep_labels: Keep a ``labels`` array in the samples (for task
+            metrics); the caller removes it before feeding.
 
     Raises:
         DataError: The path is missing, the folder holds no ``.npz`` file, a
@@ -200,16 +202,22 @@ def load_feeds(source: Any, *, model: ir.Model | None = None) -> Iterator[Feeds]
         return ({k: np.asarray(v) for k, v in sample.items()} for _, sample in samples)
     specs = {spec.name: spec for spec in input_specs(model)}
     accepted = [value.name or "" for value in model.graph.inputs]
-    return (_fit_sample(sample, label, specs, accepted) for label, sample in samples)
+    return (_fit_sample(sample, label, specs, accepted, keep_labels) for label, sample in samples)
 
 
 def feed_stream(
-    model: ir.Model, data: Any = None, *, count: int = 8, seed: int = 0, shapes: Mapping[str, Sequence[int]] | None = None
+    model: ir.Model,
+    data: Any = None,
+    *,
+    count: int = 8,
+    seed: int = 0,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    keep_labels: bool = False,
 ) -> Iterator[Feeds]:
     """Real feeds from ``data`` when given (``count``, ``seed``, ``shapes`` unused), else synthesized ones."""
     if data is None:
         return synthesize_feeds(model, count=count, seed=seed, shapes=shapes)
-    return load_feeds(data, model=model)
+    return load_feeds(data, model=model, keep_labels=keep_labels)
 
 
 def _default_dim(dim: str | None) -> int:
@@ -368,7 +376,7 @@ def _labelled(samples: Iterable[Any]) -> Iterator[tuple[str, Mapping[str, Any]]]
         yield f"sample {index}", sample
 
 
-def _fit_sample(sample: Mapping[str, Any], label: str, specs: dict[str, InputSpec], accepted: list[str]) -> Feeds:
+def _fit_sample(sample: Mapping[str, Any], label: str, specs: dict[str, InputSpec], accepted: list[str], keep_labels: bool = False) -> Feeds:
     """Checks one sample against the model's inputs and casts safe dtype differences."""
     missing = [name for name in specs if name not in sample]
     unknown = [key for key in sample if key != LABELS_KEY and key not in accepted]
@@ -378,7 +386,7 @@ def _fit_sample(sample: Mapping[str, Any], label: str, specs: dict[str, InputSpe
         problems.append(f"unknown input '{unknown[0]}'; the model's inputs are: {', '.join(accepted)}")
     if problems:
         raise DataError(f"{label}: {'; '.join(problems)}")
-    arrays = {key: np.asarray(value) for key, value in sample.items() if key != LABELS_KEY}
+    arrays = {key: np.asarray(value) for key, value in sample.items() if key != LABELS_KEY or keep_labels}
     return {key: _fit_array(array, specs[key], label) if key in specs else array for key, array in arrays.items()}
 
 

@@ -16,6 +16,9 @@ JSON schema ``graphopt.fidelity/1`` (keys of ``FidelityReport.to_dict()``):
   ``"nan"``.
 - ``noise_floor``: the same entries comparing the *reference* on CPU with the
   reference on each other provider (the provider's own numeric noise).
+- ``task``: null, or ``{metric, reference, candidate, drop}`` plus
+  ``samples`` (a metric callback) or ``labelled rows`` (top-1 accuracy from
+  ``labels`` in the data).
 - ``per_layer``: null, or ``{provider, samples, compared, first_divergent,
   layers}``; each layer is ``{reference_tensor, candidate_tensor, node, op}``
   plus the output metrics.
@@ -77,6 +80,7 @@ class FidelityReport:
     latency: dict[str, Any] | None = None
     ledger: list[dict[str, Any]] | None = None
     bisection: dict[str, Any] | None = None
+    task: dict[str, Any] | None = None  # graphopt.task.TaskScore.result()
 
     @property
     def passed(self) -> bool:
@@ -103,6 +107,7 @@ class FidelityReport:
             "size": self._size(),
             "ledger": self.ledger,
             "bisection": self.bisection,
+            "task": self.task,
         }
 
     def to_json(self) -> str:
@@ -144,6 +149,12 @@ class FidelityReport:
             lines.append(
                 f"latency ({self.latency['provider']}, {threads} threads): "
                 f"{self.latency['reference_ms']:.2f} ms -> {self.latency['candidate_ms']:.2f} ms (x{self.latency['ratio']:.2f})"
+            )
+        if self.task is not None:
+            count = next((f"{value} {key}" for key, value in self.task.items() if key in ("samples", "labelled rows")), "")
+            lines.append(
+                f"task: {self.task['metric']} {self.task['reference']:.4f} -> {self.task['candidate']:.4f} "
+                f"(drop {self.task['drop']:+.4f}) over {count}"
             )
         size = self._size()
         if size["ratio"] is not None:

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import io, stats
-from graphopt.data import Feeds, feed_stream, parse_shape_overrides
+from graphopt.data import LABELS_KEY, Feeds, feed_stream, parse_shape_overrides
 from graphopt.errors import DataError, GraphoptError
 from graphopt.localize import (
     DEFAULT_CHUNK_SIZE,
@@ -42,6 +42,7 @@ from graphopt.localize import (
 from graphopt.metrics import OutputComparator, Tolerance
 from graphopt.report import FidelityReport, ModelFacts
 from graphopt.runtime import ModelRunner, ProviderStatus, measure_latency, resolve_providers
+from graphopt.task import TaskMetric, TaskScore
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def validate(
     threads: int | None = None,
     require_providers: bool = False,
     tf32: bool = False,
+    metric: TaskMetric | None = None,
 ) -> FidelityReport:
     """Compares ``candidate`` against ``reference`` through onnxruntime.
 
@@ -90,6 +92,10 @@ def validate(
         require_providers: Raise instead of reporting an unavailable provider.
         tf32: Let CUDA run float32 MatMul/Conv in TF32, as onnxruntime does
             by default; off, so a lossless rewrite compares within 1e-4.
+        metric: ``metric(outputs, sample) -> float`` scoring one sample's
+            outputs (sample: inputs plus ``labels`` when the data has them);
+            the report gives both models' mean and the drop. Without it,
+            ``labels`` in the data give top-1 accuracy (see graphopt.task).
 
     Raises:
         ValidationSetupError, DataError, GraphoptError: the models or data
@@ -132,7 +138,7 @@ def validate(
         noise = {p: pairs[p][0] for p in available if p != "cpu"}
         cpu_reference = pairs["cpu"][0] if "cpu" in pairs else (runner(ref_model, "cpu") if noise else None)
         # Before the opener starts: synthesizing feeds reads the IR that opening a session briefly edits.
-        stream = feed_stream(ref_model, data, count=samples, seed=seed, shapes=overrides)
+        stream = feed_stream(ref_model, data, count=samples, seed=seed, shapes=overrides, keep_labels=True)
         layer_runners = None
         if instrument:
             # They open while the stream runs, in the gaps it leaves between
@@ -145,7 +151,9 @@ def validate(
                     runner(cand_model, layer_provider, candidate_tensors(layer_pairs)),
                 )
             )
-        worst, first = _compare_stream(report, stream, pairs, cpu_reference, noise, tolerance, pool)
+        task = TaskScore(metric)
+        worst, first = _compare_stream(report, stream, pairs, cpu_reference, noise, tolerance, pool, task)
+        report.task = task.result()
         if layer_runners is not None:
             ref_layers, cand_layers = layer_runners.result()
             report.per_layer = _localize_worst(
@@ -177,13 +185,19 @@ def _compare_stream(
     noise: dict[str, ModelRunner],
     tolerance: Tolerance,
     pool: ThreadPoolExecutor,
+    task: TaskScore,
 ) -> tuple[Feeds, Feeds]:
-    """Runs every sample once per provider; returns the worst and the first sample."""
+    """Runs every sample once per provider; returns the worst and the first sample.
+
+    The task metric scores the first provider's outputs.
+    """
     comparators: dict[tuple[str, str], OutputComparator] = {}
     noise_comparators: dict[tuple[str, str], OutputComparator] = {}
     worst: tuple[float, Feeds] | None = None
     first: Feeds | None = None
-    for feeds in stream:
+    for sample in stream:
+        # Labels travel with the sample for the task metric; the models get the inputs alone.
+        feeds = {name: array for name, array in sample.items() if name != LABELS_KEY}
         first = first or feeds
         if cpu_reference is not None and "cpu" not in pairs:
             reference_cpu = cpu_reference.run(feeds, cpu_reference.model_output_names)
@@ -192,6 +206,8 @@ def _compare_stream(
         sample_error = 0.0
         for provider, (ref_runner, cand_runner) in pairs.items():
             ref_out, cand_out = _run_pair(ref_runner, cand_runner, feeds, pool)
+            if provider == next(iter(pairs)):
+                task.update(sample, ref_out, cand_out)
             if provider == "cpu":
                 reference_cpu = ref_out
             for name in ref_runner.model_output_names:

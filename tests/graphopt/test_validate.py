@@ -16,7 +16,7 @@ import passes
 from graphopt import provenance
 from graphopt.bisect import bisect_pipeline
 from graphopt.cli import main
-from graphopt.errors import GraphoptError
+from graphopt.errors import DataError, GraphoptError
 from graphopt.metrics import Tolerance
 from graphopt.runtime import resolve_providers
 from graphopt.spec import PassSpec
@@ -226,3 +226,67 @@ def test_cli_bad_input_is_a_one_line_error_with_exit_2(tmp_path, capsys, args, m
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def _labelled_folder(model_path: Path, folder: Path, count: int = 6) -> tuple[list[np.ndarray], np.ndarray]:
+    """``count`` .npz samples of cnn_bn's input with labels: the reference's own top-1 for all but the last."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    folder.mkdir()
+    images, labels = [], []
+    for index in range(count):
+        image = np.random.default_rng(index).standard_normal((1, 3, 32, 32)).astype(np.float32)
+        top1 = int(session.run(None, {"image": image})[0].argmax())
+        label = top1 if index < count - 1 else (top1 + 1) % 10
+        np.savez(folder / f"{index:02d}.npz", image=image, labels=np.array([label], np.int64))
+        images.append(image)
+        labels.append(label)
+    return images, np.array(labels)
+
+
+def _top1(model_path: Path, images: list[np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    return np.array([int(session.run(None, {"image": image})[0].argmax()) for image in images])
+
+
+def test_labels_in_the_data_give_both_models_top1_accuracy_and_the_drop(tmp_path, capsys):
+    reference = _save("cnn_bn", tmp_path)
+    candidate = _perturbed_copy(reference, tmp_path / "candidate.onnx", "fc_weight", factor=-1.0)
+    images, labels = _labelled_folder(reference, tmp_path / "data")
+
+    report = graphopt.validate(reference, candidate, tmp_path / "data")
+
+    want = float((_top1(candidate, images) == labels).mean())
+    assert report.task == {"metric": "top-1 accuracy", "reference": 5 / 6, "candidate": want, "drop": 5 / 6 - want, "labelled rows": 6}
+    assert report.to_dict()["task"]["labelled rows"] == 6
+    assert main(["validate", str(reference), str(reference), "--data", str(tmp_path / "data")]) == 0
+    assert "task: top-1 accuracy 0.8333 -> 0.8333 (drop +0.0000) over 6 labelled rows" in capsys.readouterr().out
+
+
+def test_a_metric_callback_scores_each_sample_of_both_models(tmp_path):
+    reference = _save("cnn_bn", tmp_path)
+    candidate = _perturbed_copy(reference, tmp_path / "candidate.onnx", "fc_weight", factor=2.0)
+    _labelled_folder(reference, tmp_path / "data", count=3)
+    seen = []
+
+    def largest_logit(outputs, sample):
+        seen.append(sorted(sample))
+        return float(outputs["logits"].max())
+
+    report = graphopt.validate(reference, candidate, tmp_path / "data", metric=largest_logit)
+
+    assert seen == [["image", "labels"]] * 6  # both models, three samples, labels passed along
+    assert report.task["metric"] == "largest_logit" and report.task["samples"] == 3
+    assert report.task["candidate"] > report.task["reference"]  # the scaled classifier's logits grow (fc_bias aside)
+
+
+def test_labels_that_do_not_match_the_rows_are_a_data_error(tmp_path):
+    reference = _save("cnn_bn", tmp_path)
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "0.npz", image=np.zeros((1, 3, 32, 32), np.float32), labels=np.array([1, 2], np.int64))
+
+    with pytest.raises(DataError, match="2 labels for 1 rows of output 'logits'"):
+        graphopt.validate(reference, reference, tmp_path / "data")
