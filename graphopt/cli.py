@@ -26,7 +26,7 @@ from graphopt.ledger import format_bytes
 from graphopt.metrics import Tolerance
 from graphopt.pipeline import run_pipeline
 from graphopt.progress import StepProgress
-from graphopt.registry import available_passes, pass_options
+from graphopt.registry import available_passes, pass_options, with_calibration_data
 from graphopt.report import FidelityReport
 from graphopt.spec import PassSpec, load_recipe, parse_spec
 from graphopt.summary import summarize
@@ -161,21 +161,8 @@ def _pipeline_steps(args: argparse.Namespace) -> list[PassSpec]:
     return parse_spec(args.passes or DEFAULT_PIPELINE)
 
 
-def _with_calibration_data(pipeline: list[PassSpec], data: Path | None) -> list[PassSpec]:
-    """Hands ``--calib-data`` to every pass that takes a ``data`` option not set in the spec."""
-    if data is None:
-        return pipeline
-    passes = available_passes()
-    return [
-        PassSpec(spec.name, {**spec.options, "data": str(data)})
-        if spec.name in passes and "data" in pass_options(passes[spec.name]) and "data" not in spec.options
-        else spec
-        for spec in pipeline
-    ]
-
-
 def _optimize(args: argparse.Namespace) -> int:
-    pipeline = _with_calibration_data(_pipeline_steps(args), args.calib_data)
+    pipeline = with_calibration_data(_pipeline_steps(args), args.calib_data)
     _refuse_same_file(args.input, args.output)
     if args.bisect and not args.validate:
         raise GraphoptError("--bisect needs --validate")

@@ -8,13 +8,14 @@ factory). The core imports the ``passes`` package only here, lazily, so that
 
 from __future__ import annotations
 
-__all__ = ["PassFactory", "OptionInfo", "available_passes", "pass_options", "resolved_options", "create_pass"]
+__all__ = ["PassFactory", "OptionInfo", "available_passes", "pass_options", "resolved_options", "create_pass", "with_calibration_data"]
 
 import inspect
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
@@ -95,3 +96,17 @@ def create_pass(spec: PassSpec, passes: Mapping[str, PassFactory] | None = None)
         return factory(**spec.options)
     except (TypeError, ValueError) as exc:
         raise PipelineSpecError(f"pass {spec.name!r}: {exc}") from exc
+
+
+def with_calibration_data(pipeline: list[PassSpec], data: Any) -> list[PassSpec]:
+    """Hands ``data`` (a path, or feeds for the Python API) to every pass that takes a ``data`` option not set in the spec."""
+    if data is None:
+        return pipeline
+    passes = available_passes()
+    value = str(data) if isinstance(data, Path) else data
+    return [
+        PassSpec(spec.name, {**spec.options, "data": value})
+        if spec.name in passes and "data" in pass_options(passes[spec.name]) and "data" not in spec.options
+        else spec
+        for spec in pipeline
+    ]
