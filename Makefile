@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_MODEL ?= resnet50
 DEMO_DIR := out/demo
 
-.PHONY: demo demo-qdq test bench-scale bench-validate bench-qdq bench-prune bench-lowrank clean
+.PHONY: demo demo-qdq test bench bench-scale bench-validate bench-qdq bench-prune bench-lowrank clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,3 +65,15 @@ $(BENCH_VENV)/.installed: pyproject.toml
 .PHONY: bench-fold
 bench-fold: $(BENCH_VENV)/.installed
 	$(BENCH_PY) bench/fold.py --markdown
+
+# Every benchmark into BENCHMARKS.md (about an hour; `make bench BENCH_ARGS=--quick`
+# checks the pipeline in minutes). It runs in the anchors' virtualenv, with
+# the plots and zoo extras; torch 2.13.0 is pinned first so that pip takes the
+# CPU build rather than resolving the zoo extra's range to a CUDA one.
+BENCH_ARGS ?=
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_PY) -m pip install --quiet --disable-pip-version-check 'torch==2.13.0' \
+		|| echo "bench: torch 2.13.0 not installable; the real text encoder will be skipped" >&2
+	$(BENCH_PY) -m pip install --quiet --disable-pip-version-check -e '.[plots,zoo]' \
+		|| echo "bench: the plots/zoo extras did not install; those sections will say so" >&2
+	$(BENCH_PY) bench/run_all.py $(BENCH_ARGS)
