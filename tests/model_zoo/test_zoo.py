@@ -63,7 +63,8 @@ def test_names_are_tiny_then_real_when_listed() -> None:
         "alexnet",
         "zfnet512",
     )
-    assert model_zoo.names() == model_zoo.TINY + model_zoo.REAL
+    assert model_zoo.TRAINED == ("digits_cnn",)
+    assert model_zoo.names() == model_zoo.TINY + model_zoo.REAL + model_zoo.TRAINED
 
 
 def test_model_passes_full_check_when_built(zoo: model_zoo.ZooModel) -> None:
