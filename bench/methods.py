@@ -76,7 +76,9 @@ def _minilm() -> tuple[Any, list[dict], list[dict], Any]:
             hidden = runner.run(evaluation_feeds)["last_hidden_state"]
         return minilm.sentence_embeddings(hidden, evaluation_feeds["attention_mask"])
 
-    reference = embeddings(zoo.model)
+    from graphopt import load
+
+    reference = embeddings(load(zoo.model))
 
     def metric(model: Any) -> tuple[str, float]:
         got = embeddings(model)
