@@ -43,10 +43,10 @@ class Samples:
             if wanted and len(held) < (MAX_HELD_BACK if hold_back else _CHECK_SAMPLES):
                 held[index] = feeds
         if total == 0:
-            raise GraphoptError("qdq: the calibration data is empty")
+            raise GraphoptError("the calibration data is empty")
         if hold_back and not held:
             if total < 2:
-                raise GraphoptError("qdq: target_cosine/target_snr need at least 2 calibration samples (one is held back)")
+                raise GraphoptError("target_cosine/target_snr need at least 2 calibration samples (one is held back)")
             held[total - 1] = last  # type: ignore[assignment]
         self.count = total
         self.held_back: list[Feeds] = list(held.values())
