@@ -103,9 +103,9 @@ class LowRankPass(ir.passes.InPlacePass):
             bias) in graph order on the inputs the factored model really
             gives it, against the original layer's outputs on calibration
             data (see refit.py).
-        check_speed: Time each MatMul/Gemm alone on onnxruntime CPU at its
-            real input rows, dense against factored, and keep it dense unless
-            factoring is faster (see speed.py). Convs are not timed.
+        check_speed: Time each layer alone on onnxruntime CPU at its real
+            input shape, dense against its factors, and keep it dense unless
+            factoring is faster (see speed.py).
         data: Calibration feeds for ``data_aware`` (as for ``qdq``); None
             synthesizes ``samples`` feeds with ``seed``.
         threads: onnxruntime threads for the calibration run.
@@ -148,7 +148,7 @@ class LowRankPass(ir.passes.InPlacePass):
             raise ValueError(f"target_cosine must be in (0, 1], got {target_cosine!r}")
         self.target_cosine, self.check_speed, self.reconstruct = target_cosine, bool(check_speed), bool(reconstruct)
         self._factored_outputs: list[str] = []
-        self._rows: dict[str, int] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         if not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive integer, got {samples!r}")
         self.ratio, self.energy, self.rank, self.min_gain, self.conv = ratio, energy, rank, min_gain, conv
@@ -166,7 +166,7 @@ class LowRankPass(ir.passes.InPlacePass):
         layers = find_layers(model.graph, self.skip, self.conv, self.summary.skipped)
         if not layers:
             return ir.passes.PassResult(model, False)
-        self._rows = self._input_rows(model, layers) if self.check_speed else {}
+        self._shapes = self._input_shapes(model, layers) if self.check_speed else {}
         teacher = ir.serde.deserialize_model(ir.serde.serialize_model(model)) if self.reconstruct else None
         self._factored_outputs = []
         if self.target_cosine is not None:
@@ -215,15 +215,12 @@ class LowRankPass(ir.passes.InPlacePass):
         self._factored_outputs = []  # the trials' factors were in copies
         return self._factor_at(model, ranks, grams)
 
-    def _input_rows(self, model: ir.Model, layers: list[Layer]) -> dict[str, int]:
-        """Rows of each MatMul/Gemm layer's input on the first calibration sample (all leading dims)."""
-        timed = [layer.node for layer in layers if layer.node.op_type in ("MatMul", "Gemm")]
-        if not timed:
-            return {}
+    def _input_shapes(self, model: ir.Model, layers: list[Layer]) -> dict[str, tuple[int, ...]]:
+        """The input shape of every layer on the first calibration sample (what check_speed times it at)."""
         first = next(Samples(model, self.data, count=1 if self.data is None else self.samples, seed=self.seed, hold_back=False).calibration())
-        names = [node.inputs[0].name or "" for node in timed]
+        names = [layer.node.inputs[0].name or "" for layer in layers]
         tensors = next(stream_tensors(model, names, [first], threads=self.threads))
-        return {label(node): int(np.prod(tensors[name].shape[:-1])) for node, name in zip(timed, names) if name in tensors}
+        return {label(layer.node): tuple(tensors[name].shape) for layer, name in zip(layers, names) if name in tensors}
 
     def _rungs(self, layer: Layer, gram: np.ndarray | None) -> list[tuple[tuple[int, ...], int, float]]:
         """(ranks, params, predicted squared relative error) of the layer at each of allocate.LEVELS that saves min_gain."""
@@ -294,14 +291,14 @@ class LowRankPass(ir.passes.InPlacePass):
             self.summary.skipped[name] = f"rank {'x'.join(map(str, ranks))} would not save {self.min_gain:g} of the parameters"
             logger.debug("lowrank: %s left whole: %s", name, self.summary.skipped[name])
             return False
+        steps = self._tucker_steps(layer, *ranks) if layer.kind == "tucker" else self._matrix_steps(layer, ranks[0], chol, chain)
         timing = {}
-        if name in self._rows and layer.kind != "tucker":
-            dense, factored = speed.matmul_times(self._rows[name], *layer.matrix.shape, ranks[0], self.threads)
+        if name in self._shapes:
+            dense, factored = self._times(layer, ranks, steps, self._shapes[name])
             timing = {"dense_us": round(dense * 1e6, 2), "factored_us": round(factored * 1e6, 2)}
             if factored >= dense:
                 self.summary.skipped[name] = f"factored layer not faster on onnxruntime CPU ({factored * 1e6:.0f} us vs {dense * 1e6:.0f} us dense)"
                 return False
-        steps = self._tucker_steps(layer, *ranks) if layer.kind == "tucker" else self._matrix_steps(layer, ranks[0], chol, chain)
         self._factored_outputs.append(layer.node.outputs[0].name or "")
         chain.replace(layer.node, steps, layer.dtype)
         self.summary.decomposed[name] = {
@@ -314,6 +311,14 @@ class LowRankPass(ir.passes.InPlacePass):
         }
         logger.debug("lowrank: %s factored at rank %s", name, ranks)
         return True
+
+    def _times(self, layer: Layer, ranks: list[int], steps: list[Step], shape: tuple[int, ...]) -> tuple[float, float]:
+        """Seconds of the dense layer and of its factors, each timed alone on ``shape`` (see speed.py)."""
+        if layer.node.op_type != "Conv":
+            return speed.matmul_times(int(np.prod(shape[:-1])), *layer.matrix.shape, ranks[0], self.threads)
+        dense = (tuple(layer.kernel.shape), _attribute_values(layer.node, _CONV_ATTRIBUTES), len(_bias(layer.node)) > 0)
+        chain = [(tuple(step.weight.shape), {attr.name: attr.value for attr in step.attributes}, bool(step.extra_inputs)) for step in steps]
+        return speed.conv_times(shape, dense, chain, self.threads)
 
     def _matrix_rank(self, matrix: np.ndarray, chol: np.ndarray | None) -> int:
         k, n = matrix.shape
@@ -366,6 +371,10 @@ def _record_factors(model: ir.Model, decomposed: dict[str, dict[str, Any]]) -> N
     recorded = json.loads(model.metadata_props.get(FACTORS_KEY) or "{}")
     recorded.update({name: {"method": entry["method"], "ranks": entry["ranks"]} for name, entry in decomposed.items()})
     model.metadata_props[FACTORS_KEY] = json.dumps(recorded, sort_keys=True)
+
+
+def _attribute_values(node: ir.Node, names: tuple[str, ...]) -> dict[str, object]:
+    return {name: node.attributes[name].value for name in names if name in node.attributes}
 
 
 def _bias(node: ir.Node) -> list[ir.Value | None]:

@@ -1,15 +1,16 @@
-"""Is a factored MatMul faster than the dense one? Measured, not assumed.
+"""Is a factored layer faster than the dense one? Measured, not assumed.
 
 r (k + n) < k n promises fewer FLOPs, but small layers are bound by per-node
 overhead and memory traffic: the zoo's attention model (k = n = 32, one row)
-ran its factored layers 0.87x as fast as dense. So each candidate layer is
-timed alone on onnxruntime CPU at its real number of input rows, dense
-against factored, interleaved, and kept dense unless factoring wins.
+ran its factored layers 0.87x as fast as dense, and Tucker-2 made the trained
+digits CNN (8x8 maps) 1.8x slower. So each candidate layer is timed alone on
+onnxruntime CPU at its real input shape, dense against factored,
+interleaved, and kept dense unless factoring wins.
 """
 
 from __future__ import annotations
 
-__all__ = ["matmul_chain", "matmul_times"]
+__all__ = ["conv_times", "matmul_chain", "matmul_times"]
 
 import functools
 
@@ -53,6 +54,46 @@ def matmul_times(rows: int, k: int, n: int, rank: int, threads: int | None) -> t
         batched = [_Repeated(runner, runs) for runner in (dense, factored)]
         seconds = measure_latency(batched, feeds, warmup=1, repeats=7)
     return seconds[0] / runs, seconds[1] / runs
+
+
+ConvStep = tuple[tuple[int, ...], dict[str, object], bool]  # weight shape, attributes, has bias
+
+_conv_cache: dict[str, tuple[float, float]] = {}
+
+
+def conv_times(input_shape: tuple[int, ...], dense: ConvStep, factored: list[ConvStep], threads: int | None) -> tuple[float, float]:
+    """Median seconds of the dense Conv and of its chain of factor Convs on an input of ``input_shape``."""
+    key = repr((input_shape, dense, factored, threads))
+    if key not in _conv_cache:
+        feeds = {"x": np.random.default_rng(1).standard_normal(input_shape).astype(np.float32)}
+        with ModelRunner(_conv_chain(input_shape, [dense]), threads=threads) as one, ModelRunner(
+            _conv_chain(input_shape, factored), threads=threads
+        ) as chain:
+            one.run(feeds)
+            chain.run(feeds)
+            runs = _runs_per_timing(one, feeds)
+            seconds = measure_latency([_Repeated(one, runs), _Repeated(chain, runs)], feeds, warmup=1, repeats=7)
+        _conv_cache[key] = (seconds[0] / runs, seconds[1] / runs)
+    return _conv_cache[key]
+
+
+def _conv_chain(input_shape: tuple[int, ...], steps: list[ConvStep]) -> ir.Model:
+    rng = np.random.default_rng(0)
+    nodes, weights, previous = [], [], "x"
+    for index, (shape, attributes, has_bias) in enumerate(steps):
+        inputs = [previous, f"w{index}"]
+        weights.append(numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), f"w{index}"))
+        if has_bias:
+            inputs.append(f"b{index}")
+            weights.append(numpy_helper.from_array(np.zeros(shape[0], np.float32), f"b{index}"))
+        output = "y" if index == len(steps) - 1 else f"h{index}"
+        nodes.append(helper.make_node("Conv", inputs, [output], **attributes))
+        previous = output
+    graph = helper.make_graph(
+        nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], weights,
+    )
+    return ir.serde.deserialize_model(onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
 
 
 class _Repeated:

@@ -561,3 +561,26 @@ def test_the_saved_model_records_which_layers_were_factored_at_which_ranks(tmp_p
     recorded = json.loads(load(path).metadata_props["graphopt.lowrank"])
 
     assert recorded == {"fc": {"method": "svd", "ranks": [3]}}
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_check_speed_times_a_conv_against_its_tucker_chain(monkeypatch, faster):
+    timed = []
+
+    def fake_times(input_shape, dense, chain, threads):
+        timed.append((input_shape, dense, chain))
+        return (2e-5, 1e-5) if faster else (1e-5, 2e-5)
+
+    monkeypatch.setattr("passes.lowrank.speed.conv_times", fake_times)
+    proto, feeds = _conv(out_channels=32, in_channels=32, strides=[2, 2], pads=[1, 1, 1, 1])
+    model = load(proto)
+
+    result = run_pipeline(model, [LowRankPass(ratio=0.3, data=[feeds])])
+
+    (input_shape, dense, chain), = timed
+    assert input_shape == (1, 32, 11, 13) and dense[0] == (32, 32, 3, 3) and dense[2] is True
+    # Reduce, core (with the original strides and pads), expand (with the bias).
+    assert [shape[2:] for shape, _, _ in chain] == [(1, 1), (3, 3), (1, 1)] and [bias for *_, bias in chain] == [False, False, True]
+    assert tuple(chain[1][1]["strides"]) == (2, 2)
+    assert result.modified is faster
+    assert [node.op_type for node in model.graph] == (["Conv"] * 3 if faster else ["Conv"])
