@@ -257,17 +257,7 @@ class LowRankPass(ir.passes.InPlacePass):
         if not fit:
             return {}
         samples = samples or Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
-        # input_gram keys by node name; unnamed or duplicate names would share one
-        # Gram, so the nodes carry unique names for the run and get theirs back.
-        names = [node.name for node in fit]
-        for index, node in enumerate(fit):
-            node.name = f"lowrank_layer_{index}"
-        try:
-            grams = input_gram(model, fit, samples.calibration(), self.threads)
-        finally:
-            for node, name in zip(fit, names):
-                node.name = name
-        return {node: grams[f"lowrank_layer_{index}"][:-1, :-1] for index, node in enumerate(fit) if f"lowrank_layer_{index}" in grams}
+        return {node: gram[:-1, :-1] for node, gram in input_gram(model, fit, samples.calibration(), self.threads).items()}
 
     def _try_factor(self, layer: Layer, gram: np.ndarray | None, chain: Chain, ranks: list[int] | None = None) -> bool:
         """Factors one layer (at ``ranks`` if given) if that saves ``min_gain`` of its parameters; returns whether it did."""

@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.runtime import ModelRunner
-from passes.prune.reconstruct import RELATIVE_DAMPING, Grams, independent_prefix, output_grams
+from passes.prune.reconstruct import Grams, checked_fit, independent_prefix, output_grams, ridge_solve
 from passes.qdq.samples import Samples
 
 
@@ -44,7 +44,7 @@ def refit_last_factors(
             taught = (runner.run({k: v for k, v in feeds.items() if k in runner.input_names}, wanted) for feeds in samples.calibration())
             grams = output_grams(model, taught, level, samples.calibration(), threads)
             for node in level:
-                if _refit(node, grams[node.name or ""]):
+                if _refit(node, grams[node]):
                     done.append(node.name or "")
                 else:
                     refused[node.name or ""] = "a refit did not beat the factors on held-back calibration samples"
@@ -58,29 +58,15 @@ def _refit(node: ir.Node, halves: list[Grams]) -> bool:
     if bias is not None:
         current = np.vstack([current, bias.const_value.numpy()[None, :]])  # type: ignore[union-attr]
     size = current.shape[0]
-    if len(halves) == 2:
-        trial = _solve(*halves[0], size)
-        if _error(halves[1], trial) >= _error(halves[1], current):
-            return False
-    own, cross = (sum(parts) for parts in zip(*halves))
-    solution = _solve(own, cross, size)
+    solution = checked_fit(halves, current, lambda own, cross: ridge_solve(own[:size, :size], cross[:size]))
+    if solution is None:
+        return False
     rows = solution[:-1] if bias is not None else solution
     array = weight.const_value.numpy()  # type: ignore[union-attr]
     weight.const_value = ir.Tensor(np.ascontiguousarray(_from_rows(node, rows, array.shape).astype(array.dtype)), name=weight.name)
     if bias is not None:
         bias.const_value = ir.Tensor(np.ascontiguousarray(solution[-1].astype(bias.const_value.numpy().dtype)), name=bias.name)  # type: ignore[union-attr]
     return True
-
-
-def _solve(own: np.ndarray, cross: np.ndarray, size: int) -> np.ndarray:
-    own, cross = own[:size, :size], cross[:size]
-    return np.linalg.solve(own + RELATIVE_DAMPING * float(np.mean(np.diag(own))) * np.eye(size), cross)
-
-
-def _error(grams: Grams, weights: np.ndarray) -> float:
-    """||H A - Y||^2 up to a term that does not depend on A."""
-    own, cross = grams[0][: weights.shape[0], : weights.shape[0]], grams[1][: weights.shape[0]]
-    return float(np.sum(weights * (own @ weights)) - 2 * np.sum(weights * cross))
 
 
 def _weight(node: ir.Node) -> ir.Value | None:

@@ -39,7 +39,7 @@ from passes.prune.channels import (
 )
 from passes.prune.compression import compression_report
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
-from passes.prune.reconstruct import Grams, cross_grams, fit_error, independent_prefix, input_gram, refit, refit_cross
+from passes.prune.reconstruct import Grams, checked_fit, cross_grams, independent_prefix, input_gram, refit, refit_cross
 from passes.qdq.samples import Samples
 
 logger = logging.getLogger(__name__)
@@ -251,14 +251,13 @@ class PrunePass(ir.passes.InPlacePass):
                 taught = (runner.run({k: v for k, v in feeds.items() if k in runner.input_names}, wanted) for feeds in samples.calibration())
                 grams = cross_grams(model, taught, level, samples.calibration(), self.threads)
                 for node in level:
-                    self._write_refit(node, twin[node], grams[node.name or ""], out_keep.get(node))
+                    self._write_refit(node, twin[node], grams[node], out_keep.get(node))
 
     def _write_refit(self, node: ir.Node, original: ir.Node, halves: list[Grams], kept_outputs: np.ndarray | None) -> None:
         """Refits ``node``'s weight (and bias) to its ``original`` twin's outputs, if that beats plain pruning on held-out samples.
 
-        The check fits on the even samples and compares on the odd ones: an
-        underdetermined fit (few rows per input, as on resnet50's 7x7 stage)
-        matches its calibration samples and drifts on any others.
+        The check fits on the even samples and compares on the odd ones (see
+        reconstruct.checked_fit).
         """
         label = node.name or node.op_type
         weight = original.inputs[1].const_value.numpy()  # type: ignore[union-attr]
@@ -267,22 +266,20 @@ class PrunePass(ir.passes.InPlacePass):
         if kept_outputs is not None:  # the node is itself pruned: fit only its kept outputs
             target, bias = target[:, kept_outputs], None if bias is None else bias[kept_outputs]
         current = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
-        if len(halves) == 2:
-            plain = _with_bias_row(_as_kn(node, current, np.arange(0))[0], None if bias is None else _vector_bias(node))
-            trial = _with_bias_row(*refit_cross(*halves[0], target, bias))
-            goal = _with_bias_row(target, bias)
-            if fit_error(halves[1], trial, goal) >= fit_error(halves[1], plain, goal):
-                self.summary.not_reconstructed[label] = "a refit did not beat plain pruning on held-out calibration samples"
-                return
-        own, cross = (sum(parts) for parts in zip(*halves))
-        new_kn, new_bias = refit_cross(own, cross, target, bias)
+        plain = _with_bias_row(_as_kn(node, current, np.arange(0))[0], None if bias is None else _vector_bias(node))
+        solution = checked_fit(halves, plain, lambda own, cross: _with_bias_row(*refit_cross(own, cross, target, bias)), _with_bias_row(target, bias))
+        if solution is None:
+            self.summary.not_reconstructed[label] = "a refit did not beat plain pruning on held-out calibration samples"
+            return
+        new_kn = (solution[:-1] if bias is not None else solution).astype(current.dtype)
+        new_bias = None if bias is None else solution[-1].astype(bias.dtype)
         new_weight = _from_kn(node, new_kn, current, current.shape[input_axis(node)])
         node.inputs[1].const_value = ir.Tensor(np.ascontiguousarray(new_weight), name=node.inputs[1].name)
         if new_bias is not None:
             node.inputs[2].const_value = ir.Tensor(np.ascontiguousarray(new_bias), name=node.inputs[2].name)
         self.summary.reconstructed.append(label)
 
-    def _grams(self, model: ir.Model, layers: list[tuple[ir.Node, ir.Value, int]]) -> dict[str, np.ndarray]:
+    def _grams(self, model: ir.Model, layers: list[tuple[ir.Node, ir.Value, int]]) -> dict[ir.Node, np.ndarray]:
         """Input Gram matrices of the layers that can be refit, from the still unpruned model."""
         fit = [node for node, _, _ in layers if _refittable(node)]
         for node, _, _ in layers:
@@ -293,8 +290,8 @@ class PrunePass(ir.passes.InPlacePass):
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
         return input_gram(model, fit, samples.calibration(), self.threads)
 
-    def _refit(self, node: ir.Node, weight: ir.Value, original: np.ndarray, mask: np.ndarray, grams: dict[str, np.ndarray]) -> None:
-        gram = grams.get(node.name or "")
+    def _refit(self, node: ir.Node, weight: ir.Value, original: np.ndarray, mask: np.ndarray, grams: dict[ir.Node, np.ndarray]) -> None:
+        gram = grams.get(node)
         if gram is None or not _refittable(node):
             return
         transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))

@@ -40,9 +40,11 @@ __all__ = [
     "output_grams",
     "refit",
     "refit_cross",
+    "ridge_solve",
+    "checked_fit",
 ]
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -55,35 +57,35 @@ from graphopt.runtime import stream_tensors
 RELATIVE_DAMPING = 1e-2
 
 
-def input_gram(model: ir.Model, nodes: Sequence[ir.Node], feeds: Iterable[Feeds], threads: int | None) -> dict[str, np.ndarray]:
-    """``X^T X`` of each node's first input over all samples, by node name.
+def input_gram(model: ir.Model, nodes: Sequence[ir.Node], feeds: Iterable[Feeds], threads: int | None) -> dict[ir.Node, np.ndarray]:
+    """``X^T X`` of each node's first input over all samples, by node.
 
     Rows are all leading dims for MatMul/Gemm, and input patches (im2col,
     at most ``MAX_PATCHES`` a sample, drawn with a fixed seed) for Conv.
     Rows get a trailing column of ones, so G[-1, -1] counts the rows and
-    G[:-1, -1] sums the inputs (what a bias needs).
+    G[:-1, -1] sums the inputs (what a bias needs). Keyed by the node, not
+    its name: names may be empty or repeated.
     """
     names = [node.inputs[0].name or "" for node in nodes if node.inputs[0] is not None]
-    grams: dict[str, np.ndarray] = {}
+    grams: dict[ir.Node, np.ndarray] = {}
     for tensors in stream_tensors(model, names, feeds, threads=threads):
         for node in nodes:
             array = tensors.get(node.inputs[0].name or "") if node.inputs[0] is not None else None
             if array is None:
                 continue
-            rows = conv_patches(node, array) if node.op_type == "Conv" else np.asarray(array, np.float64).reshape(-1, array.shape[-1])
-            rows = np.hstack([rows, np.ones((rows.shape[0], 1))])
-            key = node.name or ""
-            grams[key] = grams.get(key, 0) + rows.T @ rows
+            rows = _rows(node, array)
+            grams[node] = grams.get(node, 0) + rows.T @ rows
     return grams
 
 
-Grams = tuple[np.ndarray, np.ndarray]  # (X_p^T X_p, X_p^T X_o)
+Grams = tuple[np.ndarray, np.ndarray]  # (X_p^T X_p, X_p^T X_o), or (H^T H, H^T Y)
+RowPairs = Callable[[ir.Node, dict[str, np.ndarray], dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]
 
 
 def cross_grams(
     student: ir.Model, teacher_tensors: Iterable[dict[str, np.ndarray]], nodes: Sequence[ir.Node], feeds: Iterable[Feeds], threads: int | None
-) -> dict[str, list[Grams]]:
-    """``(X_p^T X_p, X_p^T X_o)`` of each of ``student``'s ``nodes``, by node name, for even and odd samples apart.
+) -> dict[ir.Node, list[Grams]]:
+    """``(X_p^T X_p, X_p^T X_o)`` of each of ``student``'s ``nodes``, for even and odd samples apart.
 
     X_p is the node's first input as ``student`` computes it on ``feeds``; X_o
     is the same-named tensor in ``teacher_tensors`` (one dict per sample, in
@@ -91,25 +93,18 @@ def cross_grams(
     the same rows (patches for Conv, drawn with the same seed). The two
     halves let a refit be checked on samples it was not fitted to.
     """
-    names = [node.inputs[0].name or "" for node in nodes]
-    grams: dict[str, list[Grams]] = {}
-    pairs = zip(stream_tensors(student, names, feeds, threads=threads), teacher_tensors)
-    for index, (pruned, original) in enumerate(pairs):
-        for node, name in zip(nodes, names):
-            rows_p, rows_o = (_rows(node, tensors[name]) for tensors in (pruned, original))
-            halves = grams.setdefault(node.name or "", [])
-            if len(halves) <= index % 2:
-                halves.append((rows_p.T @ rows_p, rows_p.T @ rows_o))
-            else:
-                own, cross = halves[index % 2]
-                halves[index % 2] = (own + rows_p.T @ rows_p, cross + rows_p.T @ rows_o)
-    return grams
+
+    def rows(node: ir.Node, pruned: dict[str, np.ndarray], original: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        name = node.inputs[0].name or ""
+        return _rows(node, pruned[name]), _rows(node, original[name])
+
+    return _half_grams(student, teacher_tensors, nodes, feeds, threads, rows)
 
 
 def output_grams(
     student: ir.Model, teacher_tensors: Iterable[dict[str, np.ndarray]], nodes: Sequence[ir.Node], feeds: Iterable[Feeds], threads: int | None
-) -> dict[str, list[Grams]]:
-    """``(H^T H, H^T Y)`` of each node by name, even and odd samples apart, for refitting a layer to a teacher's outputs.
+) -> dict[ir.Node, list[Grams]]:
+    """``(H^T H, H^T Y)`` of each node, even and odd samples apart, for refitting a layer to a teacher's outputs.
 
     H is the node's first input as ``student`` computes it; Y is the
     teacher's tensor of the same name as the node's output (the layer the
@@ -117,15 +112,30 @@ def output_grams(
     Gemm, N*H*W for a 1x1 stride-1 Conv, whose outputs line up with its
     inputs. H gets a trailing column of ones (for the bias).
     """
+
+    def rows(node: ir.Node, student_tensors: dict[str, np.ndarray], teacher: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        inputs = _positions(student_tensors[node.inputs[0].name or ""], node)
+        return np.hstack([inputs, np.ones((inputs.shape[0], 1))]), _positions(teacher[node.outputs[0].name or ""], node)
+
+    return _half_grams(student, teacher_tensors, nodes, feeds, threads, rows)
+
+
+def _half_grams(
+    student: ir.Model,
+    teacher_tensors: Iterable[dict[str, np.ndarray]],
+    nodes: Sequence[ir.Node],
+    feeds: Iterable[Feeds],
+    threads: int | None,
+    row_pairs: RowPairs,
+) -> dict[ir.Node, list[Grams]]:
+    """``(L^T L, L^T R)`` per node for the (L, R) rows ``row_pairs`` gives each sample, even and odd samples summed apart."""
     names = [node.inputs[0].name or "" for node in nodes]
-    outputs = [node.outputs[0].name or "" for node in nodes]
-    grams: dict[str, list[Grams]] = {}
+    grams: dict[ir.Node, list[Grams]] = {}
     for index, (student_tensors, teacher) in enumerate(zip(stream_tensors(student, names, feeds, threads=threads), teacher_tensors)):
-        for node, name, output in zip(nodes, names, outputs):
-            inputs = _positions(student_tensors[name], node)
-            rows, target = np.hstack([inputs, np.ones((inputs.shape[0], 1))]), _positions(teacher[output], node)
-            halves = grams.setdefault(node.name or "", [])
-            pair = (rows.T @ rows, rows.T @ target)
+        for node in nodes:
+            left, right = row_pairs(node, student_tensors, teacher)
+            halves = grams.setdefault(node, [])
+            pair = (left.T @ left, left.T @ right)
             if len(halves) <= index % 2:
                 halves.append(pair)
             else:
@@ -141,12 +151,37 @@ def _positions(array: np.ndarray, node: ir.Node) -> np.ndarray:
     return array.reshape(-1, array.shape[-1])
 
 
-def fit_error(grams: Grams, weight: np.ndarray, target: np.ndarray) -> float:
-    """``||X_p A - X_o T||^2`` up to a term that does not depend on A; A and T carry a bias row when the grams have one used."""
+def fit_error(grams: Grams, weight: np.ndarray, target: np.ndarray | None = None) -> float:
+    """``||L A - R T||^2`` up to a term that does not depend on A.
+
+    A (and T) carry a bias row when the grams' ones column is used; without
+    ``target`` the grams' right side is the goal itself (output_grams).
+    """
     own, cross = grams
-    kp, k = weight.shape[0], target.shape[0]
-    own, cross = own[:kp, :kp], cross[:kp, :k]
-    return float(np.sum(weight * (own @ weight)) - 2 * np.sum(weight * (cross @ target)))
+    kp = weight.shape[0]
+    right = cross[:kp] if target is None else cross[:kp, : target.shape[0]] @ target
+    return float(np.sum(weight * (own[:kp, :kp] @ weight)) - 2 * np.sum(weight * right))
+
+
+def checked_fit(
+    halves: list[Grams], plain: np.ndarray, fit: Callable[[np.ndarray, np.ndarray], np.ndarray], target: np.ndarray | None = None
+) -> np.ndarray | None:
+    """``fit(own, cross)`` on all samples, or None when its fit on the even samples loses to ``plain`` on the odd ones.
+
+    An underdetermined refit (few rows per input, as on resnet50's 7x7 stage)
+    matches its calibration samples and drifts on any others; the held-out
+    half catches it. ``plain`` and ``fit``'s result are in the layout
+    :func:`fit_error` takes, with ``target`` as there.
+    """
+    if len(halves) == 2 and fit_error(halves[1], fit(*halves[0]), target) >= fit_error(halves[1], plain, target):
+        return None
+    own, cross = (sum(parts) for parts in zip(*halves))
+    return fit(own, cross)
+
+
+def ridge_solve(own: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """``(own + lambda I)^-1 right`` with lambda RELATIVE_DAMPING times the mean of own's diagonal."""
+    return np.linalg.solve(own + RELATIVE_DAMPING * float(np.mean(np.diag(own))) * np.eye(own.shape[0]), right)
 
 
 def _rows(node: ir.Node, array: np.ndarray) -> np.ndarray:
@@ -168,8 +203,7 @@ def refit_cross(own: np.ndarray, cross: np.ndarray, original: np.ndarray, bias: 
         target = np.vstack([target, np.asarray(bias, np.float64)[None, :]])
     else:
         own, cross = own[:kp, :kp], cross[:kp, :k]
-    system = own + RELATIVE_DAMPING * float(np.mean(np.diag(own))) * np.eye(own.shape[0])
-    solution = np.linalg.solve(system, cross @ target)
+    solution = ridge_solve(own, cross @ target)
     if bias is not None:
         return solution[:-1].astype(original.dtype), solution[-1].astype(np.asarray(bias).dtype)
     return solution.astype(original.dtype), None
