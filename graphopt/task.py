@@ -52,8 +52,7 @@ class TaskScore:
         """``{metric, reference, candidate, drop, count}``, or None when nothing was scored."""
         if not self._count:
             return None
-        divisor = self._count
-        reference, candidate = (total / divisor for total in self._totals)
+        reference, candidate = (total / self._count for total in self._totals)
         count_name = "samples" if self.metric is not None else "labelled rows"
         return {"metric": self.name, "reference": reference, "candidate": candidate, "drop": reference - candidate, count_name: self._count}
 

@@ -195,6 +195,7 @@ def _compare_stream(
     noise_comparators: dict[tuple[str, str], OutputComparator] = {}
     worst: tuple[float, Feeds] | None = None
     first: Feeds | None = None
+    scored = next(iter(pairs))  # the provider whose outputs the task metric scores
     for sample in stream:
         # Labels travel with the sample for the task metric; the models get the inputs alone.
         feeds = {name: array for name, array in sample.items() if name != LABELS_KEY}
@@ -206,7 +207,7 @@ def _compare_stream(
         sample_error = 0.0
         for provider, (ref_runner, cand_runner) in pairs.items():
             ref_out, cand_out = _run_pair(ref_runner, cand_runner, feeds, pool)
-            if provider == next(iter(pairs)):
+            if provider == scored:
                 task.update(sample, ref_out, cand_out)
             if provider == "cpu":
                 reference_cpu = ref_out
