@@ -36,17 +36,15 @@ benchmark: it exits 0 whatever the outcome, and 2 on bad arguments.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from cli_args import OneLineParser  # bench/ is on sys.path when run as a script
-from prune import _fidelity, _latencies, _session  # the same timing and fidelity as bench/prune.py
 from tables import table
+from timing import fidelity, latencies, session
 
-os.environ.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = ("attention", "encoder", "resnet50")
 DATA_AWARE_GOAL, SPEED_GOAL, COSINE_TARGET = 0.5, 0.7, 0.98
@@ -137,12 +135,12 @@ def run_model(name: str, ratio: float) -> tuple[list[tuple[str, ...]], dict[str,
         started = time.perf_counter()
         run_pipeline(model, [pass_])
         models[label] = (model, time.perf_counter() - started, len(pass_.summary.decomposed))
-    reference = _session(original)
-    sessions = {label: _session(model) for label, (model, _, _) in models.items()}
-    times = _latencies([reference, *sessions.values()], evaluation[0])
+    reference = session(original)
+    sessions = {label: session(model) for label, (model, _, _) in models.items()}
+    times = latencies([reference, *sessions.values()], evaluation[0])
     rows, facts = [], {"reference_ms": times[0] * 1000}
-    for (label, (model, seconds, factored)), session, latency in zip(models.items(), sessions.values(), times[1:]):
-        rel, cosine = _fidelity(reference, session, evaluation)
+    for (label, (model, seconds, factored)), candidate, latency in zip(models.items(), sessions.values(), times[1:]):
+        rel, cosine = fidelity(reference, candidate, evaluation)
         layers = decomposed_layers(original, model)
         speed = ""
         if layers:

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from cli_args import OneLineParser  # bench/ is on sys.path when run as a script
-from prune import _latencies, _session  # the same timing as bench/prune.py
 from tables import table
+from timing import latencies, session
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 METHODS = (
@@ -115,8 +115,8 @@ def run_model(name: str) -> tuple[list[tuple[str, ...]], list[tuple[str, float, 
         run_pipeline(model, with_calibration_data(parse_spec(method), calib_dir))
         outputs[method] = (save(model, work / f"{len(outputs)}.onnx"), time.perf_counter() - started)
     original = load(original_path)
-    sessions = [_session(original)] + [_session(load(path)) for path, _ in outputs.values()]
-    times = _latencies(sessions, evaluation[0])
+    sessions = [session(original)] + [session(load(path)) for path, _ in outputs.values()]
+    times = latencies(sessions, evaluation[0])
     base_size = _file_bytes(original_path)
     rows, points = [], []
     reference_text, _ = metric(original)

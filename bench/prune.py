@@ -28,8 +28,6 @@ benchmark: it exits 0 whatever the outcome, and 2 on bad arguments.
 
 from __future__ import annotations
 
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,58 +35,17 @@ from typing import Any
 
 from cli_args import OneLineParser  # bench/ is on sys.path when run as a script
 from tables import table
+from timing import fidelity, latencies, session
 
-os.environ.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = ("cnn_bn", "mobilenet", "squeezenet", "resnet50")
-ROUNDS, MIN_ROUNDS, SLOW_ROUND_SECONDS, MIN_TIMED_SECONDS = 20, 5, 1.0, 0.005
 SPEEDUP_GOAL, RECONSTRUCTION_GOAL, BOUND_GOAL = 1.3, 2.0, 0.8
-
-
-def _session(model: Any) -> Any:
-    import onnx_ir as ir
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = 1, 1, 3
-    return ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _elements(model: Any) -> int:
     from graphopt import stats
 
     return stats.param_count(model)
-
-
-def _fidelity(reference: Any, candidate: Any, feeds: list[dict]) -> tuple[float, float]:
-    import numpy as np
-
-    want = np.concatenate([np.concatenate([o.ravel() for o in reference.run(None, f)]) for f in feeds]).astype(np.float64)
-    got = np.concatenate([np.concatenate([o.ravel() for o in candidate.run(None, f)]) for f in feeds]).astype(np.float64)
-    rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-    return rel, float(want @ got / (np.linalg.norm(want) * np.linalg.norm(got)))
-
-
-def _latencies(sessions: list[Any], feeds: dict) -> list[float]:
-    """Median seconds per run of each session, timed in interleaved rounds.
-
-    Each timing covers enough back-to-back runs to last MIN_TIMED_SECONDS:
-    a 0.1 ms model timed one run at a time is mostly timer and scheduler noise.
-    """
-    start = time.perf_counter()
-    for session in sessions:
-        session.run(None, feeds)
-    first = time.perf_counter() - start
-    rounds = ROUNDS if first <= SLOW_ROUND_SECONDS else MIN_ROUNDS
-    repeats = max(1, int(MIN_TIMED_SECONDS * len(sessions) / max(first, 1e-6)))
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for session, bucket in zip(sessions, times):
-            begin = time.perf_counter()
-            for _ in range(repeats):
-                session.run(None, feeds)
-            bucket.append((time.perf_counter() - begin) / repeats)
-    return [statistics.median(bucket) for bucket in times]
 
 
 def run_model(name: str, ratio: float, sparsity: float) -> tuple[list[tuple[str, ...]], dict[str, Any]]:
@@ -115,12 +72,12 @@ def run_model(name: str, ratio: float, sparsity: float) -> tuple[list[tuple[str,
         run_pipeline(model, "fold")
         run_pipeline(model, [pass_])
         models[label] = (model, pass_)
-    reference = _session(original)
-    sessions = {label: _session(model) for label, (model, _) in models.items()}
-    times = _latencies([reference, *sessions.values()], evaluation[0])
+    reference = session(original)
+    sessions = {label: session(model) for label, (model, _) in models.items()}
+    times = latencies([reference, *sessions.values()], evaluation[0])
     rows, facts = [], {"reference_ms": times[0] * 1000}
-    for (label, (model, pass_)), session, seconds in zip(models.items(), sessions.values(), times[1:]):
-        rel, cosine = _fidelity(reference, session, evaluation)
+    for (label, (model, pass_)), candidate, seconds in zip(models.items(), sessions.values(), times[1:]):
+        rel, cosine = fidelity(reference, candidate, evaluation)
         summary = pass_.summary
         storage = ""
         if summary.compression:
