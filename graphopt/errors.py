@@ -10,6 +10,8 @@ __all__ = [
     "GraphoptError",
     "ModelLoadError",
     "ModelSaveError",
+    "UnsafeModelError",
+    "UnsupportedModelError",
     "PipelineSpecError",
     "PassCheckError",
     "InvalidModelError",
@@ -24,6 +26,14 @@ class GraphoptError(Exception):
 
 class ModelLoadError(GraphoptError):
     """The model file or object cannot be read as ONNX."""
+
+
+class UnsafeModelError(ModelLoadError):
+    """The model asks for something graphopt refuses to do, e.g. read outside its folder."""
+
+
+class UnsupportedModelError(GraphoptError):
+    """The model is valid ONNX but needs more than the installed onnxruntime offers."""
 
 
 class ModelSaveError(GraphoptError):

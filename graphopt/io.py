@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 import onnx_ir as ir
 
-from graphopt import stats
+from graphopt import stats, untrusted
 from graphopt.errors import ModelLoadError, ModelSaveError, first_line
 from graphopt.gcpause import gc_paused
 from graphopt.graphs import iter_graphs
@@ -145,12 +145,14 @@ def _load_path(path: Path) -> ir.Model:
         raise ModelLoadError(f"no such file: {path}")
     if not path.is_file():
         raise ModelLoadError(f"not a file: {path}")
+    untrusted.check_file(path)
     try:
         with gc_paused():
             model = ir.load(path)
     except Exception as exc:  # protobuf and onnx raise many unrelated types
         raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
     _check_has_graph(model, str(path))
+    untrusted.check_model(model, path.resolve().parent)
     model.meta[_SOURCE_KEY] = str(path.resolve())
     model.meta[_HAD_EXTERNAL_KEY] = any(_external_tensors(model))
     return model
@@ -163,6 +165,7 @@ def _from_proto(proto: onnx.ModelProto, *, origin: str) -> ir.Model:
     except Exception as exc:  # malformed protos fail deep inside the deserializer
         raise ModelLoadError(f"{origin}: not a valid ONNX model ({first_line(exc)})") from exc
     _check_has_graph(model, origin)
+    untrusted.check_model(model, None)
     return model
 
 
