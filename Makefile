@@ -76,7 +76,7 @@ bench: $(BENCH_VENV)/.installed
 		|| echo "bench: torch 2.13.0 not installable; the real text encoder will be skipped" >&2
 	$(BENCH_PY) -m pip install --quiet --disable-pip-version-check -e '.[plots,zoo]' \
 		|| echo "bench: the plots/zoo extras did not install; those sections will say so" >&2
-	$(BENCH_PY) bench/run_all.py $(BENCH_ARGS)
+	$(BENCH_PY) bench/run_all.py --readme README.md $(BENCH_ARGS)
 
 # The model-zoo tests with the zoo extra installed, so the real MiniLM is
 # exported and checked against PyTorch (make test skips those tests).

@@ -2,7 +2,7 @@
 
 Run from the repository root (``make bench``)::
 
-    .venv/bin/python bench/run_all.py [--quick] [--only fold,prune] [--output BENCHMARKS.md]
+    .venv/bin/python bench/run_all.py [--quick] [--only fold,prune] [--output BENCHMARKS.md] [--readme README.md]
 
 Each script runs in its own process with ``--markdown`` (so one crash is one
 failed section, not a lost report) and its output goes into the report
@@ -10,8 +10,10 @@ verbatim under a heading with the exact command and its wall time. The
 methods script also writes PNG plots next to the report (``bench/plots/``)
 when matplotlib (the ``plots`` extra) is installed. ``--quick`` passes each
 script its quick settings: minutes instead of about an hour, meant for
-checking the pipeline, not for figures. A benchmark: it exits 0 whatever the
-outcome (failed sections say so), and 2 on bad arguments.
+checking the pipeline, not for figures. ``--readme`` then replaces the
+README's generated benchmark block with the report's headline tables and goal
+lines (bench/headline.py), so the README quotes nothing the report lacks.
+A benchmark: it exits 0 whatever the outcome (failed sections say so), and 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cli_args import OneLineParser  # bench/ is on sys.path when run as a script
+from headline import update_readme
 from machine import machine_line
 
 _BENCH = Path(__file__).resolve().parent
@@ -56,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="each script's quick settings (checks the pipeline)")
     parser.add_argument("--only", help="comma-separated scripts to run: " + ", ".join(name for name, *_ in SCRIPTS))
     parser.add_argument("--output", type=Path, default=_REPO_ROOT / "BENCHMARKS.md", help="the report (default BENCHMARKS.md)")
+    parser.add_argument("--readme", type=Path, help="also refresh this README's generated benchmark block")
     args = parser.parse_args(argv)
+    if args.readme is not None and not args.readme.is_file():
+        parser.error(f"no such README: {args.readme}")
     chosen = [name.strip() for name in args.only.split(",")] if args.only else [name for name, *_ in SCRIPTS]
     unknown = [name for name in chosen if name not in {name for name, *_ in SCRIPTS}]
     if unknown:
@@ -83,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         sections += [f"## {name}", "", f"`{shown}` ({seconds:.0f} s)", ""]
         sections.append(done.stdout.strip() if done.returncode == 0 else f"**failed** (exit {done.returncode}):\n\n```\n{done.stderr.strip()[-2000:]}\n```")
         sections.append("")
-    args.output.write_text("\n".join(sections) + "\n")
+    report = "\n".join(sections) + "\n"
+    args.output.write_text(report)
     print(f"wrote {args.output}", file=sys.stderr)
+    if args.readme is not None:
+        update_readme(args.readme, report)
+        print(f"refreshed the benchmark block of {args.readme}", file=sys.stderr)
     return 0
 
 
