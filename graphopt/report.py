@@ -28,6 +28,11 @@ JSON schema ``graphopt.fidelity/1`` (keys of ``FidelityReport.to_dict()``):
   external data included; null for in-memory models).
 - ``ledger``: null, or the pass ledger rows; ``bisection``: null, or
   ``{first_failing_pass, step, checked}``.
+- ``warnings``: ``[{model, kind, items, message}]`` about either model
+  (``model`` is ``"reference"`` or ``"candidate"``): ``kind``
+  ``"custom_ops"`` or ``"unknown_ops"`` with ``items`` a list of op names
+  (``domain::op`` for custom domains), or ``"nonfinite_weights"`` with
+  ``items`` ``{initializer: NaN/Inf count}``.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class FidelityReport:
     ledger: list[dict[str, Any]] | None = None
     bisection: dict[str, Any] | None = None
     task: dict[str, Any] | None = None  # graphopt.task.TaskScore.result()
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -108,6 +114,7 @@ class FidelityReport:
             "ledger": self.ledger,
             "bisection": self.bisection,
             "task": self.task,
+            "warnings": self.warnings,
         }
 
     def to_json(self) -> str:
@@ -135,7 +142,7 @@ class FidelityReport:
         return "\n".join(lines)
 
     def _extra_lines(self) -> list[str]:
-        lines = []
+        lines = [f"warning: {warning['message']}" for warning in self.warnings]
         if self.per_layer is not None:
             divergent = self.per_layer.first_divergent
             lines.append(f"per-layer: {len(self.per_layer.layers)} tensors compared, {len(divergent)} first divergent shown")

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-__all__ = ["ModelSummary", "summarize"]
+__all__ = [
+    "ModelSummary",
+    "summarize",
+    "is_custom_domain",
+    "is_unknown_op",
+    "is_opaque",
+    "custom_ops",
+    "unknown_ops",
+    "nonfinite_weights",
+]
 
 import collections
+import functools
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from graphopt import io, stats
@@ -38,6 +50,8 @@ class ModelSummary:
     parameters: int
     parameter_bytes: int
     nonfinite_weights: dict[str, int] = field(default_factory=dict)
+    # Standard-domain op types that onnx has no schema for at the model's opset.
+    unknown_ops: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,6 +72,8 @@ class ModelSummary:
         lines += [f"output      {_describe_io(item)}" for item in self.outputs]
         if self.custom_domains:
             lines.append("custom      " + ", ".join(self.custom_domains))
+        if self.unknown_ops:
+            lines.append("WARNING     unknown ops: " + ", ".join(self.unknown_ops))
         if self.nonfinite_weights:
             bad = ", ".join(f"{name} ({count})" for name, count in self.nonfinite_weights.items())
             lines.append(f"WARNING     NaN/Inf in weights: {bad}")
@@ -93,7 +109,8 @@ def summarize(model: ir.Model) -> ModelSummary:
         custom_domains=sorted(d for d in domains if d not in _STANDARD_DOMAINS),
         parameters=stats.param_count(model),
         parameter_bytes=stats.param_bytes(model),
-        nonfinite_weights=_nonfinite_weights(model),
+        nonfinite_weights=nonfinite_weights(model),
+        unknown_ops=unknown_ops(model),
     )
 
 
@@ -110,7 +127,8 @@ def _describe_io(item: dict[str, Any]) -> str:
     return f"{item['name']}: {item['dtype']}{shape}{suffix}"
 
 
-def _nonfinite_weights(model: ir.Model) -> dict[str, int]:
+def nonfinite_weights(model: ir.Model) -> dict[str, int]:
+    """NaN/Inf element count of every floating-point initializer or Constant that has any."""
     bad = {}
     for name, tensor in stats.constant_tensors(model):
         if not tensor.dtype.is_floating_point():
@@ -119,3 +137,68 @@ def _nonfinite_weights(model: ir.Model) -> dict[str, int]:
         if count:
             bad[name] = count
     return bad
+
+
+def is_custom_domain(domain: str) -> bool:
+    """Whether ``domain`` is outside the standard ONNX domains (e.g. com.microsoft, com.example)."""
+    return domain not in _STANDARD_DOMAINS
+
+
+def is_unknown_op(node: ir.Node, opsets: Mapping[str, int]) -> bool:
+    """Whether a standard-domain node names an op onnx has no schema for at the model's opset.
+
+    ``FooBar`` in the default domain is unknown; so is ``Gelu`` at opset 17
+    (it arrived in opset 20). Custom domains are never "unknown" here: see
+    :func:`is_custom_domain`.
+    """
+    if is_custom_domain(node.domain):
+        return False
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    version = opsets.get(domain, opsets.get("ai.onnx") if domain == "" else None)
+    return not _has_schema(node.op_type, domain, version)
+
+
+def is_opaque(node: ir.Node, opsets: Mapping[str, int]) -> bool:
+    """A node no built-in pass may look into: a custom domain or an unknown standard op."""
+    return is_custom_domain(node.domain) or is_unknown_op(node, opsets)
+
+
+def custom_ops(model: ir.Model) -> list[str]:
+    """``domain::op_type`` of every custom-domain node, sorted, once each; calls to the model's own functions excluded."""
+    local = _local_functions(model)
+    return sorted(
+        {
+            f"{node.domain}::{node.op_type}"
+            for graph in iter_graphs(model)
+            for node in graph
+            if is_custom_domain(node.domain) and (node.domain, node.op_type) not in local
+        }
+    )
+
+
+def unknown_ops(model: ir.Model) -> list[str]:
+    """Standard-domain op types onnx has no schema for at the model's opset, sorted, once each.
+
+    Calls to the model's own functions are not unknown: the function defines them.
+    """
+    local = _local_functions(model)
+    opsets = model.opset_imports
+    found = set()
+    for graph in iter_graphs(model):
+        for node in graph:
+            if (node.domain, node.op_type) not in local and is_unknown_op(node, opsets):
+                found.add(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}")
+    return sorted(found)
+
+
+def _local_functions(model: ir.Model) -> set[tuple[str, str]]:
+    return {(domain, name) for domain, name, _ in model.functions}
+
+
+@functools.lru_cache(maxsize=4096)
+def _has_schema(op_type: str, domain: str, version: int | None) -> bool:
+    # onnx.defs knows every released op and the opset each version arrived in;
+    # a missing opset import means "the newest this onnx knows".
+    if version is None:
+        return onnx.defs.has(op_type, domain)
+    return onnx.defs.has(op_type, version, domain)

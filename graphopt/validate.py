@@ -23,9 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
-from graphopt import io, stats
+from graphopt import io, stats, summary
 from graphopt.data import LABELS_KEY, Feeds, feed_stream, parse_shape_overrides
 from graphopt.errors import DataError, GraphoptError
 from graphopt.localize import (
@@ -41,7 +42,7 @@ from graphopt.localize import (
 )
 from graphopt.metrics import OutputComparator, Tolerance
 from graphopt.report import FidelityReport, ModelFacts
-from graphopt.runtime import ModelRunner, ProviderStatus, measure_latency, resolve_providers
+from graphopt.runtime import ModelRunner, ProviderStatus, check_supported, measure_latency, resolve_providers
 from graphopt.task import TaskMetric, TaskScore
 
 logger = logging.getLogger(__name__)
@@ -98,11 +99,16 @@ def validate(
             ``labels`` in the data give top-1 accuracy (see graphopt.task).
 
     Raises:
+        UnsupportedModelError: onnxruntime cannot run a model: an opset or IR
+            version newer than it supports, an unknown op, or a custom op
+            without a registered kernel (CLI exit code 2).
         ValidationSetupError, DataError, GraphoptError: the models or data
             cannot be compared (CLI exit code 2).
     """
     tolerance = tolerance or Tolerance()
     ref_model, cand_model = io.load(reference), io.load(candidate)
+    check_supported(ref_model, _role_label("reference", reference))
+    check_supported(cand_model, _role_label("candidate", candidate))
     _check_interfaces(ref_model, cand_model)
     statuses = _usable_providers(providers, require_providers)
     available = [status.name for status in statuses if status.available]
@@ -117,6 +123,7 @@ def validate(
         optimization=optimization,
         providers=statuses,
         tf32=tf32 and any(status.name == "cuda" and status.available for status in statuses),
+        warnings=_model_warnings(ref_model, "reference") + _model_warnings(cand_model, "candidate"),
     )
     # Localization needs sessions that expose intermediate tensors. They are
     # separate from the stream's: exposing a tensor keeps onnxruntime from
@@ -264,8 +271,9 @@ def _relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
     if reference.shape != candidate.shape:
         return float("inf")
     ref = np.asarray(reference, dtype=np.float64)
-    diff = np.linalg.norm(np.nan_to_num(np.asarray(candidate, dtype=np.float64) - ref, nan=1e30))
-    return float(diff / (np.linalg.norm(np.nan_to_num(ref)) + 1e-30))
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf outputs: the error is simply huge
+        diff = np.linalg.norm(np.nan_to_num(np.asarray(candidate, dtype=np.float64) - ref, nan=1e30))
+        return float(diff / (np.linalg.norm(np.nan_to_num(ref)) + 1e-30))
 
 
 def _latency(pair: tuple[ModelRunner, ModelRunner], feeds: Feeds, provider: str, threads: int | None) -> dict[str, Any]:
@@ -310,6 +318,29 @@ def _facts(model: ir.Model, given: ModelSource) -> ModelFacts:
     on_disk = isinstance(given, (str, os.PathLike))
     path = str(io.source_path(model)) if on_disk else None
     return ModelFacts(path, io.stored_bytes(model) if on_disk else None, stats.node_count(model), stats.param_bytes(model))
+
+
+def _role_label(role: str, given: ModelSource) -> str:
+    return f"the {role} {os.fspath(given)}" if isinstance(given, (str, os.PathLike)) else f"the {role} model"
+
+
+def _model_warnings(model: ir.Model, role: str) -> list[dict[str, Any]]:
+    """What about a model deserves a warning although it ran: custom or unknown ops, NaN/Inf weights."""
+    warnings = []
+    custom, unknown, nonfinite = summary.custom_ops(model), summary.unknown_ops(model), summary.nonfinite_weights(model)
+    if custom:
+        message = f"{role}: custom-domain ops (they run only where their kernels are registered): {', '.join(custom)}"
+        warnings.append({"model": role, "kind": "custom_ops", "items": custom, "message": message})
+    if unknown:
+        message = f"{role}: ops unknown to onnx {onnx.__version__} at the model's opset: {', '.join(unknown)}"
+        warnings.append({"model": role, "kind": "unknown_ops", "items": unknown, "message": message})
+    if nonfinite:
+        listed = ", ".join(f"{name} ({count})" for name, count in nonfinite.items())
+        message = f"{role}: NaN/Inf in weights: {listed}"
+        warnings.append({"model": role, "kind": "nonfinite_weights", "items": nonfinite, "message": message})
+    for warning in warnings:
+        logger.info("%s", warning["message"])  # the report shows them; a WARNING log would print them twice
+    return warnings
 
 
 def _describe_data(data: Any, seed: int) -> str:

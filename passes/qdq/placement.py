@@ -16,20 +16,26 @@ The placement follows onnxruntime's CPU fusion rules (shared/ORT_QDQ.md):
   keeps its float value there.
 - If/Loop/Scan bodies and functions are left float, and ``Placement``
   says how many nodes that leaves.
+- Custom-domain and unknown ops (graphopt.summary.is_opaque) are never
+  targets and keep reading float tensors: a tensor gets a Q/DQ pair only
+  when a standard op reads it, and only standard readers move onto the DQ.
+- A weight, bias or embedding table holding NaN/Inf stays float, with the
+  reason in ``skipped``: its max-abs scale would be NaN or Inf.
 """
 
 from __future__ import annotations
 
-__all__ = ["Target", "Placement", "plan", "representative", "TARGET_OPS", "weight_axis"]
+__all__ = ["Target", "Placement", "plan", "representative", "TARGET_OPS", "weight_axis", "standard_readers"]
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt.graphs import iter_graphs
+from graphopt.summary import is_opaque
 
 logger = logging.getLogger(__name__)
 
@@ -104,30 +110,44 @@ def plan(model: ir.Model, *, exclude: Collection[str] = (), weight_only: bool = 
         logger.info("qdq: %d nodes in If/Loop/Scan bodies or functions stay float", placement.float_subgraph_nodes)
     if weight_only:
         return placement
-    placement.embeddings = _embedding_tables(graph, exclude)
+    placement.embeddings = _embedding_tables(graph, exclude, placement)
     chosen: dict[str, ir.Value] = {}
+    opsets = model.opset_imports
     for target in placement.targets:
         x = target.node.inputs[0]
         if x is not None and _is_float_activation(x):
             chosen.setdefault(x.name or "", x)
         if target.node.op_type == "Conv":
             out = _after_absorbed_activation(target.node.outputs[0])
-            if _is_float_activation(out) and out.uses():
+            if _is_float_activation(out) and standard_readers(out, opsets):
                 chosen.setdefault(out.name or "", out)
-    _extend_to_int8_ops(graph, chosen)
+    _extend_to_int8_ops(graph, chosen, opsets)
     _extend_through_shared_ops(graph, chosen, placement.shared)
     order = {value: index for index, value in enumerate(v for node in graph for v in node.outputs)}
     placement.activations = sorted(chosen.values(), key=lambda v: order.get(v, -1))
     return placement
 
 
-def _embedding_tables(graph: ir.Graph, exclude: Collection[str]) -> list[tuple[ir.Value, list[ir.Node]]]:
-    """Float 2-D initializers of at least ``MIN_EMBEDDING_ELEMENTS`` that only Gathers (axis 0) read."""
+def standard_readers(value: ir.Value, opsets: Mapping[str, int]) -> list[tuple[ir.Node, int]]:
+    """The ``(node, input index)`` uses of ``value`` by standard ops, the ones that may read a DequantizeLinear."""
+    return [(user, index) for user, index in value.uses() if not is_opaque(user, opsets)]
+
+
+def _nonfinite_reason(kind: str, value: ir.Value, array: np.ndarray) -> str | None:
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    return f"{kind} {value.name} has {bad} NaN/Inf values" if bad else None
+
+
+def _embedding_tables(graph: ir.Graph, exclude: Collection[str], placement: Placement) -> list[tuple[ir.Value, list[ir.Node]]]:
+    """Float 2-D initializers of at least ``MIN_EMBEDDING_ELEMENTS`` that only Gathers (axis 0) read, all finite."""
     tables: dict[str, tuple[ir.Value, list[ir.Node]]] = {}
+    nonfinite: set[str] = set()
     for node in graph:
         if node.op_type != "Gather" or node.domain not in _ONNX_DOMAINS or "Gather" in exclude or node.name in exclude:
             continue
         table = node.inputs[0]
+        if table is not None and (table.name in tables or table.name in nonfinite):
+            continue
         array_ok = table is not None and table.const_value is not None and not table.is_graph_input()
         if not array_ok or table.const_value.dtype not in _FLOAT or len(table.const_value.shape) != 2:  # type: ignore[union-attr]
             continue
@@ -135,6 +155,10 @@ def _embedding_tables(graph: ir.Graph, exclude: Collection[str]) -> list[tuple[i
             continue
         readers = [user for user, index in table.uses()]
         if any(user.op_type != "Gather" or index != 0 or user.attributes.get_int("axis", 0) != 0 for user, index in table.uses()):
+            continue
+        if reason := _nonfinite_reason("embedding", table, table.const_value.numpy()):  # type: ignore[union-attr]
+            placement.skipped.append((table.name or "", reason))
+            nonfinite.add(table.name or "")
             continue
         tables[table.name or ""] = (table, list(dict.fromkeys(readers)))
     return list(tables.values())
@@ -157,6 +181,9 @@ def _target(node: ir.Node, exclude: Collection[str], weight_only: bool, placemen
     if weight is None or array is None:
         placement.skipped.append((label, "weight is not a float initializer"))
         return None
+    if reason := _nonfinite_reason("weight", weight, array):
+        placement.skipped.append((label, reason))
+        return None
     if any(user is not node for user, _ in weight.uses()):
         placement.skipped.append((label, f"weight {weight.name} is shared with other nodes"))
         return None
@@ -170,6 +197,9 @@ def _target(node: ir.Node, exclude: Collection[str], weight_only: bool, placemen
         placement.skipped.append((label, f"weight of rank {array.ndim} has no per-channel axis"))
         return None
     bias, reader = _bias(node, array.shape[axis])
+    if bias is not None and (reason := _nonfinite_reason("bias", bias, bias.const_value.numpy())):  # type: ignore[union-attr]
+        placement.skipped.append((label, reason))
+        return None
     return Target(node, weight, axis, bias, reader)
 
 
@@ -226,7 +256,7 @@ def _after_absorbed_activation(value: ir.Value) -> ir.Value:
     return value
 
 
-def _extend_to_int8_ops(graph: ir.Graph, chosen: dict[str, ir.Value]) -> None:
+def _extend_to_int8_ops(graph: ir.Graph, chosen: dict[str, ir.Value], opsets: Mapping[str, int]) -> None:
     """Quantizes the outputs of ops that have int8 kernels once all their float inputs are quantized.
 
     Add, Mul, Concat and the average pools become their QLinear forms, and
@@ -244,7 +274,7 @@ def _extend_to_int8_ops(graph: ir.Graph, chosen: dict[str, ir.Value]) -> None:
         if not activations or any(v.name not in chosen for v in activations):
             continue
         out = _after_absorbed_activation(node.outputs[0])
-        if _is_float_activation(out) and out.uses():
+        if _is_float_activation(out) and standard_readers(out, opsets):
             chosen.setdefault(out.name or "", out)
 
 

@@ -7,6 +7,12 @@ output error is the accumulation of those. ``target_cosine``/``target_snr``
 bound it end to end on held-back samples by returning the most sensitive
 layers to float.
 
+Non-finite values never reach a scale: a layer whose weight or bias holds
+NaN/Inf stays float (``float_layers`` says so); calibration ignores NaN/Inf
+activation values (``nonfinite_activations`` counts them) and leaves float a
+tensor that had no finite value at all (``float_activations``); a last check
+refuses to emit a Q/DQ scale that is not finite and positive.
+
 Steps (each in its own module):
 
 1. preparation: opset upgrade (13, or 21 for int4 blocks), lift-constants and
@@ -36,8 +42,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, UnsupportedModelError, first_line
 from graphopt.pipeline import adopt_model
+from graphopt.runtime import ModelRunner, check_supported
+from graphopt.summary import custom_ops, unknown_ops
 from passes.fold.batchnorm import FoldBatchNormPass
 from passes.lift_constants import LiftConstantsPass
 from passes.qdq import calibration as calib
@@ -69,6 +77,8 @@ class QuantizationSummary:
     quantized: list[str] = field(default_factory=list)
     corrected: list[str] = field(default_factory=list)  # layers whose bias absorbed the rounding shift
     float_layers: dict[str, str] = field(default_factory=dict)  # node -> why it stayed float
+    float_activations: dict[str, str] = field(default_factory=dict)  # tensor -> why it has no Q/DQ
+    nonfinite_activations: dict[str, int] = field(default_factory=dict)  # tensor -> NaN/Inf values calibration ignored
     activations: int = 0
     weight_bytes_before: int = 0
     weight_bytes_after: int = 0
@@ -93,6 +103,10 @@ class QuantizationSummary:
             parts.append(f"latency {self.latency_ratio:.2f}x float")
         if self.float_subgraph_nodes:
             parts.append(f"{self.float_subgraph_nodes} nodes in If/Loop bodies stay float")
+        if self.nonfinite_activations:
+            parts.append(f"NaN/Inf ignored in calibrating {len(self.nonfinite_activations)} tensors")
+        if self.float_activations:
+            parts.append(f"{len(self.float_activations)} tensors kept float ({'; '.join(sorted(set(self.float_activations.values())))})")
         return ", ".join(parts)
 
 
@@ -183,6 +197,8 @@ class QuantizePass(ir.passes.InPlacePass):
         self.summary = QuantizationSummary()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.weight_bits == 8:
+            _check_runnable(model, self.threads)
         _prepare(model, _BLOCKED_OPSET if self.weight_bits == 4 else _QDQ_OPSET)
         placement = plan(model, exclude=self.exclude, weight_only=self.weight_bits == 4)
         self.summary = QuantizationSummary(float_subgraph_nodes=placement.float_subgraph_nodes)
@@ -199,7 +215,9 @@ class QuantizePass(ir.passes.InPlacePass):
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=hold_back)
         names = [value.name or "" for value in placement.activations]
         stats = calib.collect(model, names, samples.calibration, threads=self.threads)
-        params = self._activation_params(placement, stats)
+        self.summary.nonfinite_activations = {name: s.nonfinite for name, s in stats.items() if s.nonfinite}
+        self.summary.float_activations = {name: "no finite value in calibration" for name, s in stats.items() if not s.count}
+        params = self._activation_params(placement, {name: s for name, s in stats.items() if s.count})
         targets = [t.node for t in placement.targets]
         self._input_means = input_means(model, targets, samples.calibration(), self.threads) if self.bias_correction else {}
         held_back = samples.held_back
@@ -214,6 +232,8 @@ class QuantizePass(ir.passes.InPlacePass):
             threads=self.threads,
         )
         summary.float_layers = {**self.summary.float_layers, **summary.float_layers}
+        summary.float_activations = self.summary.float_activations
+        summary.nonfinite_activations = self.summary.nonfinite_activations
         summary.float_subgraph_nodes = placement.float_subgraph_nodes
         self.summary = summary
         adopt_model(model, chosen)
@@ -267,6 +287,7 @@ class QuantizePass(ir.passes.InPlacePass):
                 summary.weight_bytes_before += before
                 summary.weight_bytes_after += after
                 summary.quantized.append(f"{table.name} (embedding, {len(gathers)} Gather)")
+        _check_scales(model)
         return model, summary
 
     def _quantize_target(self, maker: NodeMaker, target: Target, scales: dict[str, np.float32]) -> bool:
@@ -310,6 +331,7 @@ class QuantizePass(ir.passes.InPlacePass):
             after += array.size // 2 + 4 * (array.size // self.block_size + 1)
             self.summary.quantized.append(target.node.name or target.node.op_type)
         self.summary.weight_bytes_before, self.summary.weight_bytes_after = before, after
+        _check_scales(model)
 
 
 def _quantized_source(value: ir.Value | None) -> str | None:
@@ -323,6 +345,21 @@ def _quantized_source(value: ir.Value | None) -> str | None:
     if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.inputs[0] is None:
         return None
     return quantize.inputs[0].name
+
+
+def _check_scales(model: ir.Model) -> None:
+    """Refuses Q/DQ scales that are not finite and positive; the steps above should never make one.
+
+    Raises:
+        GraphoptError: Naming the scale, so that a NaN/Inf never ships silently.
+    """
+    for node in model.graph:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        scale = node.inputs[1]
+        values = scale.const_value.numpy() if scale.const_value is not None else None
+        if values is not None and not (np.all(np.isfinite(values)) and np.all(values > 0)):
+            raise GraphoptError(f"qdq computed an unusable scale {scale.name} for node {node.name} ({values.ravel()[:4]}...)")
 
 
 def _nbytes(value: ir.Value | None) -> int:
@@ -364,7 +401,29 @@ def _two_input_sums_to_add(graph: ir.Graph) -> None:
             graph.remove(node, safe=True)
 
 
+def _check_runnable(model: ir.Model, threads: int | None) -> None:
+    """Refuses, before anything changes, a model that onnxruntime cannot run for calibration.
+
+    A session is opened only when custom-domain or unknown ops make that doubtful.
+
+    Raises:
+        UnsupportedModelError: Naming the op, domain or opset onnxruntime lacks.
+    """
+    try:
+        check_supported(model)
+        if custom_ops(model) or unknown_ops(model):
+            ModelRunner(model, threads=threads).close()
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"qdq calibrates by running the model, but {first_line(exc)}") from exc
+
+
 def _upgrade(model: ir.Model, opset: int, version: int) -> None:
+    unknown = unknown_ops(model)
+    if unknown:
+        raise UnsupportedModelError(
+            f"qdq needs opset {opset} or later and the model has {version}; onnx's version converter "
+            f"cannot upgrade ops it does not know: {', '.join(unknown)}"
+        )
     try:
         converted = onnx.version_converter.convert_version(ir.to_proto(model), opset)
     except Exception as exc:  # the converter raises bare RuntimeErrors and others

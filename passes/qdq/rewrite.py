@@ -19,12 +19,17 @@ __all__ = [
     "quantize_embedding",
 ]
 
+import logging
+
 import numpy as np
 import onnx_ir as ir
 
 from graphopt import provenance
 from graphopt.naming import NameAllocator
 from passes.qdq.arithmetic import ActivationParams, dequantize, quantize_bias, quantize_blockwise, quantize_per_channel
+from passes.qdq.placement import standard_readers
+
+logger = logging.getLogger(__name__)
 
 
 class NodeMaker:
@@ -49,11 +54,15 @@ class NodeMaker:
 
 
 def quantize_activation(maker: NodeMaker, value: ir.Value, params: ActivationParams) -> ir.Value:
-    """Inserts ``value -> QuantizeLinear -> DequantizeLinear`` and moves every reader onto the DQ.
+    """Inserts ``value -> QuantizeLinear -> DequantizeLinear`` and moves every standard reader onto the DQ.
 
-    A graph output keeps reading ``value`` itself: outputs stay float.
+    A graph output keeps reading ``value`` itself: outputs stay float. So do
+    custom-domain and unknown ops, whose treatment of a lossy input nobody here knows.
     """
-    users = list(value.uses())  # before the QuantizeLinear below becomes one
+    users = standard_readers(value, maker.model.opset_imports)  # before the QuantizeLinear below becomes one
+    for user, index in value.uses():
+        if (user, index) not in users:
+            logger.debug("qdq: %s %s::%s keeps reading float %s", user.name, user.domain, user.op_type, value.name)
     base = value.name or "activation"
     scale = maker.initializer(f"{base}_scale", np.array(params.scale, dtype=np.float32))
     zero = maker.initializer(f"{base}_zero_point", np.array(params.zero_point))

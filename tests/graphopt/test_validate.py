@@ -110,6 +110,7 @@ def test_in_memory_candidate_and_json_report_schema(tmp_path):
     assert data["outputs"][0]["provider"] == "cpu" and data["outputs"][0]["cosine"] == pytest.approx(1.0)
     assert data["latency"]["reference_ms"] > 0 and data["latency"]["ratio"] > 0
     assert data["size"]["reference_bytes"] > 0 and data["candidate"]["path"] is None
+    assert data["warnings"] == []  # no custom ops, unknown ops or NaN/Inf weights in either model
     assert "PASS" in report.to_text()
 
 
