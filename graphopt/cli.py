@@ -2,7 +2,12 @@
 
 Exit codes: 0 ok; 1 a check failed (fidelity outside tolerance, or a pass
 produced an invalid model); 2 bad input or usage, reported as one line on
-stderr. ``--debug`` adds tracebacks and debug logging.
+stderr. ``--debug`` adds tracebacks and debug logging. Ctrl-C exits 130.
+
+``optimize`` never loses data: the output appears only once complete (see
+graphopt.io.save), so a failure or Ctrl-C leaves no partial output and a
+previous output intact; it refuses to write over its input (exit 2) unless
+``--in-place`` is given.
 """
 
 from __future__ import annotations
@@ -65,8 +70,9 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     optimize = commands.add_parser("optimize", help="run a pass pipeline and save the result")
-    optimize.add_argument("input", type=Path, help="model to read (never modified)")
-    optimize.add_argument("-o", "--output", type=Path, required=True, help="where to write the result")
+    optimize.add_argument("input", type=Path, help="model to read (not modified unless --in-place)")
+    optimize.add_argument("-o", "--output", type=Path, help="where to write the result; never the input unless --in-place")
+    optimize.add_argument("--in-place", action="store_true", help="replace the input (and its data file) atomically once the result is complete")
     which = optimize.add_mutually_exclusive_group()
     which.add_argument("--passes", default=None, metavar="SPEC", help=f"pipeline spec (default: {DEFAULT_PIPELINE})")
     which.add_argument("--recipe", type=Path, metavar="FILE", help="YAML or JSON recipe file")
@@ -150,8 +156,7 @@ def _finish_report(args: argparse.Namespace, report: FidelityReport) -> int:
     print(report.to_text())
     for path, render in ((args.report, report.to_json), (args.report_md, report.to_markdown), (args.report_html, report.to_html)):
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(render() + ("\n" if path.suffix == ".json" else ""), encoding="utf-8")
+            io.write_text_atomically(path, render() + ("\n" if path.suffix == ".json" else ""))
     return EXIT_OK if report.passed else EXIT_CHECK_FAILED
 
 
@@ -163,17 +168,18 @@ def _pipeline_steps(args: argparse.Namespace) -> list[PassSpec]:
 
 def _optimize(args: argparse.Namespace) -> int:
     pipeline = with_calibration_data(_pipeline_steps(args), args.calib_data)
-    _refuse_same_file(args.input, args.output)
+    output = _output_path(args)
     if args.bisect and not args.validate:
         raise GraphoptError("--bisect needs --validate")
     options = _validation_options(args, args.validate) if args.validate else None
     progress = StepProgress()
     start = time.perf_counter()
     model = io.load(args.input)
+    io.check_target(model, output, in_place=args.in_place)  # fail before a long pipeline, not after
     before = io.stored_bytes(model) or 0
     result = run_pipeline(model, pipeline, check_each_pass=args.check_each_pass, progress=progress)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
-    written = io.save(result.model, args.output, external_data=external)
+    written = io.save(result.model, output, external_data=external, in_place=args.in_place)
     seconds = time.perf_counter() - start
     print(result.ledger.to_table())
     for row in result.ledger.rows:
@@ -185,7 +191,7 @@ def _optimize(args: argparse.Namespace) -> int:
         f"in {seconds:.2f} s; {'changed' if result.modified else 'unchanged'}"
     )
     if args.ledger is not None:
-        args.ledger.write_text(json.dumps(result.ledger.to_dicts(), indent=2) + "\n", encoding="utf-8")
+        io.write_text_atomically(args.ledger, json.dumps(result.ledger.to_dicts(), indent=2) + "\n")
     if options is None:
         return EXIT_OK
     print()
@@ -214,7 +220,22 @@ def _list_passes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _refuse_same_file(source: Path, target: Path) -> None:
-    if target.exists() and source.exists() and target.resolve() == source.resolve():
-        raise GraphoptError(f"output {target} is the input file; choose another output path")
+def _output_path(args: argparse.Namespace) -> Path:
+    """Where optimize writes: ``-o``, or the input itself with ``--in-place``.
 
+    Files are compared by identity (another spelling, a symbolic or a hard
+    link to the input all count as the input). In place, the real file behind
+    a symbolic link is replaced, not the link.
+    """
+    same = args.output is not None and io.same_file(args.output, args.input)
+    if not args.in_place:
+        if args.output is None:
+            raise GraphoptError("no output: give -o OUTPUT, or --in-place to replace the input")
+        if same:
+            raise GraphoptError(f"output {args.output} is the input file; choose another output path or pass --in-place")
+        return args.output
+    if args.output is not None and not same:
+        raise GraphoptError("--in-place replaces the input; drop -o or give the input's path")
+    if args.validate:
+        raise GraphoptError("--in-place cannot be combined with --validate: the reference would be replaced; write to -o OUTPUT instead")
+    return args.input.resolve()

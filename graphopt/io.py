@@ -5,19 +5,36 @@ or an ``onnx_ir.Model``. Loading from a path goes through ``onnx_ir.load``,
 which memory-maps external data instead of copying it into one protobuf, so
 models over 2 GB load in time and memory proportional to their graph.
 
-``save`` writes to a temporary file in the target folder and renames it into
-place, so a crash never leaves a half-written model under the user's name. It
-refuses to write over the file the model was loaded from, or over any external
-data file the model still reads from.
+``save`` never loses data. It writes the model, and ``<output>.data`` when
+weights are stored externally, into a private temporary folder beside the
+output, flushes both to disk, then renames the data file and then the model
+into place; on any failure, Ctrl-C included, it removes the folder and leaves
+any previous output as it was. It refuses to write over the file the model was
+loaded from, or over any external data file the model still reads from (by
+file identity, so symbolic and hard links count), unless ``in_place=True``.
 """
 
 from __future__ import annotations
 
-__all__ = ["load", "save", "to_graphsurgeon", "source_path", "stored_bytes", "external_data_bytes"]
+__all__ = [
+    "load",
+    "save",
+    "check_target",
+    "same_file",
+    "write_text_atomically",
+    "to_graphsurgeon",
+    "source_path",
+    "stored_bytes",
+    "external_data_bytes",
+]
 
+import contextlib
 import logging
 import os
+import shutil
+import signal
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,22 +111,39 @@ def stored_bytes(model: ir.Model) -> int | None:
     return source.stat().st_size + external_data_bytes(model)
 
 
-def save(model: ir.Model, path: str | os.PathLike[str], *, external_data: bool | None = None) -> Path:
+def save(
+    model: ir.Model,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    in_place: bool = False,
+) -> Path:
     """Writes the model atomically and returns the path written.
 
+    The model and, with external data, ``<name>.data`` are first written into
+    a private temporary folder beside ``path`` and flushed to disk, then
+    renamed into place, data first. On any failure, Ctrl-C included, the
+    folder is removed and whatever was at ``path`` before is left as it was.
+
     Args:
-        model: The model to write. It is not modified.
+        model: The model to write. Its content is not modified.
         path: Destination ``.onnx`` file. Its folder is created if needed.
         external_data: Store tensors in ``<name>.data`` next to the output.
             ``None`` (default) does so when the model was loaded with external
             data or its weights are too large for one protobuf.
+        in_place: Allow ``path`` to be the file the model was loaded from, and
+            its data file to be one the model reads. The old files are replaced
+            only once the new ones are complete, so the disk needs room for
+            both copies of the data. The model stays usable: tensors it read
+            from the replaced data file keep their memory map of the old bytes
+            (POSIX keeps a replaced file alive while it is mapped).
 
     Raises:
-        ModelSaveError: The destination is the input model or one of its data
-            files, or it cannot be written.
+        ModelSaveError: Without ``in_place``, the destination is the input
+            model or one of its data files; or it cannot be written.
     """
     target = Path(path).absolute()
-    _refuse_overwriting_sources(model, target)
+    check_target(model, target, in_place=in_place)
     if external_data is None:
         external_data = _wants_external_data(model)
     elif not external_data and _external_tensors(model):
@@ -123,6 +157,51 @@ def save(model: ir.Model, path: str | os.PathLike[str], *, external_data: bool |
         raise ModelSaveError(f"cannot write {target}: {exc.strerror or exc}") from exc
     logger.debug("saved %s (external data: %s)", target, data_name)
     return target
+
+
+def check_target(model: ir.Model, path: str | os.PathLike[str], *, in_place: bool = False) -> None:
+    """Raises ``ModelSaveError`` if ``save(model, path)`` would write over a file the model reads.
+
+    Files are compared by identity, so another spelling, a symbolic link or a
+    hard link to the input is caught too. Cheap: callers run it before a long
+    pipeline so that a bad output path fails first.
+    """
+    if in_place:
+        return
+    target = Path(path).absolute()
+    protected = [Path(tensor.path) for tensor in _external_tensors(model)]
+    source = source_path(model)
+    if source is not None:
+        protected.append(source)
+    for candidate in (target, target.parent / f"{target.name}.data"):
+        if any(same_file(candidate, path) for path in protected):
+            raise ModelSaveError(
+                f"refusing to overwrite {candidate}: the model reads from it; choose another output path"
+            )
+
+
+def same_file(first: Path, second: Path) -> bool:
+    """Whether two paths name one file: same inode when both exist, else the same resolved path."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return first.resolve() == second.resolve()
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
+    """Writes a small text file (ledger, report) through a temporary file and a rename."""
+    target = Path(path).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
 
 
 def to_graphsurgeon(model: ir.Model) -> gs.Graph:
@@ -196,47 +275,100 @@ def _wants_external_data(model: ir.Model) -> bool:
     return stats.param_bytes(model) > PROTO_WEIGHT_LIMIT_BYTES
 
 
-def _refuse_overwriting_sources(model: ir.Model, target: Path) -> None:
-    protected = {Path(t.path).resolve() for t in _external_tensors(model)}
-    source = source_path(model)
-    if source is not None:
-        protected.add(source)
-    candidates = {target.resolve(), (target.parent / f"{target.name}.data").resolve()}
-    clash = sorted(str(p) for p in candidates & protected)
-    if clash:
-        raise ModelSaveError(
-            f"refusing to overwrite {clash[0]}: the model reads from it; choose another output path"
-        )
-
-
 def _write_atomically(model: ir.Model, target: Path, data_name: str | None) -> None:
-    data_path = target.parent / data_name if data_name else None
-    data_existed = data_path is not None and data_path.exists()
-    # Same folder, so the final rename never crosses file systems; same suffix,
-    # so onnx picks the serialization format from it.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # A private folder beside the target: the renames stay on one file system,
+    # and the model's external data `location` is already the final relative
+    # name. The staged model keeps the target's name, so onnx picks the
+    # serialization format from the same suffix.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        ir.save(
-            model,
-            tmp,
-            external_data=data_name,
-            size_threshold_bytes=EXTERNAL_DATA_THRESHOLD_BYTES,
-        )
-        _fsync(tmp)
-        if data_path is not None and data_path.exists():
-            if not data_existed and data_path.stat().st_size == 0:
-                data_path.unlink()  # every tensor was below the threshold
-            else:
-                _fsync(data_path)
-        os.replace(tmp, target)
-        _fsync_directory(target.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        if data_path is not None and not data_existed:
-            data_path.unlink(missing_ok=True)
-        raise
+        staged = staging / target.name
+        ir.save(model, staged, external_data=data_name, size_threshold_bytes=EXTERNAL_DATA_THRESHOLD_BYTES)
+        _fsync(staged)
+        staged_data = staging / data_name if data_name else None
+        if staged_data is not None and (not staged_data.exists() or staged_data.stat().st_size == 0):
+            staged_data = None  # every tensor was below the threshold
+        if staged_data is not None:
+            _fsync(staged_data)
+        _commit(model, staged, staged_data, target, staging)
+    finally:
+        with _signals_deferred():  # a second Ctrl-C must not leave the folder behind
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _commit(model: ir.Model, staged: Path, staged_data: Path | None, target: Path, staging: Path) -> None:
+    """Renames the staged data file, then the model, into place; undoes the first if the second fails.
+
+    Data goes first so that the new model never points at missing data. Until
+    the model's rename, a previous output's model would meet the new data, so
+    the previous data is kept through a hard link and put back on failure, and
+    Ctrl-C/SIGTERM wait until both renames are done.
+    """
+    with _signals_deferred():
+        if staged_data is None:
+            os.replace(staged, target)
+        else:
+            data_target = target.parent / staged_data.name
+            _detach_from(model, data_target)
+            existed = data_target.exists()
+            backup = _hard_link(data_target, staging / ".previous.data") if existed else None
+            os.replace(staged_data, data_target)
+            try:
+                os.replace(staged, target)
+            except BaseException:
+                if backup is not None:
+                    os.replace(backup, data_target)
+                elif not existed:
+                    data_target.unlink(missing_ok=True)
+                else:
+                    logger.warning("could not restore %s: hard links are not supported there", data_target)
+                raise
+    _fsync_directory(target.parent)
+
+
+def _detach_from(model: ir.Model, data_target: Path) -> None:
+    # In-place saves replace the data file the model reads. onnx_ir reopens an
+    # external tensor's file by path to copy it (ExternalTensor.tofile), which
+    # would then read the new file at old offsets; so tensors of that file
+    # become in-memory tensors over their memory map of the old bytes, which
+    # POSIX keeps alive after the rename. No copy is made. Runs before the
+    # backup link: onnx_ir refuses to map a file that has several hard links.
+    if not data_target.exists():
+        return
+    replaced: dict[str, bool] = {}  # one stat per distinct file, not per tensor
+    for graph in iter_graphs(model):
+        if not isinstance(graph, ir.Graph):
+            continue
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if not isinstance(tensor, ir.ExternalTensor):
+                continue
+            if tensor.path not in replaced:
+                replaced[tensor.path] = same_file(Path(tensor.path), data_target)
+            if replaced[tensor.path]:
+                value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string)
+
+
+def _hard_link(source: Path, link: Path) -> Path | None:
+    try:
+        os.link(source, link)
+    except OSError:
+        return None
+    return link
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    # A blocked signal stays pending and is delivered (as KeyboardInterrupt for
+    # SIGINT) once the mask is restored.
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _fsync(path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io as std_io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,14 +100,90 @@ def test_bad_pipeline_is_a_one_line_usage_error(model_path, tmp_path, capsys, ex
     assert not (tmp_path / "out.onnx").exists()
 
 
-def test_refuses_to_overwrite_the_input(model_path, capsys):
-    before = model_path.read_bytes()
+def _aliases(path: Path) -> dict[str, Path]:
+    """The input itself and other names for it: a roundabout spelling, a symbolic link, a hard link."""
+    (path.parent / "sub").mkdir()
+    (path.parent / "symlink.onnx").symlink_to(path.name)
+    os.link(path, path.parent / "hardlink.onnx")
+    return {
+        "same": path,
+        "spelling": path.parent / "sub" / ".." / path.name,
+        "symlink": path.parent / "symlink.onnx",
+        "hardlink": path.parent / "hardlink.onnx",
+    }
 
-    code = main(["optimize", str(model_path), "-o", str(model_path)])
+
+@pytest.mark.parametrize("alias", ["same", "spelling", "symlink", "hardlink"])
+def test_refuses_to_overwrite_the_input_without_in_place(model_path, capsys, alias):
+    target = _aliases(model_path)[alias]
+    before = sorted(p.name for p in model_path.parent.iterdir())
+    data = model_path.read_bytes()
+
+    code = main(["optimize", str(model_path), "-o", str(target), "--passes", "dce"])
 
     assert code == 2
-    assert "is the input file" in capsys.readouterr().err
-    assert model_path.read_bytes() == before
+    err = capsys.readouterr().err
+    assert err == f"graphopt: error: output {target} is the input file; choose another output path or pass --in-place\n"
+    assert model_path.read_bytes() == data and target.read_bytes() == data
+    assert sorted(p.name for p in model_path.parent.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "no output: give -o OUTPUT, or --in-place to replace the input"),
+        (["--in-place", "-o", "OTHER"], "--in-place replaces the input; drop -o or give the input's path"),
+        (["--in-place", "--validate", "cpu"], "--in-place cannot be combined with --validate"),
+    ],
+    ids=["no-output", "in-place-elsewhere", "in-place-validate"],
+)
+def test_in_place_usage_errors_exit_2_and_touch_nothing(model_path, tmp_path, capsys, extra, message):
+    data = model_path.read_bytes()
+    extra = [str(tmp_path / "other.onnx") if arg == "OTHER" else arg for arg in extra]
+
+    code = main(["optimize", str(model_path), "--passes", "dce", *extra])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"graphopt: error: {message}") and err.count("\n") == 1
+    assert model_path.read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+
+
+@pytest.mark.parametrize("spelled", ["omitted", "same"])
+def test_in_place_replaces_the_input_with_the_result(model_path, spelled):
+    expected = run_ort(model_path, {"x": X})
+    output = [] if spelled == "omitted" else ["-o", str(model_path.parent / "sub" / ".." / model_path.name)]
+    (model_path.parent / "sub").mkdir()
+
+    code = main(["optimize", str(model_path), "--in-place", *output, "--passes", "lift-constants,dce"])
+
+    assert code == 0
+    assert [n.op_type for n in onnx.load(model_path).graph.node] == ["MatMul", "Relu"]
+    assert_same_outputs(expected, run_ort(model_path, {"x": X}))
+    assert sorted(p.name for p in model_path.parent.iterdir()) == ["in.onnx", "sub"]
+
+
+def test_refuses_an_output_whose_data_file_the_input_reads_before_running_passes(tmp_path, capsys):
+    weights = onnx.numpy_helper.from_array(np.arange(256, dtype=np.float32).reshape(4, 64), "W")  # 1 KiB
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 64])],
+        [weights],
+    )
+    source = tmp_path / "in.onnx"
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.save_model(model, source, save_as_external_data=True, location="out.onnx.data", size_threshold=0)
+    data = (tmp_path / "out.onnx.data").read_bytes()
+
+    code = main(["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "--passes", "dce"])
+
+    assert code == 2
+    assert capsys.readouterr().err.startswith(f"graphopt: error: refusing to overwrite {tmp_path / 'out.onnx.data'}")
+    assert (tmp_path / "out.onnx.data").read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx.data"]
 
 
 def test_missing_and_corrupt_inputs_exit_2(tmp_path, capsys):

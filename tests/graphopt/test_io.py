@@ -222,3 +222,53 @@ def test_model_over_2gib_loads_memory_mapped_and_saves_with_external_data(tmp_pa
     assert (tmp_path / "out" / "big.onnx.data").stat().st_size == offset
     assert out.stat().st_size < 1_000_000
     onnx.checker.check_model(str(out), full_check=True)
+
+
+def _same_file_spellings(source: Path) -> dict[str, Path]:
+    """Other names for ``source``: a roundabout spelling, a symbolic link and a hard link."""
+    (source.parent / "sub").mkdir(exist_ok=True)
+    symlink, hardlink = source.parent / "symlink.onnx", source.parent / "hardlink.onnx"
+    symlink.symlink_to(source.name)
+    os.link(source, hardlink)
+    return {"spelling": source.parent / "sub" / ".." / source.name, "symlink": symlink, "hardlink": hardlink}
+
+
+@pytest.mark.parametrize("alias", ["spelling", "symlink", "hardlink"])
+def test_save_refuses_the_input_under_another_name_unless_in_place(tmp_path, alias):
+    source = _write(_proto(), tmp_path / "in.onnx")
+    before = source.read_bytes()
+    target = _same_file_spellings(source)[alias]
+    model = graphopt.load(source)
+
+    with pytest.raises(ModelSaveError, match="refusing to overwrite"):
+        graphopt.save(model, target)
+    assert source.read_bytes() == before
+
+    graphopt.save(model, source, in_place=True)
+    assert source.read_bytes() != before  # producer and layout change, the computation does not
+    np.testing.assert_array_equal(run_ort(source, {"x": X})[0], run_ort(_proto(), {"x": X})[0])
+
+
+def test_check_target_fails_fast_on_the_inputs_data_file(tmp_path):
+    source = tmp_path / "in.onnx"
+    onnx.save_model(_proto(weight_rows=64), source, save_as_external_data=True, location="out.onnx.data", size_threshold=0)
+    model = graphopt.load(source)
+
+    with pytest.raises(ModelSaveError, match="out.onnx.data"):
+        io.check_target(model, tmp_path / "out.onnx")
+    io.check_target(model, tmp_path / "other.onnx")
+    io.check_target(model, tmp_path / "out.onnx", in_place=True)
+
+
+def test_write_text_atomically_replaces_whole_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "ledger.json"
+    io.write_text_atomically(path, "first\n")
+    io.write_text_atomically(path, "second\n")
+    assert path.read_text() == "second\n"
+
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        io.write_text_atomically(path, "third, cut short\n")
+
+    assert path.read_text() == "second\n"
+    assert os.listdir(tmp_path) == ["ledger.json"]
