@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -46,7 +45,7 @@ _LOOSE = Tolerance(atol=float("inf"))
 
 
 def choose(
-    float_model: onnx.ModelProto,
+    float_model: ir.Model,
     build: Build,
     layers: Sequence[str],
     held_back: Sequence[Feeds],
@@ -57,7 +56,7 @@ def choose(
     threads: int | None,
 ):
     """The quantized model to keep and its summary (see module docstring)."""
-    reference = ir.serde.deserialize_model(float_model)
+    reference = float_model.clone()
     with ModelRunner(reference, threads=threads) as runner:
         expected = [runner.run(feeds) for feeds in held_back]
     model, summary = build([])
@@ -93,7 +92,7 @@ def choose(
             for name in summary.quantized:
                 summary.float_layers[name] = "int8 model slower than float"
             summary.quantized = []
-            return ir.serde.deserialize_model(float_model), summary
+            return float_model.clone(), summary
     return model, summary
 
 

@@ -221,7 +221,8 @@ class QuantizePass(ir.passes.InPlacePass):
         targets = [t.node for t in placement.targets]
         self._input_means = input_means(model, targets, samples.calibration(), self.threads) if self.bias_correction else {}
         held_back = samples.held_back
-        float_model = ir.to_proto(model)
+        # clone() shares the tensors, so external data keeps its folder (a proto round trip loses it).
+        float_model = model.clone()
 
         def build(float_layers: Iterable[str]) -> tuple[ir.Model, QuantizationSummary]:
             return self._build(float_model, params, frozenset(float_layers))
@@ -263,9 +264,9 @@ class QuantizePass(ir.passes.InPlacePass):
             for name in ranges
         }
 
-    def _build(self, float_model: onnx.ModelProto, params: dict[str, ActivationParams], float_layers: frozenset[str]) -> tuple[ir.Model, QuantizationSummary]:
+    def _build(self, float_model: ir.Model, params: dict[str, ActivationParams], float_layers: frozenset[str]) -> tuple[ir.Model, QuantizationSummary]:
         """A quantized copy of the float model, with ``float_layers`` left float."""
-        model = ir.serde.deserialize_model(float_model)
+        model = float_model.clone()
         placement = plan(model, exclude=self.exclude | float_layers)
         summary = QuantizationSummary()
         summary.weight_bytes_before = sum(_nbytes(t.weight) + _nbytes(t.bias) for t in placement.targets)
