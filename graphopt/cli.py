@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 1 a check failed (fidelity outside tolerance, or a pass
 produced an invalid model); 2 bad input or usage, reported as one line on
-stderr. ``--debug`` adds tracebacks and debug logging. Ctrl-C exits 130.
+stderr. ``--debug`` adds tracebacks and debug logging. Ctrl-C exits 130, SIGTERM 143,
+both after the same clean-up.
 
 ``optimize`` never loses data: the output appears only once complete (see
 graphopt.io.save), so a failure or Ctrl-C leaves no partial output and a
@@ -15,11 +16,14 @@ from __future__ import annotations
 __all__ = ["main"]
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import onnx_ir as ir
@@ -47,14 +51,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.handler(args)
+        with _terminate_as_interrupt():
+            return args.handler(args)
     except PassCheckError as exc:
         return _fail(args, exc, EXIT_CHECK_FAILED)
     except (GraphoptError, ir.passes.PreconditionError) as exc:
         return _fail(args, exc, EXIT_USAGE)
+    except _Terminated:
+        print("graphopt: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("graphopt: interrupted", file=sys.stderr)
         return 130
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every cleanup path runs for it too."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    # Without this, SIGTERM kills the process outright and leaves the save's
+    # temporary folder behind. Handlers can only be set from the main thread.
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: object) -> None:
+        del signum, frame
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(args: argparse.Namespace, exc: BaseException, code: int) -> int:

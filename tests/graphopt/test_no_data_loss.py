@@ -187,7 +187,7 @@ def test_pass_failing_mid_pipeline_writes_nothing(tmp_path, monkeypatch, capsys,
     assert _strays(tmp_path) == []
 
 
-# --- (c) a real SIGINT ------------------------------------------------------------------------
+# --- (c) a real SIGINT or SIGTERM ------------------------------------------------------------------------
 
 _SLOW_PASS = '''
 """Test-only pass: says it started, then waits to be interrupted."""
@@ -219,8 +219,13 @@ def _slow_pass_plugin(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.parametrize(
+    ("sent", "code", "said"),
+    [(signal.SIGINT, 130, "graphopt: interrupted\n"), (signal.SIGTERM, 143, "graphopt: terminated\n")],
+    ids=["SIGINT", "SIGTERM"],
+)
 @pytest.mark.parametrize("mode", ["new-output", "previous-output", "in-place"])
-def test_sigint_during_pipeline_exits_130_and_leaves_no_trace(tmp_path, mode):
+def test_signal_during_pipeline_exits_and_leaves_no_trace(tmp_path, mode, sent, code, said):
     work = tmp_path / "work"
     work.mkdir()
     source = _external_model(work / "in.onnx")
@@ -241,14 +246,14 @@ def test_sigint_during_pipeline_exits_130_and_leaves_no_trace(tmp_path, mode):
         while not started.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         assert started.exists(), process.communicate(timeout=10)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(sent)
         _, err = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
 
-    assert process.returncode == 130
-    assert err == "graphopt: interrupted\n"
+    assert process.returncode == code
+    assert err == said
     assert _snapshot(work) == before
     assert _strays(work) == []
 
