@@ -33,7 +33,10 @@ class UnsafeModelError(ModelLoadError):
 
 
 class UnsupportedModelError(GraphoptError):
-    """The model is valid ONNX but needs more than the installed onnxruntime offers."""
+    """The model is valid ONNX but needs more than graphopt or the installed onnxruntime supports.
+
+    For example an operator onnxruntime lacks, or sparse initializers, which onnx_ir drops.
+    """
 
 
 class ModelSaveError(GraphoptError):

@@ -225,12 +225,16 @@ def _load_path(path: Path) -> ir.Model:
     if not path.is_file():
         raise ModelLoadError(f"not a file: {path}")
     untrusted.check_file(path)
+    # What ir.load does, split open so the proto is checked before onnx_ir
+    # deserializes it: the deserializer merges duplicate initializers, drops
+    # sparse ones and loses the name of a value defined twice.
     try:
         with gc_paused():
-            model = ir.load(path)
+            proto = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf and onnx raise many unrelated types
         raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
-    _check_has_graph(model, str(path))
+    model = _deserialize(proto, origin=str(path))
+    ir.external_data.set_base_dir(model.graph, str(path.resolve().parent))
     untrusted.check_model(model, path.resolve().parent)
     model.meta[_SOURCE_KEY] = str(path.resolve())
     model.meta[_HAD_EXTERNAL_KEY] = any(_external_tensors(model))
@@ -238,13 +242,19 @@ def _load_path(path: Path) -> ir.Model:
 
 
 def _from_proto(proto: onnx.ModelProto, *, origin: str) -> ir.Model:
+    model = _deserialize(proto, origin=origin)
+    untrusted.check_model(model, None)
+    return model
+
+
+def _deserialize(proto: onnx.ModelProto, *, origin: str) -> ir.Model:
+    untrusted.check_proto(proto)
     try:
         with gc_paused():
             model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # malformed protos fail deep inside the deserializer
         raise ModelLoadError(f"{origin}: not a valid ONNX model ({first_line(exc)})") from exc
     _check_has_graph(model, origin)
-    untrusted.check_model(model, None)
     return model
 
 
