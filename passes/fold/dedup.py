@@ -218,10 +218,11 @@ def _hand_over_output_name(model: ir.Model, graph: GraphLike, node: ir.Node, old
         replacement = new
         if new.name and output_name:
             provenance.record(model, output_name, new.name)
-    # A graph output needs a type; the kept value may not carry one yet.
-    if replacement.type is None:
+    # The graph output's declared type and shape are the user's interface: they win
+    # over what the kept value carries (possibly nothing, or a less precise shape).
+    if old.type is not None:
         replacement.type = old.type
-    if replacement.shape is None:
+    if old.shape is not None:
         replacement.shape = old.shape
     for index, value in enumerate(graph.outputs):
         if value is old:

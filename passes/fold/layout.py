@@ -169,7 +169,8 @@ def _try_fold_constant(node: ir.Node, make_name: NameMaker) -> bool:
     perm = _perm(node, array.ndim)
     if perm is None or len(perm) != array.ndim:
         return False
-    folded = np.ascontiguousarray(np.transpose(array, perm))
+    # np.asarray(order="C"), not np.ascontiguousarray: the latter makes a 0-d constant 1-D.
+    folded = np.asarray(np.transpose(array, perm), order="C")
     name = make_name(f"{source.name or 'const'}_transposed")
     value = ir.Value(
         name=name,

@@ -88,10 +88,12 @@ def bypass_node(node: ir.Node, source: ir.Value) -> bool:
             logger.debug("noops: %s is a graph output and %s cannot take its name; left", output.name, source.name)
             return False
         name = output.name
-        # The value now is the graph output; the checker needs its declared type.
-        if source.type is None:
+        # The value now is the graph output: its declared type and shape are the user's
+        # interface and win over what is known of ``source`` (often a less precise
+        # inferred shape, such as [unk, unk] for a declared [1, 9]).
+        if output.type is not None:
             source.type = output.type
-        if source.shape is None:
+        if output.shape is not None:
             source.shape = output.shape
         output.replace_all_uses_with(source, replace_graph_outputs=True)
         graph.remove(node, safe=True)

@@ -34,7 +34,12 @@ def refit_last_factors(
     position = {node: index for index, node in enumerate(model.graph)}
     pending = sorted((producers[name] for name in outputs if name in producers), key=position.__getitem__)
     refused = {node.name or "": "not a MatMul, Gemm or 1x1 Conv with a constant weight" for node in pending if _weight(node) is None}
-    pending = [node for node in pending if _weight(node) is not None]
+    # The fit targets the teacher's output, bias included: a bias that stays as it is
+    # would be added twice.
+    refused.update(
+        {node.name or "": "its bias is shared, broadcast or scaled by beta" for node in pending if _weight(node) is not None and _fixed_bias(node)}
+    )
+    pending = [node for node in pending if _weight(node) is not None and not _fixed_bias(node)]
     done: list[str] = []
     with ModelRunner(teacher, threads=threads, extra_outputs=[node.outputs[0].name or "" for node in pending]) as runner:
         while pending:
@@ -86,11 +91,24 @@ def _weight(node: ir.Node) -> ir.Value | None:
 
 
 def _bias(node: ir.Node) -> ir.Value | None:
-    """A private constant [n] bias added as is (Gemm beta 1), else None."""
+    """A private constant [n] bias added as is (Gemm beta 1), else None.
+
+    A broadcast bias ([1] for n > 1 outputs) is not refit: one value cannot
+    take n fitted ones.
+    """
     bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if bias is None or bias.const_value is None or len(bias.const_value.shape) != 1 or any(user is not node for user, _ in bias.uses()):
+    weight = node.inputs[1]
+    if bias is None or bias.const_value is None or weight is None or weight.const_value is None:
+        return None
+    outputs = _as_rows(node, weight.const_value.numpy()).shape[1]
+    if bias.const_value.shape.numpy() != (outputs,) or any(user is not node for user, _ in bias.uses()):
         return None
     return None if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0 else bias
+
+
+def _fixed_bias(node: ir.Node) -> bool:
+    """The node adds a bias that :func:`_bias` cannot refit."""
+    return len(node.inputs) > 2 and node.inputs[2] is not None and _bias(node) is None
 
 
 def _as_rows(node: ir.Node, weight: np.ndarray) -> np.ndarray:

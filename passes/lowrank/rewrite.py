@@ -56,7 +56,10 @@ class Chain:
 
     def constant(self, base: str, array: np.ndarray) -> ir.Value:
         name = self.fresh(base)
-        tensor = ir.Tensor(np.ascontiguousarray(array), name=name)
+        # np.asarray, not np.ascontiguousarray: the latter turns a 0-d array (a scalar
+        # Gemm C) into shape [1], which then disagrees with the declared shape.
+        array = np.asarray(array, order="C")
+        tensor = ir.Tensor(array, name=name)
         value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
         value.const_value = tensor
         self.graph.register_initializer(value)

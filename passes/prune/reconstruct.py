@@ -34,6 +34,7 @@ __all__ = [
     "ancestors",
     "conv_patches",
     "cross_grams",
+    "damping",
     "fit_error",
     "independent_prefix",
     "input_gram",
@@ -180,8 +181,20 @@ def checked_fit(
 
 
 def ridge_solve(own: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """``(own + lambda I)^-1 right`` with lambda RELATIVE_DAMPING times the mean of own's diagonal."""
-    return np.linalg.solve(own + RELATIVE_DAMPING * float(np.mean(np.diag(own))) * np.eye(own.shape[0]), right)
+    """``(own + lambda I)^-1 right`` with lambda from :func:`damping`."""
+    return np.linalg.solve(own + damping(own) * np.eye(own.shape[0]), right)
+
+
+def damping(gram: np.ndarray) -> float:
+    """RELATIVE_DAMPING times the mean of the Gram matrix's diagonal, or 1 when that is 0.
+
+    The diagonal is all 0 when the layer's inputs were 0 on every calibration
+    sample (a dead branch, an If whose other side ran); the damped system
+    is then still solvable, and its solution (all zeros) loses the held-out
+    check, so the layer is left as it is.
+    """
+    scale = float(np.mean(np.diag(gram))) if gram.size else 0.0
+    return RELATIVE_DAMPING * scale if scale > 0 else 1.0
 
 
 def _rows(node: ir.Node, array: np.ndarray) -> np.ndarray:
@@ -246,14 +259,14 @@ def refit(gram: np.ndarray, original: np.ndarray, bias: np.ndarray | None, mask:
     if with_bias:
         target = np.vstack([target, np.asarray(bias, dtype=np.float64)[None, :]])
     right = g @ target  # X^T y_j for every output j
-    damping = RELATIVE_DAMPING * float(np.mean(np.diag(g))) if size else 0.0
+    ridge = damping(g)
     weight, new_bias = np.zeros((k, n)), np.zeros(n) if with_bias else None
     for j in range(n):
         kept = np.flatnonzero(mask[:, j])
         index = np.append(kept, k) if with_bias else kept
         if index.size == 0:
             continue
-        system = g[np.ix_(index, index)] + damping * np.eye(index.size)
+        system = g[np.ix_(index, index)] + ridge * np.eye(index.size)
         solution = np.linalg.solve(system, right[index, j])
         weight[kept, j] = solution[: kept.size]
         if with_bias:

@@ -14,6 +14,7 @@ from helpers import (
     parse,
     run_ort,
     run_through_pipeline,
+    to_proto,
 )
 
 import graphopt
@@ -265,6 +266,26 @@ def test_keeps_graph_output_names_when_the_removed_node_feeds_one(outputs, expec
     if outputs == "y, r2":
         # The kept Relu now carries the output name r2; r1 stands for it.
         assert provenance.read(result.model) == {"r2": "r1"}
+    assert_valid_and_equal(original, result.model, {"x": X})
+
+
+def test_graph_output_keeps_its_declared_shape_when_the_kept_node_knows_less():
+    # Found by tests/properties: r1's inferred shape [a, b] replaced the declared [3, 3] of r2.
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[3,3] x) => (float[3,3] y, float[3,3] r2) <float[a,b] r1> {
+          r1 = Relu(x)
+          r2 = Relu(x)
+          y = Add(r1, r2)
+        }
+        """
+    )
+    original, result = run_through_pipeline(model, EliminateCommonSubexpressionsPass())
+
+    assert _ops(result.model.graph) == ["Relu", "Add"]
+    outputs = to_proto(result.model).graph.output
+    assert [[d.dim_value for d in o.type.tensor_type.shape.dim] for o in outputs] == [[3, 3], [3, 3]]
     assert_valid_and_equal(original, result.model, {"x": X})
 
 

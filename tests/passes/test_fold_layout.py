@@ -193,6 +193,26 @@ def test_folds_transpose_of_constant_node_and_removes_it():
     assert_valid_and_equal(original, result.model, {"x": RNG.standard_normal((3, 4, 3, 2)).astype(np.float32)})
 
 
+def test_folds_transpose_of_scalar_constant_into_a_scalar():
+    # A 0-d constant stays 0-d: a [1] result would make y [1] instead of its declared [].
+    model = parse(
+        f"""
+        {HEADER}
+        g (float x) => (float y) <float c = {{2.0}}> {{
+          t = Transpose(c)
+          y = Add(x, t)
+        }}
+        """
+    )
+    original, result = run_through_pipeline(model, FoldTransposesPass())
+
+    assert result.modified is True
+    assert _ops(result.model.graph) == ["Add"]
+    (folded,) = result.model.graph.initializers.values()
+    assert folded.const_value.numpy().shape == ()
+    assert_valid_and_equal(original, result.model, {"x": np.array(1.5, np.float32)})
+
+
 def test_keeps_transpose_when_initializer_is_also_a_graph_input():
     # An initializer listed as an input is a default the caller may override.
     model = parse(

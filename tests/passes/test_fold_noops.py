@@ -124,6 +124,25 @@ def test_renames_producer_when_no_op_output_is_a_graph_output():
     _assert_same(original, result.model, {"x": X})
 
 
+def test_graph_output_keeps_its_declared_shape_when_the_renamed_producer_knows_less():
+    # Found by tests/properties: r's inferred shape [a, b] replaced the declared [1, 9] of y.
+    model = parse(
+        f"""
+        {HEADER}
+        g (float[1,9] x) => (float[1,9] y) <float[a,b] r> {{
+          r = Relu(x)
+          y = Identity(r)
+        }}
+        """
+    )
+    original, result = _run(model)
+
+    assert _ops(result.model.graph) == ["Relu"]
+    (output,) = to_proto(result.model).graph.output
+    assert [d.dim_value for d in output.type.tensor_type.shape.dim] == [1, 9]
+    _assert_same(original, result.model, {"x": X[:1, :1].repeat(9, axis=1)})
+
+
 @pytest.mark.parametrize(
     "outputs, body",
     [

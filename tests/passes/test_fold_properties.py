@@ -9,11 +9,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from helpers import check_full, run_ort
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from graphopt import run_pipeline
+
+pytestmark = pytest.mark.property  # examples bounded by the hypothesis profile (tests/conftest.py)
 
 C, H, W = 4, 5, 5
 _FLOAT = onnx.TensorProto.FLOAT
@@ -85,7 +88,6 @@ class _Chain:
         return onnx.shape_inference.infer_shapes(model)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=st.lists(st.sampled_from(_STEPS), min_size=1, max_size=8), seed=st.integers(0, 2**16))
 def test_fold_keeps_random_chains_valid_and_equal(steps, seed):
     chain = _Chain(np.random.default_rng(seed))

@@ -12,11 +12,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from helpers import assert_same_outputs, check_full, run_ort
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from graphopt import run_pipeline
+
+pytestmark = pytest.mark.property  # examples bounded by the hypothesis profile (tests/conftest.py)
 
 _UNARY = ("Relu", "Neg", "Tanh", "Sigmoid", "Abs")
 _BINARY = ("Add", "Mul", "Sub", "MatMul")
@@ -82,7 +85,6 @@ def _if_node(source: str, out: str) -> onnx.NodeProto:
     return onnx.helper.make_node("If", ["c"], [out], then_branch=then_body, else_branch=else_body)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(proto=random_models(), cond=st.booleans())
 def test_pipeline_keeps_outputs_on_random_graphs(proto, cond):
     feeds = {"x": np.random.default_rng(7).standard_normal((4, 4)).astype(np.float32), "c": np.array(cond)}

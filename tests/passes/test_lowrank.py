@@ -584,3 +584,61 @@ def test_check_speed_times_a_conv_against_its_tucker_chain(monkeypatch, faster):
     assert tuple(chain[1][1]["strides"]) == (2, 2)
     assert result.modified is faster
     assert [node.op_type for node in model.graph] == (["Conv"] * 3 if faster else ["Conv"])
+
+
+def _gemm_with_c(c: np.ndarray, beta: float = 1.0, k: int = 6, n: int = 8):
+    """x [4, k] -> Gemm(w, c, beta) -> y [4, n], with ``c`` of any broadcastable shape; returns (proto, feeds)."""
+    rng = np.random.default_rng(3)
+    proto = _model(
+        [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc", beta=beta)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])],
+        [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "w"), numpy_helper.from_array(c, "c")],
+    )
+    return proto, {"x": rng.standard_normal((4, k)).astype(np.float32)}
+
+
+def test_full_rank_factors_of_a_gemm_with_a_scalar_c_and_beta_pass_the_checker():
+    # Found by tests/properties: beta * C for a 0-d C was stored as shape [1] under a declared shape [].
+    proto, feeds = _gemm_with_c(np.array(0.5, np.float32), beta=1.5)
+
+    model, result, _ = _run(proto, rank=FULL, min_gain=GROWS)
+
+    assert result.modified is True
+    check_full(model)
+    (want,), (got,) = run_ort(proto, feeds), run_ort(model, feeds)
+    assert _relative(want, got) < 1e-4
+
+
+def test_reconstruct_leaves_a_layer_whose_bias_is_broadcast_as_factored():
+    # Found by tests/properties: a [1] bias crashed the refit; refitting the weight alone would add it twice.
+    proto, feeds = _gemm_with_c(np.array([0.5], np.float32))
+    calibration = [{"x": np.random.default_rng(i).standard_normal((4, 6)).astype(np.float32)} for i in range(4)]
+
+    model, result, lowrank = _run(proto, rank=2, reconstruct=True, data=calibration)
+
+    assert result.modified is True
+    assert lowrank.summary.reconstructed == []
+    assert "broadcast" in lowrank.summary.not_reconstructed["fc/lowrank/b"]
+    check_full(model)
+    assert run_ort(model, feeds)[0].shape == (4, 8)
+
+
+def test_reconstruct_leaves_a_layer_whose_inputs_are_all_zero_as_factored():
+    # Found by tests/properties: H^T H = 0 made the undamped ridge system singular (LinAlgError).
+    rng = np.random.default_rng(5)
+    proto = _model(
+        [helper.make_node("Sub", ["x", "x"], ["z"]), helper.make_node("MatMul", ["z", "w"], ["y"], name="fc")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+        [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")],
+    )
+    calibration = [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(4)]
+
+    model, result, lowrank = _run(proto, rank=2, reconstruct=True, data=calibration)
+
+    assert result.modified is True
+    assert lowrank.summary.reconstructed == []
+    assert "did not beat" in lowrank.summary.not_reconstructed["fc/lowrank/b"]
+    check_full(model)
+    assert np.array_equal(run_ort(model, calibration[0])[0], np.zeros((4, 8), np.float32))

@@ -480,3 +480,26 @@ def test_reconstruction_refits_a_chain_of_depthwise_blocks_in_order():
     # Seen: 0.53 -> 0.025 (bench/prune.py); each of the 5 pointwise convs after a pruned one is refit.
     assert len(passes[True].summary.reconstructed) == 5
     assert errors[True] < errors[False] / 4, errors
+
+
+def test_reconstruction_keeps_plain_pruning_when_the_layer_inputs_are_all_zero():
+    # Found by tests/properties (through lowrank, which shares the ridge solver): inputs that are 0 on every
+    # calibration sample give X^T X = 0, and the undamped system was singular (LinAlgError).
+    rng = np.random.default_rng(5)
+    graph = helper.make_graph(
+        [helper.make_node("Sub", ["x", "x"], ["z"]), helper.make_node("MatMul", ["z", "w"], ["y"], name="fc")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+        [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")],
+    )
+    model = load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    calibration = [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(4)]
+    pass_ = PrunePass(sparsity=0.5, skip="", reconstruct=True, data=calibration)
+
+    run_pipeline(model, [pass_])
+
+    check_full(model)
+    # The pruned half stays zero; the refit may zero the rest too, as nothing reaches them.
+    assert float((_weights(model)["w"] == 0).mean()) >= 0.5 - 0.01
+    assert np.array_equal(run_ort(model, calibration[0])[0], np.zeros((4, 8), np.float32))
