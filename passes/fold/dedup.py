@@ -33,10 +33,12 @@ from __future__ import annotations
 
 __all__ = ["DeduplicateInitializersPass", "EliminateCommonSubexpressionsPass"]
 
+import functools
 import hashlib
 import logging
 from collections.abc import Hashable
 
+import onnx
 import onnx_ir as ir
 
 from graphopt import provenance
@@ -164,7 +166,7 @@ class EliminateCommonSubexpressionsPass(ir.passes.InPlacePass):
 
 def _node_key(node: ir.Node, size_limit: int) -> Hashable | None:
     """What makes two nodes compute the same thing, or None when the node is not compared."""
-    if node.domain != "" or node.op_type in _NON_DETERMINISTIC or not node.outputs:
+    if node.domain != "" or node.op_type in _NON_DETERMINISTIC or not node.outputs or not _standard_op(node.op_type):
         return None
     attributes = []
     for name, attr in node.attributes.items():
@@ -175,6 +177,13 @@ def _node_key(node: ir.Node, size_limit: int) -> Hashable | None:
         attributes.append((name, key))
     inputs = tuple(id(value) if value is not None else None for value in node.inputs)
     return (node.op_type, node.overload, node.version, len(node.outputs), inputs, tuple(sorted(attributes)))
+
+
+@functools.cache
+def _standard_op(op_type: str) -> bool:
+    # An op onnx does not define may be a custom kernel with side effects or
+    # randomness; two of them are never assumed to compute the same thing.
+    return onnx.defs.has(op_type)
 
 
 def _attribute_key(attr: ir.Attr | ir.RefAttr, size_limit: int) -> Hashable | None:

@@ -167,7 +167,8 @@ class LowRankPass(ir.passes.InPlacePass):
         if not layers:
             return ir.passes.PassResult(model, False)
         self._shapes = self._input_shapes(model, layers) if self.check_speed else {}
-        teacher = ir.serde.deserialize_model(ir.serde.serialize_model(model)) if self.reconstruct else None
+        # clone() shares tensors, so external data keeps its folder (a proto round trip loses it).
+        teacher = model.clone() if self.reconstruct else None
         self._factored_outputs = []
         if self.target_cosine is not None:
             modified = self._allocate(model, layers)
@@ -196,7 +197,7 @@ class LowRankPass(ir.passes.InPlacePass):
         cosines = {0: 1.0}
 
         def meets(count: int) -> bool:
-            trial = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+            trial = model.clone()
             kept, self.summary = self.summary, LowRankSummary()
             try:
                 self._factor_at(trial, allocate.allocation(steps[:count]), grams)

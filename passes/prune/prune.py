@@ -204,7 +204,8 @@ class PrunePass(ir.passes.InPlacePass):
             kept = _kept_channels(len(scores), self.ratio, self.align)
             keeps.append(np.sort(np.argsort(-scores, kind="stable")[:kept]))
         # The unpruned model is the teacher that reconstruction fits the pruned layers to.
-        teacher = ir.serde.deserialize_model(ir.serde.serialize_model(model)) if self.reconstruct and chains else None
+        # clone() shares tensors, so external data keeps its folder (a proto round trip loses it).
+        teacher = model.clone() if self.reconstruct and chains else None
         cut: list[Chain] = []
         for chain, keep in zip(chains, keeps):
             channels = chain.producer.inputs[1].const_value.shape[output_axis(chain.producer)]  # type: ignore[union-attr]

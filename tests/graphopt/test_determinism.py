@@ -79,20 +79,11 @@ def test_two_runs_write_byte_identical_files(tmp_path, case):
     assert not any(str(tmp_path) in value or "seconds" in key for key, value in metadata.items())
 
 
-_LOSES_BASE_DIR = (
-    "passes copy the model through ir.serde (serialize/deserialize, or ir.to_proto then deserialize), which drops "
-    "the external tensors' base folder, so they are read relative to the working directory. Fix: model.clone() "
-    "for prune.py `teacher = ...` and lowrank.py `teacher = ...` / `trial = ...`; in qdq, quantize.py "
-    "`float_model = model.clone()` and `float_model.clone()` for each ir.serde.deserialize_model(float_model) "
-    "(quantize._build, mixed.choose twice)"
-)
-
-
 @pytest.mark.parametrize(
     "spec",
     [
-        pytest.param("prune(pattern=channel,ratio=0.5,reconstruct=true)", marks=pytest.mark.xfail(strict=True, reason=_LOSES_BASE_DIR)),
-        pytest.param("lowrank(ratio=0.5,reconstruct=true,check_speed=false)", marks=pytest.mark.xfail(strict=True, reason=_LOSES_BASE_DIR)),
+        "prune(pattern=channel,ratio=0.5,reconstruct=true)",
+        "lowrank(ratio=0.5,reconstruct=true,check_speed=false)",
         "qdq(check_speed=false)",
     ],
     ids=["prune", "lowrank", "qdq"],

@@ -361,3 +361,21 @@ def test_content_hash_is_computed_once_per_tensor_across_runs(monkeypatch):
         graphopt.run_pipeline(model, [dedup.DeduplicateInitializersPass()])
 
     assert len(computed) == 2
+
+
+def test_never_merges_ops_onnx_does_not_define():
+    # An unknown op may be a custom kernel with randomness or side effects.
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[3,3] x) => (float[3,3] y) {
+          a = FooBar(x)
+          b = FooBar(x)
+          y = Add(a, b)
+        }
+        """
+    )
+    _, result = run_through_pipeline(model, EliminateCommonSubexpressionsPass())
+
+    assert result.modified is False
+    assert _ops(result.model.graph) == ["FooBar", "FooBar", "Add"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import check_full, run_ort, to_proto
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -163,7 +163,7 @@ def test_compression_report_shows_entropy_coding_gains_at_high_sparsity():
     assert "layers pruned" in result.ledger.rows[0].details["summary"]
 
 
-@settings(max_examples=25, deadline=None)
+@pytest.mark.property
 @given(st.integers(0, 3000), st.floats(0, 1), st.integers(0, 2**32 - 1))
 def test_sparse_layout_decodes_to_the_same_symbols(count, density, seed):
     rng = np.random.default_rng(seed)
