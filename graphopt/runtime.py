@@ -13,17 +13,15 @@ reporting live elsewhere. Three onnxruntime behaviours shape it:
   (``SessionOptions.add_external_initializers``), so an in-memory model is
   opened from a small graph-only protobuf without writing or copying its
   weights; this also keeps >2 GB models under protobuf's limit.
-- onnxruntime has no API for the newest opset or IR version it accepts, but
-  its refusal of a too-new model names the limit; :func:`runtime_limits`
-  reads it once from tiny probe models, and session errors about missing ops
-  or versions become :class:`UnsupportedModelError` (see ``_unsupported``).
+- Session errors about missing ops or too-new versions become
+  :class:`UnsupportedModelError` with one clear line (graphopt/support.py).
 """
 
 from __future__ import annotations
 
 __all__ = [
     "PROVIDERS", "OPTIMIZATION_LEVELS", "ProviderStatus", "resolve_providers", "session_options",
-    "ModelRunner", "measure_latency", "stream_tensors", "RuntimeLimits", "runtime_limits", "check_supported",
+    "ModelRunner", "measure_latency", "stream_tensors",
 ]
 
 import contextlib
@@ -50,6 +48,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from graphopt import io, stats
 from graphopt.errors import GraphoptError, ModelLoadError, UnsupportedModelError
 from graphopt.graphs import iter_graphs
+from graphopt.support import unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +64,6 @@ _NOT_IN_BUILD = "{ort_name} is not in this onnxruntime build (install graphopt[c
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 _NATIVE_LOG_LINE = re.compile(r"\[([EW]):onnxruntime:[^\]]*\]\s*(.*)")
 _ORT_ERROR_PREFIX = re.compile(r"^.*?\[ONNXRuntimeError\] : \d+ : \w+ : ")
-# What onnxruntime 1.20-1.32 says when a model needs more than it has (session creation).
-_UNKNOWN_OP = re.compile(r'In Node, \("[^"]*", ([\w.]+), "([^"]*)".*No Op registered for \S+ with domain_version of (\d+)')
-_UNREGISTERED_OP = re.compile(r"([\w.]*):(\w+)\(-?\d+\) is not a registered function/op")
-_NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'")
-_OPSET_TOO_NEW = re.compile(r"Opset (\d+) is under development.*official support for domain (\S+) is till opset (\d+)", re.S)
-_IR_TOO_NEW = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
 # Session-creation errors can dump whole nodes; a report line stays readable.
 _MESSAGE_LIMIT = 400
 # Weights at least this large are lent to sessions from memory, not copied
@@ -150,82 +143,6 @@ def _probe_session(ort_name: str) -> str:
 def _identity_model(ir_version: int = 8, opsets: str = '"" : 13') -> bytes:
     text = f"<ir_version: {ir_version}, opset_import: [{opsets}]> probe (float[1] x) => (float[1] y) {{ y = Identity(x) }}"
     return onnx.parser.parse_model(text).SerializeToString()
-
-
-@dataclasses.dataclass(frozen=True)
-class RuntimeLimits:
-    """The newest IR version and opsets (by domain, ``ai.onnx`` for the default) onnxruntime accepts.
-
-    None or a missing domain: onnxruntime did not say, so nothing is checked up front.
-    """
-
-    version: str
-    ir_version: int | None
-    opsets: dict[str, int]
-
-
-@functools.cache
-def runtime_limits() -> RuntimeLimits:
-    """Asks the installed onnxruntime for its limits: it refuses absurd versions naming the newest it supports."""
-    absurd = 1 << 20
-    ir_version = _refusal(_identity_model(ir_version=absurd), _IR_TOO_NEW)
-    opsets = {}
-    for domain, imports in (("ai.onnx", f'"" : {absurd}'), ("ai.onnx.ml", f'"" : 13, "ai.onnx.ml" : {absurd}')):
-        top = _refusal(_identity_model(opsets=imports), _OPSET_TOO_NEW, group=3)
-        if top is not None:
-            opsets[domain] = top
-    return RuntimeLimits(ort.__version__, ir_version, opsets)
-
-
-def _refusal(model: bytes, pattern: re.Pattern[str], group: int = 2) -> int | None:
-    try:
-        ort.InferenceSession(model, session_options(optimization="none"), providers=[PROVIDERS["cpu"]])
-    except Exception as exc:  # onnxruntime raises its own unrelated types
-        found = pattern.search(str(exc))
-        return int(found.group(group)) if found else None
-    return None
-
-
-def check_supported(model: ir.Model, label: str | None = None) -> None:
-    """Refuses, before any session opens, a model whose IR version or opset is newer than onnxruntime's.
-
-    Raises:
-        UnsupportedModelError: One line naming the version, the limit and onnxruntime's version.
-    """
-    limits, label = runtime_limits(), label or _label(model)
-    if limits.ir_version is not None and model.ir_version > limits.ir_version:
-        reason = f"IR version {model.ir_version} is newer than onnxruntime {limits.version} supports (up to {limits.ir_version})"
-        raise UnsupportedModelError(f"onnxruntime cannot open {label}: {reason}")
-    for domain, version in model.opset_imports.items():
-        name = "ai.onnx" if domain in ("", "ai.onnx") else domain
-        top = limits.opsets.get(name)
-        if top is not None and version > top:
-            reason = f"opset {version} of domain {name} is newer than onnxruntime {limits.version} supports (up to opset {top})"
-            raise UnsupportedModelError(f"onnxruntime cannot open {label}: {reason}")
-
-
-def _unsupported(message: str) -> str | None:
-    """One clear line when onnxruntime refused a model for an op or version it lacks, else None."""
-    version = ort.__version__
-    if found := _UNKNOWN_OP.search(message):
-        op, domain, opset = found.groups()
-        return f"op {op} (domain {domain or 'ai.onnx'}, opset {opset}) is unknown to onnxruntime {version}"
-    if found := _UNREGISTERED_OP.search(message):
-        domain, op = found.groups()
-        return (
-            f"custom op {op} of domain {domain or 'ai.onnx'} has no kernel in onnxruntime {version} "
-            "(register the custom-op library that implements it)"
-        )
-    if found := _NO_KERNEL.search(message):
-        op, opset, node = found.groups()
-        return f"onnxruntime {version} has no kernel for {op} at opset {opset} with the input types of node {node!r}"
-    if found := _OPSET_TOO_NEW.search(message):
-        opset, domain, top = found.groups()
-        return f"opset {opset} of domain {domain} is newer than onnxruntime {version} supports (up to opset {top})"
-    if found := _IR_TOO_NEW.search(message):
-        ir_version, top = found.groups()
-        return f"IR version {ir_version} is newer than onnxruntime {version} supports (up to {top})"
-    return None
 
 
 @contextlib.contextmanager
@@ -472,7 +389,7 @@ def _open_session(
     try:
         session = ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception hierarchy
-        reason = _unsupported(str(exc))
+        reason = unsupported_reason(str(exc))
         if reason is not None:
             raise UnsupportedModelError(f"onnxruntime cannot open {label}: {reason}") from exc
         raise GraphoptError(f"onnxruntime cannot open {label}: {_ort_message(exc)}") from exc

@@ -44,8 +44,9 @@ import onnx_ir as ir
 
 from graphopt.errors import GraphoptError, UnsupportedModelError, first_line
 from graphopt.pipeline import adopt_model
-from graphopt.runtime import ModelRunner, check_supported
+from graphopt.runtime import ModelRunner
 from graphopt.summary import custom_ops, unknown_ops
+from graphopt.support import check_supported
 from passes.fold.batchnorm import FoldBatchNormPass
 from passes.lift_constants import LiftConstantsPass
 from passes.qdq import calibration as calib

@@ -17,14 +17,21 @@ import onnx.helper as oh
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from helpers import LOSSLESS_ATOL, LOSSLESS_RTOL, assert_same_outputs, check_full, run_ort
+from helpers import (
+    LOSSLESS_ATOL,
+    LOSSLESS_RTOL,
+    assert_same_outputs,
+    check_full,
+    run_ort,
+)
 from onnx import TensorProto, numpy_helper
 
 import graphopt
 from graphopt.cli import main
 from graphopt.errors import UnsupportedModelError
-from graphopt.runtime import ModelRunner, runtime_limits
+from graphopt.runtime import ModelRunner
 from graphopt.summary import summarize
+from graphopt.support import runtime_limits
 
 # The custom nodes' tensors: Gelu reads r and writes c, FusedMatMul reads f and w3 and writes z.
 _EXPOSED = ["r", "c", "f", "z"]
