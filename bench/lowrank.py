@@ -190,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     bullet = "- " if args.markdown else ""
 
     def line(key: str, text: str) -> str:
-        verdict = "PASS" if goals[key] and all(ok for _, ok in goals[key]) else "FAIL"
-        return f"{bullet}{verdict} {text}: {', '.join(label for label, _ in goals[key]) or 'no decomposed layers'}"
+        if not goals[key]:  # nothing was factored, so there is nothing to judge
+            return f"{bullet}n/a {text}: no decomposed layers"
+        verdict = "PASS" if all(ok for _, ok in goals[key]) else "FAIL"
+        return f"{bullet}{verdict} {text}: {', '.join(label for label, _ in goals[key])}"
 
     print(line("data_aware", f"data-aware rel L2 <= {DATA_AWARE_GOAL} x plain SVD's at equal parameters (ratio shown)"))
     print(line("speed", f"decomposed MatMul/Gemm layers reach >= {SPEED_GOAL} of the ideal speed-up"))
