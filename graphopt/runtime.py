@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
@@ -48,7 +47,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from graphopt import io, stats
 from graphopt.errors import GraphoptError, ModelLoadError, UnsupportedModelError
 from graphopt.graphs import iter_graphs
-from graphopt.support import unsupported_reason
+from graphopt.support import model_label, probe_model, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ def _probe_session(ort_name: str) -> str:
     with _native_stderr() as native, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            session = ort.InferenceSession(_identity_model(), options, providers=[ort_name])
+            session = ort.InferenceSession(probe_model(), options, providers=[ort_name])
             used = session.get_providers()
             if ort_name in used:
                 session.run(None, {"x": np.zeros(1, np.float32)})
@@ -138,11 +137,6 @@ def _probe_session(ort_name: str) -> str:
     return f"{ort_name} could not start, so onnxruntime fell back to {', '.join(used)}" + (
         f": {detail}" if detail else " (no CUDA device, driver or CUDA/cuDNN libraries)"
     )
-
-
-def _identity_model(ir_version: int = 8, opsets: str = '"" : 13') -> bytes:
-    text = f"<ir_version: {ir_version}, opset_import: [{opsets}]> probe (float[1] x) => (float[1] y) {{ y = Identity(x) }}"
-    return onnx.parser.parse_model(text).SerializeToString()
 
 
 @contextlib.contextmanager
@@ -473,10 +467,7 @@ def measure_latency(
 
 
 def _label(model: ir.Model | str | os.PathLike[str]) -> str:
-    if isinstance(model, (str, os.PathLike)):
-        return Path(model).name
-    source = io.source_path(model)
-    return source.name if source else (f"model {model.graph.name!r}" if model.graph.name else "the in-memory model")
+    return Path(model).name if isinstance(model, (str, os.PathLike)) else model_label(model)
 
 
 def _names(noun: str, names: Sequence[str]) -> str:

@@ -10,7 +10,7 @@ ops, custom ops without kernels and too-new versions into one clear line.
 
 from __future__ import annotations
 
-__all__ = ["RuntimeLimits", "runtime_limits", "check_supported", "unsupported_reason"]
+__all__ = ["RuntimeLimits", "runtime_limits", "check_supported", "unsupported_reason", "probe_model", "model_label"]
 
 import dataclasses
 import functools
@@ -47,10 +47,10 @@ class RuntimeLimits:
 def runtime_limits() -> RuntimeLimits:
     """Asks the installed onnxruntime for its limits: it refuses absurd versions naming the newest it supports."""
     absurd = 1 << 20
-    ir_version = _refusal(_probe_model(ir_version=absurd), _IR_TOO_NEW)
+    ir_version = _refusal(probe_model(ir_version=absurd), _IR_TOO_NEW)
     opsets = {}
     for domain, imports in (("ai.onnx", f'"" : {absurd}'), ("ai.onnx.ml", f'"" : 13, "ai.onnx.ml" : {absurd}')):
-        top = _refusal(_probe_model(opsets=imports), _OPSET_TOO_NEW, group=3)
+        top = _refusal(probe_model(opsets=imports), _OPSET_TOO_NEW, group=3)
         if top is not None:
             opsets[domain] = top
     return RuntimeLimits(ort.__version__, ir_version, opsets)
@@ -71,7 +71,7 @@ def check_supported(model: ir.Model, label: str | None = None) -> None:
     Raises:
         UnsupportedModelError: One line naming the version, the limit and onnxruntime's version.
     """
-    limits, label = runtime_limits(), label or _label(model)
+    limits, label = runtime_limits(), label or model_label(model)
     if limits.ir_version is not None and model.ir_version > limits.ir_version:
         reason = f"IR version {model.ir_version} is newer than onnxruntime {limits.version} supports (up to {limits.ir_version})"
         raise UnsupportedModelError(f"onnxruntime cannot open {label}: {reason}")
@@ -107,7 +107,8 @@ def unsupported_reason(message: str) -> str | None:
     return None
 
 
-def _probe_model(ir_version: int = 8, opsets: str = '"" : 13') -> bytes:
+def probe_model(ir_version: int = 8, opsets: str = '"" : 13') -> bytes:
+    """A one-Identity model for probing what onnxruntime (or one of its providers) accepts."""
     text = f"<ir_version: {ir_version}, opset_import: [{opsets}]> probe (float[1] x) => (float[1] y) {{ y = Identity(x) }}"
     return onnx.parser.parse_model(text).SerializeToString()
 
@@ -119,6 +120,7 @@ def _quiet_options() -> ort.SessionOptions:
     return options
 
 
-def _label(model: ir.Model) -> str:
+def model_label(model: ir.Model) -> str:
+    """How messages name a model: its file name, else its graph's name."""
     source = io.source_path(model)
     return source.name if source else (f"model {model.graph.name!r}" if model.graph.name else "the in-memory model")
