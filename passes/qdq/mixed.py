@@ -54,8 +54,9 @@ def choose(
     target_snr: float | None,
     check_speed: bool,
     threads: int | None,
+    kind: str = "int8",
 ):
-    """The quantized model to keep and its summary (see module docstring)."""
+    """The quantized model to keep and its summary (see module docstring); ``kind`` names it in reasons."""
     reference = float_model.clone()
     with ModelRunner(reference, threads=threads) as runner:
         expected = [runner.run(feeds) for feeds in held_back]
@@ -78,19 +79,19 @@ def choose(
             kept = {name: why for name, why in summary.float_layers.items() if why.startswith("sensitive")}
             variant, variant_summary = build([*kept, *slow])
             variant_ratio = _latency_ratio(reference, variant, held_back[0], threads)
-            logger.info("qdq: %d layers slower in int8; whole model %.2fx -> %.2fx float", len(slow), ratio, variant_ratio)
+            logger.info("qdq: %d layers slower in %s; whole model %.2fx -> %.2fx float", len(slow), kind, ratio, variant_ratio)
             if variant_ratio < ratio:
                 model, summary, ratio = variant, variant_summary, variant_ratio
                 summary.float_layers.update(kept)
-                summary.float_layers.update({name: f"int8 kernel slower than float ({text})" for name, text in slow.items()})
+                summary.float_layers.update({name: f"{kind} kernel slower than float ({text})" for name, text in slow.items()})
                 cosine, snr = held_back_fidelity(model, held_back, expected, threads)
                 summary.fidelity = {"cosine": cosine, "snr_db": snr}
         summary.latency_ratio = ratio
         if ratio > SLOWER_THAN_FLOAT:
-            summary.backed_off = f"int8 took {ratio:.2f}x the float latency on onnxruntime CPU; the model stays float"
+            summary.backed_off = f"{kind} took {ratio:.2f}x the float latency on onnxruntime CPU; the model stays float"
             logger.warning("qdq: %s", summary.backed_off)
             for name in summary.quantized:
-                summary.float_layers[name] = "int8 model slower than float"
+                summary.float_layers[name] = f"{kind} model slower than float"
             summary.quantized = []
             return float_model.clone(), summary
     return model, summary

@@ -34,7 +34,7 @@ __all__ = ["QuantizePass", "QuantizationSummary"]
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,10 +59,10 @@ from passes.qdq.rewrite import (
     quantize_bias_input,
     quantize_embedding,
     quantize_weight,
-    quantize_weight_blockwise,
     set_float_bias,
 )
 from passes.qdq.samples import Samples
+from passes.qdq.weight_only import quantize_weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,9 @@ class QuantizePass(ir.passes.InPlacePass):
         self.summary = QuantizationSummary()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.weight_bits == 8:
+        hold_back = self.target_cosine is not None or self.target_snr is not None
+        measured = self.weight_bits == 8 or self.check_speed or hold_back
+        if measured:  # calibration, fidelity and speed checks run the model
             _check_runnable(model, self.threads)
         _prepare(model, _BLOCKED_OPSET if self.weight_bits == 4 else _QDQ_OPSET)
         placement = plan(model, exclude=self.exclude, weight_only=self.weight_bits == 4)
@@ -207,13 +209,15 @@ class QuantizePass(ir.passes.InPlacePass):
         if not placement.targets:
             logger.info("qdq: nothing to quantize")
             return ir.passes.PassResult(model, False)
-        if self.weight_bits == 4:
-            self._quantize_weight_only(model, placement)
-            return ir.passes.PassResult(model, True)
-        from passes.qdq import mixed  # measures models: onnxruntime sessions
-
-        hold_back = self.target_cosine is not None or self.target_snr is not None
+        if not measured:  # int4 unchecked: a pure rewrite, so models onnxruntime cannot run still compress
+            quantized, self.summary = self._build_weight_only(model.clone(), frozenset())
+            self.summary.float_layers = {**dict(placement.skipped), **self.summary.float_layers}
+            self.summary.float_subgraph_nodes = placement.float_subgraph_nodes
+            adopt_model(model, quantized)
+            return ir.passes.PassResult(model, bool(self.summary.quantized))
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=hold_back)
+        if self.weight_bits == 4:
+            return self._choose(model, placement, samples, self._build_weight_only, kind="int4")
         names = [value.name or "" for value in placement.activations]
         stats = calib.collect(model, names, samples.calibration, threads=self.threads)
         self.summary.nonfinite_activations = {name: s.nonfinite for name, s in stats.items() if s.nonfinite}
@@ -221,17 +225,30 @@ class QuantizePass(ir.passes.InPlacePass):
         params = self._activation_params(placement, {name: s for name, s in stats.items() if s.count})
         targets = [t.node for t in placement.targets]
         self._input_means = input_means(model, targets, samples.calibration(), self.threads) if self.bias_correction else {}
-        held_back = samples.held_back
+
+        def build(float_model: ir.Model, float_layers: frozenset[str]) -> tuple[ir.Model, QuantizationSummary]:
+            return self._build(float_model, params, float_layers)
+
+        return self._choose(model, placement, samples, build, kind="int8")
+
+    def _choose(
+        self,
+        model: ir.Model,
+        placement: Placement,
+        samples: Samples,
+        build: Callable[[ir.Model, frozenset[str]], tuple[ir.Model, QuantizationSummary]],
+        kind: str,
+    ) -> ir.passes.PassResult:
+        """Builds quantized candidates from a float copy, keeps mixed.choose's pick, and adopts it into ``model``."""
+        from passes.qdq import mixed  # measures models: onnxruntime sessions
+
         # clone() shares the tensors, so external data keeps its folder (a proto round trip loses it).
         float_model = model.clone()
-
-        def build(float_layers: Iterable[str]) -> tuple[ir.Model, QuantizationSummary]:
-            return self._build(float_model, params, frozenset(float_layers))
-
         chosen, summary = mixed.choose(
-            float_model, build, [t.node.name or "" for t in placement.targets], held_back,
+            float_model, lambda float_layers: build(float_model, frozenset(float_layers)),
+            [t.node.name or "" for t in placement.targets], samples.held_back,
             target_cosine=self.target_cosine, target_snr=self.target_snr, check_speed=self.check_speed,
-            threads=self.threads,
+            threads=self.threads, kind=kind,
         )
         summary.float_layers = {**self.summary.float_layers, **summary.float_layers}
         summary.float_activations = self.summary.float_activations
@@ -319,21 +336,15 @@ class QuantizePass(ir.passes.InPlacePass):
             set_float_bias(maker, reader, bias, values)
         return corrected
 
-    def _quantize_weight_only(self, model: ir.Model, placement: Placement) -> None:
-        maker = NodeMaker(model)
-        before = after = 0
-        for target in placement.targets:
-            array = target.weight.const_value.numpy()  # type: ignore[union-attr]
-            axis = 1 - target.weight_axis  # blocks run along K, the reduction axis
-            if array.shape[axis] < self.block_size:
-                self.summary.float_layers[target.node.name or target.node.op_type] = f"K={array.shape[axis]} < block_size"
-                continue
-            before += array.nbytes
-            quantize_weight_blockwise(maker, target.node, target.weight, axis, self.block_size)
-            after += array.size // 2 + 4 * (array.size // self.block_size + 1)
-            self.summary.quantized.append(target.node.name or target.node.op_type)
-        self.summary.weight_bytes_before, self.summary.weight_bytes_after = before, after
+    def _build_weight_only(self, float_model: ir.Model, float_layers: frozenset[str]) -> tuple[ir.Model, QuantizationSummary]:
+        """An int4 weight-only copy of the float model, with ``float_layers`` left float."""
+        model = float_model.clone()
+        placement = plan(model, exclude=self.exclude | float_layers, weight_only=True)
+        summary = QuantizationSummary()
+        quantize_weights_only(NodeMaker(model), placement, self.block_size, summary)
+        summary.weight_bytes_after = _quantized_bytes(model)
         _check_scales(model)
+        return model, summary
 
 
 def _quantized_source(value: ir.Value | None) -> str | None:
@@ -416,7 +427,7 @@ def _check_runnable(model: ir.Model, threads: int | None) -> None:
         if custom_ops(model) or unknown_ops(model):
             ModelRunner(model, threads=threads).close()
     except UnsupportedModelError as exc:
-        raise UnsupportedModelError(f"qdq calibrates by running the model, but {first_line(exc)}") from exc
+        raise UnsupportedModelError(f"qdq measures the model by running it, but {first_line(exc)}") from exc
 
 
 def _upgrade(model: ir.Model, opset: int, version: int) -> None:

@@ -152,12 +152,27 @@ def test_passes_that_need_no_onnxruntime_rewrite_around_ops_nobody_can_run(kind,
     assert [user.op_type for user, _ in custom.outputs[0].uses()] == ["GlobalAveragePool"]
 
 
+def test_unchecked_int4_rewrites_around_a_custom_op_onnxruntime_cannot_run():
+    # No calibration, fidelity or speed check: nothing needs onnxruntime.
+    original = _mixed_model("example")
+    model = graphopt.load(original)
+
+    result = graphopt.run_pipeline(model, "qdq(weight_bits=4,check_speed=false,block_size=16)")
+
+    assert _custom_nodes(model) == _custom_nodes(original)
+    custom = next(node for node in model.graph if node.name == "custom")
+    assert custom.inputs[1].const_value is not None  # the custom op's weight stays float
+    matmul = next(node for node in model.graph if node.op_type == "MatMul")
+    assert result.modified is True and matmul.inputs[1].producer().op_type == "DequantizeLinear"
+
+
 @pytest.mark.parametrize(
     ("kind", "spec", "message"),
     [
         ("example", "qdq", "custom op Foo of domain com.example has no kernel in onnxruntime " + ort.__version__),
         ("unknown", "qdq", r"op FooBar \(domain ai.onnx, opset 17\) is unknown to onnxruntime " + ort.__version__),
-        ("unknown", "qdq(weight_bits=4)", "cannot upgrade ops it does not know: FooBar"),
+        ("unknown", "qdq(weight_bits=4,check_speed=false)", "cannot upgrade ops it does not know: FooBar"),
+        ("example", "qdq(weight_bits=4)", "qdq measures the model by running it, but .*custom op Foo of domain com.example"),
     ],
 )
 def test_qdq_refuses_models_it_cannot_calibrate_or_upgrade_and_leaves_them_unchanged(kind, spec, message):
