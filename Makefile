@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_MODEL ?= resnet50
 DEMO_DIR := out/demo
 
-.PHONY: demo demo-qdq test test-zoo bench bench-scale bench-validate bench-qdq bench-int4 bench-prune bench-lowrank clean
+.PHONY: demo demo-qdq test test-zoo bench bench-scale bench-validate bench-qdq bench-weight-only bench-prune bench-lowrank clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,8 @@ bench-validate: $(VENV)/.installed
 bench-qdq: $(VENV)/.installed
 	$(PY) bench/qdq.py --markdown
 
-bench-int4: $(VENV)/.installed
-	$(PY) bench/int4.py --markdown
+bench-weight-only: $(VENV)/.installed
+	$(PY) bench/weight_only.py --markdown
 
 bench-prune: $(VENV)/.installed
 	$(PY) bench/prune.py --markdown

@@ -34,7 +34,7 @@ _REPO_ROOT = _BENCH.parent
 SCRIPTS = (
     ("methods", ["--plots", "bench/plots"], ["--plots", "bench/plots"]),  # the headline: both real models even when quick
     ("qdq", [], ["--quick"]),
-    ("int4", [], ["--models", "relu_mlp,mlp"]),
+    ("weight_only", [], ["--models", "relu_mlp,mlp"]),
     ("prune", [], ["--models", "cnn_bn,mobilenet"]),
     ("lowrank", [], ["--models", "encoder"]),
     ("fold", [], ["--quick"]),

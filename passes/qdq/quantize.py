@@ -34,6 +34,7 @@ __all__ = ["QuantizePass", "QuantizationSummary"]
 
 import dataclasses
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,8 +95,10 @@ class QuantizationSummary:
             return self.backed_off
         parts = [f"{len(self.quantized)} layers quantized"]
         if self.float_layers:
-            reasons = sorted(set(self.float_layers.values()))
-            parts.append(f"{len(self.float_layers)} kept float ({'; '.join(reasons)})")
+            # Grouped without their per-layer details, such as kernel timings: the ledger keeps those.
+            reasons = Counter(reason.split(" (")[0] for reason in self.float_layers.values())
+            grouped = "; ".join(f"{count} {reason}" if count > 1 else reason for reason, count in sorted(reasons.items()))
+            parts.append(f"{len(self.float_layers)} kept float ({grouped})")
         if self.weight_bytes_after:
             parts.append(f"weights {self.weight_bytes_before / self.weight_bytes_after:.1f}x smaller")
         if "cosine" in self.fidelity:
@@ -121,6 +124,9 @@ class QuantizePass(ir.passes.InPlacePass):
         symmetric: Symmetric activation ranges.
         reduce_range: 7-bit weights and activations, for CPUs without VNNI.
         weight_bits: 8 (static int8) or 4 (int4 block-wise, weight-only, MatMul/Gemm).
+        weight_only: With 8 bits: int8 MatMul/Gemm weights (a scale per
+            output column) and float activations, which onnxruntime runs as
+            MatMulNBits; pays at few rows (batch-1 MLPs, decoding).
         block_size: Block of the int4 scales (a power of 2, >= 16).
         exclude: Comma-separated node names or op types to keep float.
         data: Calibration feeds: ``.npz`` file or folder, iterable of feed
@@ -150,6 +156,7 @@ class QuantizePass(ir.passes.InPlacePass):
         symmetric: bool = False,
         reduce_range: bool = False,
         weight_bits: int = 8,
+        weight_only: bool = False,
         block_size: int = 32,
         exclude: str = "",
         data: Any = None,
@@ -183,6 +190,7 @@ class QuantizePass(ir.passes.InPlacePass):
         self.symmetric = symmetric
         self.reduce_range = reduce_range
         self.weight_bits = weight_bits
+        self.weight_only = weight_only or weight_bits == 4  # int4 is weight-only only
         self.block_size = block_size
         self.exclude = frozenset(part.strip() for part in str(exclude or "").split(",") if part.strip())
         self.data = data
@@ -199,25 +207,26 @@ class QuantizePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         hold_back = self.target_cosine is not None or self.target_snr is not None
-        measured = self.weight_bits == 8 or self.check_speed or hold_back
+        measured = not self.weight_only or self.check_speed or hold_back
         if measured:  # calibration, fidelity and speed checks run the model
             _check_runnable(model, self.threads)
         _prepare(model, _BLOCKED_OPSET if self.weight_bits == 4 else _QDQ_OPSET)
-        placement = plan(model, exclude=self.exclude, weight_only=self.weight_bits == 4)
+        placement = plan(model, exclude=self.exclude, weight_only=self.weight_only)
         self.summary = QuantizationSummary(float_subgraph_nodes=placement.float_subgraph_nodes)
         self.summary.float_layers.update(dict(placement.skipped))
         if not placement.targets:
             logger.info("qdq: nothing to quantize")
             return ir.passes.PassResult(model, False)
-        if not measured:  # int4 unchecked: a pure rewrite, so models onnxruntime cannot run still compress
+        if not measured:  # weight-only unchecked: a pure rewrite, so models onnxruntime cannot run still compress
             quantized, self.summary = self._build_weight_only(model.clone(), frozenset())
             self.summary.float_layers = {**dict(placement.skipped), **self.summary.float_layers}
             self.summary.float_subgraph_nodes = placement.float_subgraph_nodes
             adopt_model(model, quantized)
             return ir.passes.PassResult(model, bool(self.summary.quantized))
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=hold_back)
-        if self.weight_bits == 4:
-            return self._choose(model, placement, samples, self._build_weight_only, kind="int4")
+        if self.weight_only:
+            kind = "int4" if self.weight_bits == 4 else "int8 weight-only"
+            return self._choose(model, placement, samples, self._build_weight_only, kind=kind)
         names = [value.name or "" for value in placement.activations]
         stats = calib.collect(model, names, samples.calibration, threads=self.threads)
         self.summary.nonfinite_activations = {name: s.nonfinite for name, s in stats.items() if s.nonfinite}
@@ -337,11 +346,11 @@ class QuantizePass(ir.passes.InPlacePass):
         return corrected
 
     def _build_weight_only(self, float_model: ir.Model, float_layers: frozenset[str]) -> tuple[ir.Model, QuantizationSummary]:
-        """An int4 weight-only copy of the float model, with ``float_layers`` left float."""
+        """A weight-only copy of the float model, with ``float_layers`` left float."""
         model = float_model.clone()
         placement = plan(model, exclude=self.exclude | float_layers, weight_only=True)
         summary = QuantizationSummary()
-        quantize_weights_only(NodeMaker(model), placement, self.block_size, summary)
+        quantize_weights_only(NodeMaker(model), placement, self.weight_bits, self.block_size, summary)
         summary.weight_bytes_after = _quantized_bytes(model)
         _check_scales(model)
         return model, summary

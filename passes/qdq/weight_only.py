@@ -1,10 +1,11 @@
-"""int4 weight-only quantization in the form onnxruntime turns into ``MatMulNBits``.
+"""Weight-only quantization (int4 blocks or int8 per channel) in the form onnxruntime turns into ``MatMulNBits``.
 
-A blocked int4 DequantizeLinear feeding a MatMul is only worth its 8x
-smaller weight when onnxruntime fuses the pair into ``MatMulNBits``; an
-unfused DequantizeLinear expands the whole weight on every run (a 3-layer
+Only weights are quantized; activations stay float. A DequantizeLinear
+feeding a MatMul is only worth its smaller weight when onnxruntime fuses
+the pair into ``MatMulNBits`` (4 bits in blocks along K, or 8 bits with a
+scale per output column); an unfused DequantizeLinear expands the whole weight on every run (a 3-layer
 1024-wide Relu MLP at batch 1 ran 11x slower than float; fused, it runs
-several times faster: ``make bench-int4``). Measured on onnxruntime 1.32
+several times faster: ``make bench-weight-only``). Measured on onnxruntime 1.32
 CPU (tests/passes/test_qdq_weight_only.py keeps each point true):
 
 - ``DQ -> MatMul`` and ``DQ -> Gemm(transB=0)`` fuse, bias included;
@@ -30,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.qdq.placement import Placement, Target
-from passes.qdq.rewrite import NodeMaker, quantize_weight_blockwise
+from passes.qdq.rewrite import NodeMaker, quantize_weight, quantize_weight_blockwise
 
 if TYPE_CHECKING:
     from passes.qdq.quantize import QuantizationSummary
@@ -38,8 +39,10 @@ if TYPE_CHECKING:
 _ONNX_DOMAINS = ("", "ai.onnx")
 
 
-def quantize_weights_only(maker: NodeMaker, placement: Placement, block_size: int, summary: QuantizationSummary) -> None:
-    """Stores every target's weight as int4 blocks of ``block_size`` along K.
+def quantize_weights_only(
+    maker: NodeMaker, placement: Placement, bits: int, block_size: int, summary: QuantizationSummary
+) -> None:
+    """Stores every target's weight as int4 blocks of ``block_size`` along K (``bits=4``) or int8 per column.
 
     Fills ``summary``'s quantized and float layers and ``weight_bytes_before``.
     """
@@ -47,12 +50,15 @@ def quantize_weights_only(maker: NodeMaker, placement: Placement, block_size: in
         label = target.node.name or target.node.op_type
         array = target.weight.const_value.numpy()  # type: ignore[union-attr]
         reduction = 1 - target.weight_axis  # K: blocks run along the reduction axis
-        if array.shape[reduction] < block_size:
+        if bits == 4 and array.shape[reduction] < block_size:
             summary.float_layers[label] = f"K={array.shape[reduction]} < block_size"
             continue
-        weight = _untransposed_weight(maker, target)
+        weight = _untransposed_weight(maker, target)  # now [K, N]
         summary.weight_bytes_before += array.nbytes
-        quantize_weight_blockwise(maker, target.node, weight, 0, block_size)
+        if bits == 4:
+            quantize_weight_blockwise(maker, target.node, weight, 0, block_size)
+        else:
+            quantize_weight(maker, target.node, weight, 1, reduce_range=False)
         _relus_to_max(maker, target.node)
         summary.quantized.append(label)
 

@@ -1,8 +1,8 @@
-"""graphopt's int4 weight-only ``qdq(weight_bits=4)`` against onnxruntime's MatMulNBitsQuantizer.
+"""graphopt's weight-only ``qdq`` (int4 blocks, int8 per column) against onnxruntime's MatMulNBitsQuantizer.
 
-Run from the repository root (``make bench-int4``)::
+Run from the repository root (``make bench-weight-only``)::
 
-    .venv/bin/python bench/int4.py [--models relu_mlp,relu_mlp_b64,mlp,encoder] [--markdown]
+    .venv/bin/python bench/weight_only.py [--models relu_mlp,relu_mlp_b64,mlp,encoder] [--markdown]
 
 Models (all random weights, built here or by model_zoo, no downloads):
 
@@ -16,11 +16,13 @@ Models (all random weights, built here or by model_zoo, no downloads):
 
 Variants, each from the same float model, blocks of 32 along K:
 
-- graphopt: ``QuantizePass(weight_bits=4, data=4 feeds at the evaluation
-  shapes)`` with its defaults (speed guard on: the model stays float if int4
-  is slower; it times the model on those feeds);
-- graphopt unchecked: the same with ``check_speed=false``, i.e. the int4
-  form the pass writes, kept whatever its speed;
+- graphopt int4: ``QuantizePass(weight_bits=4, data=4 feeds at the
+  evaluation shapes)`` with its defaults (speed guard on: the model stays
+  float if int4 is slower; it times the model on those feeds);
+- graphopt int8: the same with ``weight_only=True`` (8 bits, a scale per
+  output column);
+- graphopt int4 unchecked: int4 with ``check_speed=false``, i.e. the form
+  the pass writes, kept whatever its speed;
 - ort-nbits: ``onnxruntime.quantization.matmul_nbits_quantizer.
   MatMulNBitsQuantizer(bits=4, block_size=32, is_symmetric=True)`` in its
   default QOperator format (MatMulNBits nodes written directly).
@@ -31,9 +33,9 @@ interleaved rounds after a warm-up, bench/timing.py), cosine and relative L2
 against float on 8 synthesized evaluation feeds (seed 1), and which ops
 onnxruntime ends up running for the MatMuls.
 
-Goal (the issue's "never slower than the float model"): graphopt's default
-row has a speed-up >= 1.0, or the pass kept the model float (then it is the
-float model). This is a benchmark: it exits 0 whatever the outcome, and 2
+Goal (the issue's "never slower than the float model"): graphopt's int4
+and int8 rows have a speed-up >= 1.0, or the pass kept the model float
+(then it is the float model). This is a benchmark: it exits 0 whatever the outcome, and 2
 on bad arguments.
 """
 
@@ -53,6 +55,7 @@ from timing import fidelity, latencies, session
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = ("relu_mlp", "relu_mlp_b64", "mlp", "encoder")
 BLOCK = 32
+CHECKED = ("graphopt int4", "graphopt int8")  # the rows with the speed guard on
 _HEADERS = ("variant", "size x", "speed-up @1 thr", "cosine", "rel L2", "MatMul ops onnxruntime runs", "pass s")
 
 
@@ -93,13 +96,13 @@ def float_model(name: str) -> tuple[Any, dict[str, tuple[int, ...]]]:
     return zoo.model, {key: value.shape for key, value in zoo.feeds.items()}
 
 
-def _graphopt(source: Path, out: Path, data: list[dict], check_speed: bool) -> tuple[str, float]:
+def _graphopt(source: Path, out: Path, data: list[dict], bits: int, check_speed: bool = True) -> tuple[str, float]:
     import graphopt
     from passes.qdq import QuantizePass
 
     start = time.perf_counter()
     model = graphopt.load(source)
-    pass_ = QuantizePass(weight_bits=4, block_size=BLOCK, data=data, check_speed=check_speed, threads=1)
+    pass_ = QuantizePass(weight_bits=bits, weight_only=True, block_size=BLOCK, data=data, check_speed=check_speed, threads=1)
     graphopt.run_pipeline(model, [pass_])
     graphopt.save(model, out)
     return pass_.summary.line(), time.perf_counter() - start
@@ -147,8 +150,9 @@ def run_model(name: str, folder: Path) -> tuple[list[tuple[str, ...]], dict[str,
     # dynamic dim such as the encoder's sequence is 16 tokens, not 128).
     data = list(synthesize_feeds(ir.serde.deserialize_model(proto), count=4, seed=0, shapes=shapes))
     variants = {
-        "graphopt": lambda out: _graphopt(source, out, data, check_speed=True),
-        "graphopt unchecked": lambda out: _graphopt(source, out, data, check_speed=False),
+        "graphopt int4": lambda out: _graphopt(source, out, data, 4),
+        "graphopt int8": lambda out: _graphopt(source, out, data, 8),
+        "graphopt int4 unchecked": lambda out: _graphopt(source, out, data, 4, check_speed=False),
         "ort-nbits": lambda out: _ort_nbits(source, out),
     }
     paths, notes, seconds = {"float": source}, {}, {}
@@ -192,23 +196,26 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(DEFAULT_MODELS)} or a zoo name")
     started, verdicts = time.perf_counter(), []
-    with tempfile.TemporaryDirectory(prefix="graphopt-int4-") as folder:
+    bullet = "- " if args.markdown else ""
+    with tempfile.TemporaryDirectory(prefix="graphopt-weight-only-") as folder:
         for name in names:
             print(f"{name}...", file=sys.stderr, flush=True)
             rows, facts = run_model(name, Path(folder))
             print(f"### {name} (float {facts['float_ms']:.3f} ms)\n" if args.markdown else f"{name} (float {facts['float_ms']:.3f} ms)")
             print(table(_HEADERS, rows, args.markdown) + "\n")
-            note = facts["notes"].get("graphopt", "")
-            print(f"- graphopt: {note}\n" if args.markdown else f"graphopt: {note}\n")
-            kept_float = "stays float" in note
-            if "graphopt" in facts:
-                speed = facts["graphopt"]["speed"]
-                verdicts.append((f"{name} {'kept float' if kept_float else f'{speed:.2f}x'}", kept_float or speed >= 1.0))
-            else:
-                verdicts.append((f"{name} failed", False))
-    bullet = "- " if args.markdown else ""
+            for label in CHECKED:
+                note = facts["notes"].get(label, "")
+                print(f"{bullet}{label}: {note}")
+                kept_float = "stays float" in note
+                if label in facts:
+                    speed = facts[label]["speed"]
+                    shown = "kept float" if kept_float else f"{speed:.2f}x"
+                    verdicts.append((f"{name} {label.split()[-1]} {shown}", kept_float or speed >= 1.0))
+                else:
+                    verdicts.append((f"{name} {label.split()[-1]} failed", False))
+            print()
     verdict = "PASS" if all(ok for _, ok in verdicts) else "FAIL"
-    print(f"{bullet}{verdict} graphopt int4 never slower than float (speed-up >= 1.0, or kept float): {', '.join(label for label, _ in verdicts)}")
+    print(f"{bullet}{verdict} graphopt weight-only never slower than float (speed-up >= 1.0, or kept float): {', '.join(label for label, _ in verdicts)}")
     print(f"{bullet}latency: 1 thread, onnxruntime default optimization, medians of interleaved rounds")
     print(f"{bullet}total benchmark time {time.perf_counter() - started:.0f} s")
     return 0
