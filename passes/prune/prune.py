@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.runtime import ModelRunner, stream_tensors
+from graphopt.runtime import stream_tensors
 from passes.lift_constants import LiftConstantsPass
 from passes.prune.channels import (
     Chain,
@@ -32,14 +32,14 @@ from passes.prune.channels import (
     channel_mean_abs,
     find_chains,
     importance,
-    input_axis,
     output_axis,
     prune_chain,
     prune_concat_consumers,
 )
 from passes.prune.compression import compression_report
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
-from passes.prune.reconstruct import Grams, checked_fit, cross_grams, independent_prefix, input_gram, refit, refit_cross
+from passes.prune.reconstruct import input_gram, refit
+from passes.prune.refit_channels import layers_to_refit, refit_in_order
 from passes.qdq.samples import Samples
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,9 @@ class PrunePass(ir.passes.InPlacePass):
             pruned (only the ops above are).
         reconstruct: Refit each pruned MatMul/Gemm's kept weights (and bias)
             so its outputs match the original layer's on calibration data
-            (see reconstruct.py).
+            (see reconstruct.py); with ``channel``, every Conv/Gemm whose
+            input the pruning changed, in graph order, each kept only if it
+            lowers the output error on held-out samples (refit_channels.py).
         data: Calibration feeds for ``reconstruct`` (as for ``qdq``); None
             synthesizes ``samples`` feeds with ``seed``.
         threads: onnxruntime threads for the calibration run.
@@ -218,7 +220,11 @@ class PrunePass(ir.passes.InPlacePass):
         prune_concat_consumers([(chain, keep) for chain, keep in zip(chains, keeps) if id(chain) in pruned and chain.concat is not None])
         if teacher is not None and cut:
             out_keep = {chain.producer: keep for chain, keep in zip(chains, keeps)}
-            self._refit_in_order(model, teacher, [user for chain in cut for user in chain.consumers], out_keep)
+            samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
+            layers = layers_to_refit(model, cut, self.skip)
+            done, refused = refit_in_order(model, teacher, layers, out_keep, samples, self.threads)
+            self.summary.reconstructed.extend(done)
+            self.summary.not_reconstructed.update(refused)
         return bool(cut)
 
     def _channel_activations(self, model: ir.Model, chains: list[Chain]) -> dict[str, np.ndarray]:
@@ -232,53 +238,6 @@ class PrunePass(ir.passes.InPlacePass):
             for name in names:
                 totals[name] = totals.get(name, 0) + channel_mean_abs(tensors[name])
         return {name: total / max(count, 1) for name, total in totals.items()}
-
-    def _refit_in_order(self, model: ir.Model, teacher: ir.Model, consumers: list[ir.Node], out_keep: dict[ir.Node, np.ndarray]) -> None:
-        """Refits the consumers in graph order on the pruned model's own inputs (see reconstruct.py).
-
-        Consumers that do not feed one another are refit together from one
-        run of the pruned model; the teacher session is opened once.
-        """
-        position = {node: index for index, node in enumerate(model.graph)}
-        pending = sorted(set(consumers), key=position.__getitem__)
-        twin = dict(zip(model.graph, teacher.graph))  # pruning adds and removes no nodes
-        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
-        names = [node.inputs[0].name or "" for node in pending]
-        with ModelRunner(teacher, threads=self.threads, extra_outputs=names) as runner:
-            while pending:
-                level = independent_prefix(pending)
-                pending = pending[len(level) :]
-                wanted = [node.inputs[0].name or "" for node in level]
-                taught = (runner.run({k: v for k, v in feeds.items() if k in runner.input_names}, wanted) for feeds in samples.calibration())
-                grams = cross_grams(model, taught, level, samples.calibration(), self.threads)
-                for node in level:
-                    self._write_refit(node, twin[node], grams[node], out_keep.get(node))
-
-    def _write_refit(self, node: ir.Node, original: ir.Node, halves: list[Grams], kept_outputs: np.ndarray | None) -> None:
-        """Refits ``node``'s weight (and bias) to its ``original`` twin's outputs, if that beats plain pruning on held-out samples.
-
-        The check fits on the even samples and compares on the odd ones (see
-        reconstruct.checked_fit).
-        """
-        label = node.name or node.op_type
-        weight = original.inputs[1].const_value.numpy()  # type: ignore[union-attr]
-        bias = _vector_bias(original)
-        target, _ = _as_kn(original, weight, np.arange(0))
-        if kept_outputs is not None:  # the node is itself pruned: fit only its kept outputs
-            target, bias = target[:, kept_outputs], None if bias is None else bias[kept_outputs]
-        current = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
-        plain = _with_bias_row(_as_kn(node, current, np.arange(0))[0], None if bias is None else _vector_bias(node))
-        solution = checked_fit(halves, plain, lambda own, cross: _with_bias_row(*refit_cross(own, cross, target, bias)), _with_bias_row(target, bias))
-        if solution is None:
-            self.summary.not_reconstructed[label] = "a refit did not beat plain pruning on held-out calibration samples"
-            return
-        new_kn = (solution[:-1] if bias is not None else solution).astype(current.dtype)
-        new_bias = None if bias is None else solution[-1].astype(bias.dtype)
-        new_weight = _from_kn(node, new_kn, current, current.shape[input_axis(node)])
-        node.inputs[1].const_value = ir.Tensor(np.ascontiguousarray(new_weight), name=node.inputs[1].name)
-        if new_bias is not None:
-            node.inputs[2].const_value = ir.Tensor(np.ascontiguousarray(new_bias), name=node.inputs[2].name)
-        self.summary.reconstructed.append(label)
 
     def _grams(self, model: ir.Model, layers: list[tuple[ir.Node, ir.Value, int]]) -> dict[ir.Node, np.ndarray]:
         """Input Gram matrices of the layers that can be refit, from the still unpruned model."""
@@ -337,18 +296,6 @@ class PrunePass(ir.passes.InPlacePass):
         return layers
 
 
-def _vector_bias(node: ir.Node) -> np.ndarray | None:
-    """The node's constant [N] bias, or None (absent, or a broadcast Gemm C that stays as it is)."""
-    value = node.inputs[2] if len(node.inputs) > 2 else None
-    if value is None or value.const_value is None or len(value.const_value.shape) != 1:
-        return None
-    return value.const_value.numpy()
-
-
-def _with_bias_row(weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    return np.asarray(weight, np.float64) if bias is None else np.vstack([np.asarray(weight, np.float64), np.asarray(bias, np.float64)[None, :]])
-
-
 def _kept_channels(channels: int, ratio: float, align: int) -> int:
     """How many of ``channels`` to keep: ``1 - ratio`` of them, rounded to a multiple of ``align`` when it divides them."""
     kept = max(1, int(round(channels * (1 - ratio))))
@@ -403,21 +350,3 @@ def _refittable_bias(node: ir.Node, outputs: int) -> ir.Value | None:
     if bias.const_value is None or tuple(bias.const_value.shape.numpy()) != (outputs,) or node.attributes.get_float("beta", 1.0) != 1.0:
         return None
     return bias if all(user is node for user, _ in bias.uses()) else None
-
-
-def _as_kn(node: ir.Node, weight: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The weight as [K, N] (K = input features, patch-major for Conv) and the K rows of kept channels."""
-    if node.op_type == "Conv":
-        out, channels, kh, kw = weight.shape
-        rows = (keep[:, None] * kh * kw + np.arange(kh * kw)[None, :]).ravel()
-        return weight.reshape(out, channels * kh * kw).T, rows
-    return (weight.T if node.attributes.get_int("transB", 0) else weight), keep
-
-
-def _from_kn(node: ir.Node, kn: np.ndarray, original: np.ndarray, kept: int) -> np.ndarray:
-    """Back from [K_kept, N] to the node's weight layout with ``kept`` input channels."""
-    if node.op_type == "Conv":
-        out, _, kh, kw = original.shape
-        return kn.T.reshape(out, kept, kh, kw)
-    return kn.T if node.attributes.get_int("transB", 0) else kn
-
