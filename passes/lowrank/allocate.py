@@ -83,3 +83,4 @@ def most_steps(count: int, meets: Callable[[int], bool]) -> int:
         else:
             high = middle - 1
     return low
+

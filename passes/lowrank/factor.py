@@ -10,6 +10,15 @@ All math runs in float64; callers cast the factors back to the weight dtype.
   X with G = X^T X. With the damped Cholesky factor G + lambda I = L L^T the
   loss is ||L^T W - L^T A B||_F, so the best choice is the truncated SVD of
   L^T W = U S V^T: A = L^-T U_r S_r, B = V_r^T.
+- Sequential data-aware SVD (the teacher-propagated fit of SVD-LLM v2 and of
+  GPTQ/OBC-style sequential quantization): a layer deep in an already
+  factored model gets inputs X' that differ from the original X, and its
+  original output is X W. Minimizing ||X' A B - X W||^2 + lambda ||A B - W||^2
+  (the ridge pulls unseen directions towards the original weight) with
+  C = X'^T X and X'^T X' + lambda I = L L^T is ||L^T A B - Z||^2 + const for
+  Z = L^-1 (C + lambda I) W = L^T W*, where W* is the full least-squares
+  weight; so A B = L^-T (truncated SVD of Z) (reduced-rank regression).
+  With X' = X, Z = L^T W: the plain data-aware fit.
 - Tucker-2 (HOSVD) of a conv kernel W[O, I, kh, kw] on its two channel modes:
   W ~ C x_0 U_out x_1 U_in with orthonormal U_out [O, r_out], U_in [I, r_in]
   and core C = W x_0 U_out^T x_1 U_in^T [r_out, r_in, kh, kw]. Exact when both
@@ -20,7 +29,9 @@ from __future__ import annotations
 
 __all__ = [
     "DAMPING",
+    "Fit",
     "data_aware_factors",
+    "fit",
     "energy_rank",
     "matrix_rank_for_ratio",
     "mode_singular_values",
@@ -33,6 +44,7 @@ __all__ = [
 ]
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -69,25 +81,55 @@ def svd_factors(weight: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     return u[:, :rank] * root, root[:, None] * vt[:rank]
 
 
+def damping(gram: np.ndarray) -> float:
+    """DAMPING times the mean of the Gram matrix's diagonal (1 when that is 0: inputs all zero)."""
+    scale = float(np.mean(np.diag(gram)))
+    return DAMPING * scale if scale > 0 else 1.0
+
+
 def whitening(gram: np.ndarray) -> np.ndarray:
     """The lower Cholesky factor L of the damped Gram matrix (G + lambda I = L L^T)."""
     gram = np.asarray(gram, np.float64)
-    scale = float(np.mean(np.diag(gram)))
-    damping = DAMPING * scale if scale > 0 else 1.0
-    return np.linalg.cholesky(gram + damping * np.eye(gram.shape[0]))
+    return np.linalg.cholesky(gram + damping(gram) * np.eye(gram.shape[0]))
 
 
 def whitened_singular_values(weight: np.ndarray, chol: np.ndarray) -> np.ndarray:
     return singular_values(chol.T @ np.asarray(weight, np.float64))
 
 
+@dataclass(frozen=True)
+class Fit:
+    """What a data-aware factorization of one weight needs: L (L L^T = X'^T X' + lambda I) and the whitened target Z."""
+
+    chol: np.ndarray
+    target: np.ndarray
+
+    def singular_values(self) -> np.ndarray:
+        return singular_values(self.target)
+
+    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """(A, B) minimizing ||L^T A B - Z||_F: A = L^-T U_r sqrt(S_r), B = sqrt(S_r) V_r^T."""
+        u, s, vt = np.linalg.svd(self.target, full_matrices=False)
+        root = np.sqrt(s[:rank])
+        # A solve against L^T, never an explicit inverse.
+        return np.linalg.solve(self.chol.T, u[:, :rank] * root), root[:, None] * vt[:rank]
+
+
+def fit(weight: np.ndarray, gram: np.ndarray, cross: np.ndarray | None = None) -> Fit:
+    """The data-aware fit of ``weight`` on inputs with ``gram`` = X'^T X' (and ``cross`` = X'^T X when X' != X)."""
+    gram = np.asarray(gram, np.float64)
+    weight = np.asarray(weight, np.float64)
+    chol = whitening(gram)
+    if cross is None:
+        return Fit(chol, chol.T @ weight)
+    ridge = damping(gram)
+    # Z = L^-1 (C + lambda I) W, by a triangular solve (numpy's generic solve; L is small).
+    return Fit(chol, np.linalg.solve(chol, (np.asarray(cross, np.float64) + ridge * np.eye(gram.shape[0])) @ weight))
+
+
 def data_aware_factors(weight: np.ndarray, chol: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """(A, B) minimizing ||L^T (W - A B)||_F, i.e. the output error on the activations behind ``chol``."""
-    u, s, vt = np.linalg.svd(chol.T @ np.asarray(weight, np.float64), full_matrices=False)
-    root = np.sqrt(s[:rank])
-    # A = L^-T U_r sqrt(S_r): a solve against L^T, never an explicit inverse.
-    a = np.linalg.solve(chol.T, u[:, :rank] * root)
-    return a, root[:, None] * vt[:rank]
+    return Fit(chol, chol.T @ np.asarray(weight, np.float64)).factors(rank)
 
 
 def tucker_ranks_for_ratio(out_channels: int, in_channels: int, kernel: int, ratio: float) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["Layer", "find_layers", "label"]
+__all__ = ["Layer", "find_layers", "fits_data", "label"]
 
 import logging
 from dataclasses import dataclass
@@ -40,6 +40,11 @@ class Layer:
 def label(node: ir.Node) -> str:
     """The node's name in the summary; unnamed nodes go by op type and output, so they stay apart."""
     return node.name or f"{node.op_type}({node.outputs[0].name})"
+
+
+def fits_data(layer: Layer) -> bool:
+    """Whether the layer gets a data-aware fit: not Tucker; prune's conv_patches knows explicit pads only, so auto_pad convs stay plain."""
+    return layer.kind != "tucker" and layer.node.attributes.get_string("auto_pad", "NOTSET") == "NOTSET"
 
 
 def find_layers(graph: ir.Graph, skip: frozenset[str], conv_mode: str, skipped: dict[str, str]) -> list[Layer]:

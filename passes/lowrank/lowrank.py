@@ -15,8 +15,12 @@ its relative weight error is sqrt(sum of the dropped s_i^2 / sum of all
 s_i^2), and the layer's output error follows it for isotropic inputs. Real
 activations are far from isotropic, so ``data_aware`` weighs the weight
 error by the layer's input Gram matrix (see factor.py) and minimizes the
-output error on calibration data instead. Errors of successive layers add
-up; nothing here re-trains.
+output error on calibration data instead. With ``sequential`` (the default
+when data-aware) each layer is fit, in graph order, on the inputs the
+already-factored model gives it against the original layer's output (see
+sequential.py), so a layer absorbs part of the error upstream of it instead
+of adding to it; without it, errors of successive layers add up. Nothing
+here re-trains.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ import onnx_ir as ir
 from graphopt.runtime import ModelRunner, stream_tensors
 from passes.lift_constants import LiftConstantsPass
 from passes.lowrank import allocate, factor, speed
-from passes.lowrank.layers import Layer, find_layers, label
+from passes.lowrank.layers import Layer, find_layers, fits_data, label
 from passes.lowrank.refit import refit_last_factors
 from passes.lowrank.rewrite import Chain, Step, copy_attributes
+from passes.lowrank.sequential import factor_in_order
 from passes.prune.reconstruct import input_gram
 from passes.qdq.mixed import held_back_fidelity
 from passes.qdq.samples import Samples
@@ -94,6 +99,11 @@ class LowRankPass(ir.passes.InPlacePass):
         data_aware: Fit MatMul/Gemm and ``channel`` conv factors to the
             layer's calibration activations (see factor.py); Tucker stays
             plain HOSVD.
+        sequential: With ``data_aware`` (not ``target_cosine``): fit the
+            layers in graph order, each on the inputs the model factored so
+            far gives it, against the original layer's output (see
+            sequential.py). One calibration run per level of independent
+            layers instead of one in all.
         skip: Comma-separated node names or op types to leave alone.
         target_cosine: If given, ignore ``ratio``/``energy``/``rank`` and
             allocate ranks across layers (see allocate.py) until the model's
@@ -122,6 +132,7 @@ class LowRankPass(ir.passes.InPlacePass):
         min_gain: float = 0.1,
         conv: str = "tucker",
         data_aware: bool = False,
+        sequential: bool = True,
         skip: str = "",
         target_cosine: float | None = None,
         reconstruct: bool = False,
@@ -152,6 +163,7 @@ class LowRankPass(ir.passes.InPlacePass):
         if not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive integer, got {samples!r}")
         self.ratio, self.energy, self.rank, self.min_gain, self.conv = ratio, energy, rank, min_gain, conv
+        self.sequential = bool(sequential)
         self.data_aware, self.data, self.samples, self.seed, self.threads = bool(data_aware), data, samples, seed, threads
         self.skip = frozenset(part.strip() for part in str(skip or "").split(",") if part.strip())
         self.summary = LowRankSummary()
@@ -172,12 +184,14 @@ class LowRankPass(ir.passes.InPlacePass):
         self._factored_outputs = []
         if self.target_cosine is not None:
             modified = self._allocate(model, layers)
+        elif self.data_aware and self.sequential:
+            modified = self._factor_sequentially(model, layers)
         else:
-            grams = self._grams(model, layers) if self.data_aware else {}
+            fits = self._grams(model, layers) if self.data_aware else {}
             chain = Chain(model.graph)
             modified = False
             for layer in layers:
-                modified |= self._try_factor(layer, grams.get(layer.node), chain)
+                modified |= self._try_factor(layer, fits.get(label(layer.node)), chain)
         if teacher is not None and modified:
             samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
             done, refused = refit_last_factors(model, teacher, self._factored_outputs, samples, self.threads)
@@ -189,8 +203,8 @@ class LowRankPass(ir.passes.InPlacePass):
     def _allocate(self, model: ir.Model, layers: list[Layer]) -> bool:
         """Factors the layers at the ranks that keep the most steps of allocate.plan within ``target_cosine``."""
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=True)
-        grams = {label(node): gram for node, gram in (self._grams(model, layers, samples) if self.data_aware else {}).items()}
-        ladders = [allocate.ladder(label(layer.node), self._rungs(layer, grams.get(label(layer.node))), layer.params) for layer in layers]
+        fits = self._grams(model, layers, samples) if self.data_aware else {}
+        ladders = [allocate.ladder(label(layer.node), self._rungs(layer, fits.get(label(layer.node))), layer.params) for layer in layers]
         steps = allocate.plan(ladders, {label(layer.node): layer.params for layer in layers})
         with ModelRunner(model, threads=self.threads) as runner:
             expected = [runner.run({k: v for k, v in feeds.items() if k in runner.input_names}) for feeds in samples.held_back]
@@ -200,7 +214,7 @@ class LowRankPass(ir.passes.InPlacePass):
             trial = model.clone()
             kept, self.summary = self.summary, LowRankSummary()
             try:
-                self._factor_at(trial, allocate.allocation(steps[:count]), grams)
+                self._factor_at(trial, allocate.allocation(steps[:count]), fits)
             finally:
                 self.summary = kept
             cosines[count] = held_back_fidelity(trial, samples.held_back, expected, self.threads)[0]
@@ -214,7 +228,21 @@ class LowRankPass(ir.passes.InPlacePass):
                 self.summary.skipped.setdefault(label(layer.node), f"kept whole to reach cosine {self.target_cosine:g}")
         self.summary.fidelity = {"target_cosine": self.target_cosine, "cosine": cosines[best], "steps": best, "of": len(steps)}
         self._factored_outputs = []  # the trials' factors were in copies
-        return self._factor_at(model, ranks, grams)
+        return self._factor_at(model, ranks, fits)
+
+    def _factor_sequentially(self, model: ir.Model, layers: list[Layer]) -> bool:
+        """Factors the layers sequential.py can fit in graph order on the partly factored model; the others plainly, first."""
+        teacher = model.clone()
+        chain = Chain(model.graph)
+        fit = [layer for layer in layers if fits_data(layer)]
+        modified = False
+        for layer in layers:
+            if not fits_data(layer):
+                modified |= self._try_factor(layer, None, chain)
+        if fit:
+            samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
+            modified |= factor_in_order(model, teacher, fit, samples, self.threads, lambda layer, fitted: self._try_factor(layer, fitted, chain))
+        return modified
 
     def _input_shapes(self, model: ir.Model, layers: list[Layer]) -> dict[str, tuple[int, ...]]:
         """The input shape of every layer on the first calibration sample (what check_speed times it at)."""
@@ -223,7 +251,7 @@ class LowRankPass(ir.passes.InPlacePass):
         tensors = next(stream_tensors(model, names, [first], threads=self.threads))
         return {label(layer.node): tuple(tensors[name].shape) for layer, name in zip(layers, names) if name in tensors}
 
-    def _rungs(self, layer: Layer, gram: np.ndarray | None) -> list[tuple[tuple[int, ...], int, float]]:
+    def _rungs(self, layer: Layer, fitted: factor.Fit | None) -> list[tuple[tuple[int, ...], int, float]]:
         """(ranks, params, predicted squared relative error) of the layer at each of allocate.LEVELS that saves min_gain."""
         rungs = []
         if layer.kind == "tucker":
@@ -235,35 +263,34 @@ class LowRankPass(ir.passes.InPlacePass):
                 rungs.append(((r_out, r_in), params, allocate.dropped_energy(out_values, r_out) + allocate.dropped_energy(in_values, r_in)))
         else:
             k, n = layer.matrix.shape
-            values = factor.singular_values(layer.matrix) if gram is None else factor.whitened_singular_values(layer.matrix, factor.whitening(gram))
+            values = factor.singular_values(layer.matrix) if fitted is None else fitted.singular_values()
             for level in allocate.LEVELS:
                 rank = min(factor.matrix_rank_for_ratio(k, n, level), k, n)
                 rungs.append(((rank,), rank * (k + n), allocate.dropped_energy(values, rank)))
         return [rung for rung in rungs if rung[1] <= (1 - self.min_gain) * layer.params]
 
-    def _factor_at(self, model: ir.Model, ranks: dict[str, tuple[int, ...]], grams: dict[str, np.ndarray]) -> bool:
+    def _factor_at(self, model: ir.Model, ranks: dict[str, tuple[int, ...]], fits: dict[str, factor.Fit]) -> bool:
         """Factors the layers of ``model`` named in ``ranks`` at those ranks; returns whether any was."""
         chain = Chain(model.graph)
         modified = False
         for layer in find_layers(model.graph, self.skip, self.conv, {}):
             name = label(layer.node)
             if name in ranks:
-                modified |= self._try_factor(layer, grams.get(name), chain, list(ranks[name]))
+                modified |= self._try_factor(layer, fits.get(name), chain, list(ranks[name]))
         return modified
 
-    def _grams(self, model: ir.Model, layers: list[Layer], samples: Samples | None = None) -> dict[ir.Node, np.ndarray]:
-        """X^T X of each data-aware layer's input, from the unfactored model."""
-        # conv_patches knows explicit pads only: auto_pad convs keep plain SVD.
-        fit = [layer.node for layer in layers if layer.kind != "tucker" and layer.node.attributes.get_string("auto_pad", "NOTSET") == "NOTSET"]
+    def _grams(self, model: ir.Model, layers: list[Layer], samples: Samples | None = None) -> dict[str, factor.Fit]:
+        """The data-aware fit of each layer on its inputs' X^T X in the unfactored model, by label."""
+        fit = {layer.node: layer for layer in layers if fits_data(layer)}
         if not fit:
             return {}
         samples = samples or Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
-        return {node: gram[:-1, :-1] for node, gram in input_gram(model, fit, samples.calibration(), self.threads).items()}
+        grams = input_gram(model, list(fit), samples.calibration(), self.threads)
+        return {label(node): factor.fit(fit[node].matrix, gram[:-1, :-1]) for node, gram in grams.items()}
 
-    def _try_factor(self, layer: Layer, gram: np.ndarray | None, chain: Chain, ranks: list[int] | None = None) -> bool:
+    def _try_factor(self, layer: Layer, fitted: factor.Fit | None, chain: Chain, ranks: list[int] | None = None) -> bool:
         """Factors one layer (at ``ranks`` if given) if that saves ``min_gain`` of its parameters; returns whether it did."""
         name = label(layer.node)
-        chol = None
         if layer.kind == "tucker":
             ranks = ranks or self._tucker_ranks(layer.kernel)
             r_out, r_in = ranks
@@ -272,17 +299,16 @@ class LowRankPass(ir.passes.InPlacePass):
             method = "tucker2"
         else:
             k, n = layer.matrix.shape
-            chol = factor.whitening(gram) if gram is not None else None
-            ranks = ranks or [self._matrix_rank(layer.matrix, chol)]
+            ranks = ranks or [self._matrix_rank(layer.matrix, fitted)]
             params = ranks[0] * (k + n)
-            method = "svd" if chol is None else "data-aware svd"
+            method = "svd" if fitted is None else "data-aware svd"
             if layer.node.op_type == "Conv" and layer.kernel.shape[2:] == (1, 1) and self.conv == "tucker":
                 method += " (1x1 kernel)"
         if params > (1 - self.min_gain) * layer.params:
             self.summary.skipped[name] = f"rank {'x'.join(map(str, ranks))} would not save {self.min_gain:g} of the parameters"
             logger.debug("lowrank: %s left whole: %s", name, self.summary.skipped[name])
             return False
-        steps = self._tucker_steps(layer, *ranks) if layer.kind == "tucker" else self._matrix_steps(layer, ranks[0], chol, chain)
+        steps = self._tucker_steps(layer, *ranks) if layer.kind == "tucker" else self._matrix_steps(layer, ranks[0], fitted, chain)
         timing = {}
         if name in self._shapes:
             dense, factored = self._times(layer, ranks, steps, self._shapes[name])
@@ -311,18 +337,18 @@ class LowRankPass(ir.passes.InPlacePass):
         chain = [(tuple(step.weight.shape), {attr.name: attr.value for attr in step.attributes}, bool(step.extra_inputs)) for step in steps]
         return speed.conv_times(shape, dense, chain, self.threads)
 
-    def _matrix_rank(self, matrix: np.ndarray, chol: np.ndarray | None) -> int:
+    def _matrix_rank(self, matrix: np.ndarray, fitted: factor.Fit | None) -> int:
         k, n = matrix.shape
         if self.rank is not None:
             return min(self.rank, k, n)
         if self.energy is not None:
-            values = factor.singular_values(matrix) if chol is None else factor.whitened_singular_values(matrix, chol)
+            values = factor.singular_values(matrix) if fitted is None else fitted.singular_values()
             return factor.energy_rank(values, self.energy)
         return min(factor.matrix_rank_for_ratio(k, n, self.ratio), k, n)
 
-    def _matrix_steps(self, layer: Layer, rank: int, chol: np.ndarray | None, chain: Chain) -> list[Step]:
+    def _matrix_steps(self, layer: Layer, rank: int, fitted: factor.Fit | None, chain: Chain) -> list[Step]:
         """Two-factor chain for MatMul, Gemm and ``channel``/1x1 Conv: y = (x A) B."""
-        a, b = factor.svd_factors(layer.matrix, rank) if chol is None else factor.data_aware_factors(layer.matrix, chol, rank)
+        a, b = factor.svd_factors(layer.matrix, rank) if fitted is None else fitted.factors(rank)
         node = layer.node
         if node.op_type == "MatMul":
             return [Step("a", "MatMul", a), Step("b", "MatMul", b)]
