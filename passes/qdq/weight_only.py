@@ -3,10 +3,11 @@
 Only weights are quantized; activations stay float. A DequantizeLinear
 feeding a MatMul is only worth its smaller weight when onnxruntime fuses
 the pair into ``MatMulNBits`` (4 bits in blocks along K, or 8 bits with a
-scale per output column); an unfused DequantizeLinear expands the whole weight on every run (a 3-layer
-1024-wide Relu MLP at batch 1 ran 11x slower than float; fused, it runs
-several times faster: ``make bench-weight-only``). Measured on onnxruntime 1.32
-CPU (tests/passes/test_qdq_weight_only.py keeps each point true):
+scale per output column); an unfused DequantizeLinear expands the whole
+weight on every run (a 3-layer 1024-wide Relu MLP at batch 1 ran 11x slower
+than float; fused, it runs several times faster: ``make
+bench-weight-only``). Measured on onnxruntime 1.32 CPU
+(tests/passes/test_qdq_weight_only.py keeps each point true):
 
 - ``DQ -> MatMul`` and ``DQ -> Gemm(transB=0)`` fuse, bias included;
 - ``DQ -> Gemm(transB=1)`` does not: the weight is stored transposed and
