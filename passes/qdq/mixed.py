@@ -55,9 +55,16 @@ def choose(
     check_speed: bool,
     threads: int | None,
     kind: str = "int8",
+    speed_reference: ir.Model | None = None,
 ):
-    """The quantized model to keep and its summary (see module docstring); ``kind`` names it in reasons."""
+    """The quantized model to keep and its summary (see module docstring).
+
+    ``kind`` names the quantization in reasons; the whole model's latency is
+    compared with ``speed_reference`` (the user's model, before any
+    preparation) when given, else with ``float_model``.
+    """
     reference = float_model.clone()
+    timed = speed_reference if speed_reference is not None else reference
     with ModelRunner(reference, threads=threads) as runner:
         expected = [runner.run(feeds) for feeds in held_back]
     model, summary = build([])
@@ -71,14 +78,14 @@ def choose(
         summary.float_layers.update({name: reason for name in kept_float})
     summary.fidelity = {"cosine": cosine, "snr_db": snr}
     if check_speed and summary.quantized:
-        ratio = _latency_ratio(reference, model, held_back[0], threads)
+        ratio = _latency_ratio(timed, model, held_back[0], threads)
         slow = slower_layers(reference, model, summary.quantized, held_back[0], threads)
         if slow:
             # A float layer amid int8 ones adds conversions around it, so the
             # variant is kept only if the whole model is faster with it.
             kept = {name: why for name, why in summary.float_layers.items() if why.startswith("sensitive")}
             variant, variant_summary = build([*kept, *slow])
-            variant_ratio = _latency_ratio(reference, variant, held_back[0], threads)
+            variant_ratio = _latency_ratio(timed, variant, held_back[0], threads)
             logger.info("qdq: %d layers slower in %s; whole model %.2fx -> %.2fx float", len(slow), kind, ratio, variant_ratio)
             if variant_ratio < ratio:
                 model, summary, ratio = variant, variant_summary, variant_ratio
