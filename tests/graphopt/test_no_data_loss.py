@@ -208,6 +208,18 @@ class SlowPass(ir.passes.InPlacePass):
 '''
 
 
+def _default_signals() -> None:
+    """Undoes an inherited SIG_IGN in the child, as a terminal would have it.
+
+    A shell that starts the test run in the background without job control
+    (``nohup sh -c "make test" &``) ignores SIGINT in it, and Python keeps an
+    inherited ignore rather than raising KeyboardInterrupt: the CLI would
+    then rightly never see the Ctrl-C this test sends.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _slow_pass_plugin(folder: Path) -> Path:
     """A module plus a dist-info folder: importlib.metadata finds the entry point on PYTHONPATH."""
     folder.mkdir()
@@ -240,7 +252,9 @@ def test_signal_during_pipeline_exits_and_leaves_no_trace(tmp_path, mode, sent, 
     }
     target = ["--in-place"] if mode == "in-place" else ["-o", str(work / "out.onnx")]
     command = [sys.executable, "-m", "graphopt", "optimize", str(source), *target, "--passes", "dce,slow"]
-    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals
+    )
     try:
         deadline = time.monotonic() + 60
         while not started.exists() and process.poll() is None and time.monotonic() < deadline:
