@@ -231,11 +231,7 @@ class QuantizePass(ir.passes.InPlacePass):
             logger.info("qdq: nothing to quantize")
             return ir.passes.PassResult(model, False)
         if not measured:  # weight-only unchecked: a pure rewrite, so models onnxruntime cannot run still compress
-            quantized, self.summary = self._build_weight_only(model.clone(), frozenset())
-            self.summary.float_layers = {**dict(placement.skipped), **self.summary.float_layers}
-            self.summary.float_subgraph_nodes = placement.float_subgraph_nodes
-            adopt_model(model, quantized)
-            return ir.passes.PassResult(model, bool(self.summary.quantized))
+            return self._adopt(model, *self._build_weight_only(model, frozenset()), placement)
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=hold_back)
         if self.weight_only:
             kind = "int4" if self.weight_bits == 4 else "int8 weight-only"
@@ -273,6 +269,10 @@ class QuantizePass(ir.passes.InPlacePass):
             target_cosine=self.target_cosine, target_snr=self.target_snr, check_speed=self.check_speed,
             threads=self.threads, kind=kind, speed_reference=original,
         )
+        return self._adopt(model, chosen, summary, placement)
+
+    def _adopt(self, model: ir.Model, chosen: ir.Model, summary: QuantizationSummary, placement: Placement) -> ir.passes.PassResult:
+        """Puts ``chosen`` in place of ``model``, with ``summary`` merged into what placement and calibration found."""
         summary.float_layers = {**self.summary.float_layers, **summary.float_layers}
         summary.float_activations = self.summary.float_activations
         summary.nonfinite_activations = self.summary.nonfinite_activations
