@@ -33,7 +33,7 @@ import onnx_ir as ir
 from graphopt.runtime import stream_tensors
 from passes.lowrank import factor
 from passes.lowrank.layers import Layer
-from passes.prune.reconstruct import cross_grams, independent_prefix
+from passes.prune.reconstruct import cross_grams, fit_error, independent_prefix
 from passes.qdq.samples import Samples
 
 logger = logging.getLogger(__name__)
@@ -72,10 +72,4 @@ def _correction_generalizes(weight: np.ndarray, even: tuple[np.ndarray, np.ndarr
     own, cross = even
     ridge = factor.damping(own) * np.eye(own.shape[0])
     corrected = np.linalg.solve(own + ridge, (cross + ridge) @ weight)
-    return _error(odd, corrected, weight) < _error(odd, weight, weight)
-
-
-def _error(grams: tuple[np.ndarray, np.ndarray], mapped: np.ndarray, weight: np.ndarray) -> float:
-    """||X' M - X W||^2 up to a constant, from ``(X'^T X', X'^T X)``."""
-    own, cross = grams
-    return float(np.sum(mapped * (own @ mapped)) - 2 * np.sum(mapped * (cross @ weight)))
+    return fit_error(odd, corrected, weight) < fit_error(odd, weight, weight)

@@ -232,9 +232,8 @@ def tuned_fit(halves: list[Grams], plain: np.ndarray, target: np.ndarray) -> np.
 
 
 def _toward(own: np.ndarray, right: np.ndarray, plain: np.ndarray, relative: float) -> np.ndarray:
-    """``(own + lambda I)^-1 (right + lambda plain)`` with lambda = ``relative`` times the mean of own's diagonal (1 if 0)."""
-    scale = float(np.mean(np.diag(own))) if own.size else 0.0
-    ridge = relative * scale if scale > 0 else 1.0
+    """``(own + lambda I)^-1 (right + lambda plain)`` with lambda = :func:`damping` of own at ``relative``."""
+    ridge = damping(own, relative)
     return np.linalg.solve(own + ridge * np.eye(own.shape[0]), right + ridge * plain)
 
 
@@ -243,8 +242,8 @@ def ridge_solve(own: np.ndarray, right: np.ndarray) -> np.ndarray:
     return np.linalg.solve(own + damping(own) * np.eye(own.shape[0]), right)
 
 
-def damping(gram: np.ndarray) -> float:
-    """RELATIVE_DAMPING times the mean of the Gram matrix's diagonal, or 1 when that is 0.
+def damping(gram: np.ndarray, relative: float = RELATIVE_DAMPING) -> float:
+    """``relative`` times the mean of the Gram matrix's diagonal, or 1 when that is 0.
 
     The diagonal is all 0 when the layer's inputs were 0 on every calibration
     sample (a dead branch, an If whose other side ran); the damped system
@@ -252,7 +251,7 @@ def damping(gram: np.ndarray) -> float:
     check, so the layer is left as it is.
     """
     scale = float(np.mean(np.diag(gram))) if gram.size else 0.0
-    return RELATIVE_DAMPING * scale if scale > 0 else 1.0
+    return relative * scale if scale > 0 else 1.0
 
 
 def _rows(node: ir.Node, array: np.ndarray) -> np.ndarray:
