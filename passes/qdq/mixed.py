@@ -8,6 +8,10 @@ finding the fewest that meet the target by bisection (one model build and
 one onnxruntime session per probe). Then it times the result against the
 float model (interleaved medians) and, if int8 is slower, keeps the model
 float: the result must never be slower than what the user had.
+
+Layers returned to float for speed (one by one, or the whole model) keep
+int8 storage when ``store_slow`` is on (storage.py): float kernels, weights
+about 4x smaller, and a fidelity target, if any, still checked.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import onnxruntime as ort
 from graphopt.data import Feeds
 from graphopt.metrics import OutputComparator, Tolerance
 from graphopt.runtime import ModelRunner, measure_latency, session_options
+from passes.qdq import storage
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +61,15 @@ def choose(
     threads: int | None,
     kind: str = "int8",
     speed_reference: ir.Model | None = None,
+    store_slow: bool = False,
 ):
     """The quantized model to keep and its summary (see module docstring).
 
     ``kind`` names the quantization in reasons; the whole model's latency is
     compared with ``speed_reference`` (the user's model, before any
-    preparation) when given, else with ``float_model``.
+    preparation) when given, else with ``float_model``. A model that backs
+    off entirely is ``speed_reference`` again (with int8 storage if
+    ``store_slow``), since the caller hands that back.
     """
     reference = float_model.clone()
     timed = speed_reference if speed_reference is not None else reference
@@ -93,15 +101,62 @@ def choose(
                 summary.float_layers.update({name: f"{kind} kernel slower than float ({text})" for name, text in slow.items()})
                 cosine, snr = held_back_fidelity(model, held_back, expected, threads)
                 summary.fidelity = {"cosine": cosine, "snr_db": snr}
+                if store_slow:
+                    model = _with_int8_storage(model, slow, summary, held_back, expected, threads, target_cosine, target_snr)
         summary.latency_ratio = ratio
         if ratio > SLOWER_THAN_FLOAT:
             summary.backed_off = f"{kind} took {ratio:.2f}x the float latency on onnxruntime CPU; the model stays float"
             logger.warning("qdq: %s", summary.backed_off)
-            for name in summary.quantized:
+            layers = list(summary.quantized)
+            for name in layers:
                 summary.float_layers[name] = f"{kind} model slower than float"
-            summary.quantized = []
-            return float_model.clone(), summary
+            summary.quantized, summary.weight_bytes_before, summary.weight_bytes_after = [], 0, 0
+            return _backed_off(timed, layers, summary, held_back, expected, threads, target_cosine, target_snr, store_slow)
     return model, summary
+
+
+def _backed_off(
+    timed: ir.Model, layers: list[str], summary: Any, held_back, expected, threads, target_cosine, target_snr, store_slow: bool
+) -> tuple[ir.Model, Any]:
+    """The model as given, with int8 storage of ``layers`` if ``store_slow`` and it costs no speed."""
+    model = timed.clone()
+    if not store_slow:
+        return model, summary
+    stored = _with_int8_storage(model, layers, summary, held_back, expected, threads, target_cosine, target_snr)
+    if not summary.stored:
+        return model, summary
+    # onnxruntime folds the widening at load, so this should read about 1.0; a
+    # clear loss means it did not (an onnxruntime change), and storage goes.
+    ratio = _latency_ratio(timed, stored, held_back[0], threads)
+    if ratio > LAYER_SLOWER_THAN_FLOAT:
+        logger.warning("qdq: int8 storage ran %.2fx the float latency; the weights stay float", ratio)
+        summary.stored, summary.weight_bytes_before, summary.weight_bytes_after = [], 0, 0
+        return model, summary
+    summary.latency_ratio = ratio
+    return stored, summary
+
+
+def _with_int8_storage(
+    model: ir.Model, layers: Iterable[str], summary: Any, held_back, expected, threads, target_cosine, target_snr
+) -> ir.Model:
+    """``model`` with the float ``layers``' weights stored as int8 (storage.py) if the fidelity target still holds.
+
+    Updates ``summary``: the stored layers, their weight bytes, and the
+    fidelity measured on the stored model.
+    """
+    candidate = model.clone()
+    stored = storage.store_int8(candidate, frozenset(layers))
+    if not stored.layers:
+        return model
+    cosine, snr = held_back_fidelity(candidate, held_back, expected, threads)
+    if not _meets(cosine, snr, target_cosine, target_snr):
+        logger.info("qdq: int8 storage of %d float layers misses the target (cosine %.5f); they stay float", len(stored.layers), cosine)
+        return model
+    summary.stored = stored.layers
+    summary.weight_bytes_before += stored.bytes_before
+    summary.weight_bytes_after += stored.bytes_after
+    summary.fidelity = {"cosine": cosine, "snr_db": snr}
+    return candidate
 
 
 def slower_layers(

@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 _QDQ_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 _BLOCKED_OPSET = 21  # DequantizeLinear block_size and int4
 _ACTIVATION_TYPES = ("u8", "s8")
+_FALLBACKS = ("storage", "float")
 
 
 @dataclass
@@ -77,6 +78,7 @@ class QuantizationSummary:
     """What the pass did, for its caller and the ledger's reader."""
 
     quantized: list[str] = field(default_factory=list)
+    stored: list[str] = field(default_factory=list)  # float layers whose weights are stored as int8 (storage.py)
     corrected: list[str] = field(default_factory=list)  # layers whose bias absorbed the rounding shift
     float_layers: dict[str, str] = field(default_factory=dict)  # node -> why it stayed float
     float_activations: dict[str, str] = field(default_factory=dict)  # tensor -> why it has no Q/DQ
@@ -92,13 +94,15 @@ class QuantizationSummary:
     def line(self) -> str:
         """One line a person reads after the run."""
         if self.backed_off:
-            return self.backed_off
+            return self.backed_off + (f", {self._stored_text()}" if self.stored else "")
         parts = [f"{len(self.quantized)} layers quantized"]
         if self.float_layers:
             # Grouped without their per-layer details, such as kernel timings: the ledger keeps those.
             reasons = Counter(reason.split(" (")[0] for reason in self.float_layers.values())
             grouped = "; ".join(f"{count} {reason}" if count > 1 else reason for reason, count in sorted(reasons.items()))
             parts.append(f"{len(self.float_layers)} kept float ({grouped})")
+        if self.stored:
+            parts.append(f"{len(self.stored)} of them with int8-stored weights")
         if self.weight_bytes_after:
             parts.append(f"weights {self.weight_bytes_before / self.weight_bytes_after:.1f}x smaller")
         if "cosine" in self.fidelity:
@@ -112,6 +116,12 @@ class QuantizationSummary:
         if self.float_activations:
             parts.append(f"{len(self.float_activations)} tensors kept float ({'; '.join(sorted(set(self.float_activations.values())))})")
         return ", ".join(parts)
+
+    def _stored_text(self) -> str:
+        ratio = self.weight_bytes_before / self.weight_bytes_after if self.weight_bytes_after else 1.0
+        latency = f", latency {self.latency_ratio:.2f}x float" if self.latency_ratio is not None else ""
+        layers = f"{len(self.stored)} layer{'s' if len(self.stored) != 1 else ''}"
+        return f"with the weights of {layers} stored as int8 ({ratio:.1f}x smaller){latency}"
 
 
 class QuantizePass(ir.passes.InPlacePass):
@@ -142,6 +152,10 @@ class QuantizePass(ir.passes.InPlacePass):
         embeddings: Store Gather tables (token embeddings) as int8 rows with
             a scale per row; only gathered rows are dequantized.
         check_speed: Measure latency and return the model to float if int8 is slower.
+        fallback: What a layer returned to float for speed keeps: ``storage``
+            (default) stores its weight as int8 that onnxruntime widens once at
+            load (float kernels, weights ~4x smaller; within any fidelity
+            target), ``float`` leaves the float weight as it was.
         threads: onnxruntime threads for calibration and measurements.
     """
 
@@ -167,6 +181,7 @@ class QuantizePass(ir.passes.InPlacePass):
         bias_correction: bool = True,
         embeddings: bool = True,
         check_speed: bool = True,
+        fallback: str = "storage",
         threads: int | None = 1,
     ) -> None:
         super().__init__()
@@ -180,6 +195,8 @@ class QuantizePass(ir.passes.InPlacePass):
             raise ValueError(f"block_size must be a power of 2 and at least 16, got {block_size!r}")
         if not 0 < percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+        if fallback not in _FALLBACKS:
+            raise ValueError(f"fallback must be storage or float, got {fallback!r}")
         if samples < 1:
             raise ValueError(f"samples must be at least 1, got {samples!r}")
         if target_cosine is not None and not -1 <= target_cosine <= 1:
@@ -201,6 +218,7 @@ class QuantizePass(ir.passes.InPlacePass):
         self.bias_correction = bias_correction
         self.embeddings = embeddings
         self.check_speed = check_speed
+        self.fallback = fallback
         self.threads = threads
         self._input_means: dict[str, np.ndarray] = {}
         self.summary = QuantizationSummary()
@@ -213,7 +231,7 @@ class QuantizePass(ir.passes.InPlacePass):
         # it back unchanged.
         original = model.clone()  # shares the tensors: cheap
         result = self._quantize(model, original)
-        if not self.summary.quantized:
+        if not self.summary.quantized and not self.summary.stored:
             adopt_model(model, original)
             return ir.passes.PassResult(model, False)
         return result
@@ -267,7 +285,7 @@ class QuantizePass(ir.passes.InPlacePass):
             float_model, lambda float_layers: build(float_model, frozenset(float_layers)),
             [t.node.name or "" for t in placement.targets], samples.held_back,
             target_cosine=self.target_cosine, target_snr=self.target_snr, check_speed=self.check_speed,
-            threads=self.threads, kind=kind, speed_reference=original,
+            threads=self.threads, kind=kind, speed_reference=original, store_slow=self.fallback == "storage",
         )
         return self._adopt(model, chosen, summary, placement)
 
@@ -279,7 +297,7 @@ class QuantizePass(ir.passes.InPlacePass):
         summary.float_subgraph_nodes = placement.float_subgraph_nodes
         self.summary = summary
         adopt_model(model, chosen)
-        return ir.passes.PassResult(model, bool(summary.quantized))
+        return ir.passes.PassResult(model, bool(summary.quantized or summary.stored))
 
     def details(self) -> dict[str, Any]:
         """The last run's summary, for the pipeline ledger, with a one-line ``summary`` for people."""

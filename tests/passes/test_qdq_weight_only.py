@@ -152,7 +152,7 @@ def test_int4_model_stays_float_when_slower(monkeypatch):
     monkeypatch.setattr(mixed, "_latency_ratio", lambda *args: 1.3)
     model = _mlp()
     before = to_proto(model).SerializeToString()
-    pass_ = QuantizePass(weight_bits=4, block_size=32, check_speed=True)
+    pass_ = QuantizePass(weight_bits=4, block_size=32, check_speed=True, fallback="float")
 
     result = run_pipeline(model, [pass_])
 
@@ -176,7 +176,7 @@ def test_speed_is_judged_against_the_model_as_given_and_kept_unchanged_when_noth
     model = load(zoo.model)
     before = to_proto(model).SerializeToString()
 
-    result = run_pipeline(model, [QuantizePass(weight_bits=4, block_size=32)])
+    result = run_pipeline(model, [QuantizePass(weight_bits=4, block_size=32, fallback="float")])
 
     assert timed and all(pair == (17, 21) for pair in timed)
     assert result.modified is False and to_proto(result.model).SerializeToString() == before
