@@ -35,7 +35,7 @@ from graphopt.ledger import format_bytes
 from graphopt.metrics import Tolerance
 from graphopt.pipeline import run_pipeline
 from graphopt.progress import StepProgress
-from graphopt.registry import available_passes, pass_options, with_calibration_data
+from graphopt.registry import available_passes, pass_options, with_calibration_data, without_timing
 from graphopt.report import FidelityReport
 from graphopt.spec import PassSpec, load_recipe, parse_spec
 from graphopt.summary import summarize
@@ -111,6 +111,10 @@ def _build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto", help="store weights in OUTPUT.data (default: as the input did, or when over 2 GB)")
     optimize.add_argument("--ledger", type=Path, metavar="FILE", help="also write the pass ledger as JSON")
     optimize.add_argument("--calib-data", type=Path, metavar="PATH", help=".npz file or folder of .npz feed dicts (also used by --validate)")
+    optimize.add_argument(
+        "--deterministic", action="store_true",
+        help="no decision from timings (check_speed=false in every pass): the same input, pipeline and data give the same bytes",
+    )
     optimize.add_argument("--validate", metavar="PROVIDERS", help="validate the result against the input on these providers, e.g. cpu,cuda")
     optimize.add_argument("--bisect", action="store_true", help="with --validate: on failure, name the first pass that breaks the tolerance")
     _add_fidelity_arguments(optimize)
@@ -199,6 +203,8 @@ def _pipeline_steps(args: argparse.Namespace) -> list[PassSpec]:
 
 def _optimize(args: argparse.Namespace) -> int:
     pipeline = with_calibration_data(_pipeline_steps(args), args.calib_data)
+    if args.deterministic:
+        pipeline = without_timing(pipeline)
     output = _output_path(args)
     if args.bisect and not args.validate:
         raise GraphoptError("--bisect needs --validate")

@@ -8,7 +8,7 @@ factory). The core imports the ``passes`` package only here, lazily, so that
 
 from __future__ import annotations
 
-__all__ = ["PassFactory", "OptionInfo", "available_passes", "pass_options", "resolved_options", "create_pass", "with_calibration_data"]
+__all__ = ["PassFactory", "OptionInfo", "available_passes", "pass_options", "resolved_options", "create_pass", "with_calibration_data", "without_timing"]
 
 import inspect
 import logging
@@ -110,3 +110,22 @@ def with_calibration_data(pipeline: list[PassSpec], data: Any) -> list[PassSpec]
         else spec
         for spec in pipeline
     ]
+
+
+def without_timing(pipeline: list[PassSpec]) -> list[PassSpec]:
+    """Turns off ``check_speed`` in every pass that takes it, so no decision follows a measured timing.
+
+    With timings out, the same input, pipeline, data and seed give
+    byte-identical output (tests/graphopt/test_determinism.py).
+
+    Raises:
+        PipelineSpecError: A pass asks for ``check_speed=true`` explicitly.
+    """
+    passes = available_passes()
+    steps = []
+    for spec in pipeline:
+        takes = spec.name in passes and "check_speed" in pass_options(passes[spec.name])
+        if takes and spec.options.get("check_speed", False) is not False:
+            raise PipelineSpecError(f"pass {spec.name!r}: check_speed=true times onnxruntime, which --deterministic rules out")
+        steps.append(PassSpec(spec.name, {**spec.options, "check_speed": False}) if takes else spec)
+    return steps

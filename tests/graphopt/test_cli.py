@@ -74,6 +74,34 @@ def test_optimize_quantizes_with_calibration_data_and_prints_the_summary(model_p
     np.testing.assert_allclose(got, want, atol=0.05)  # int8: within a few quantization steps of |x| <= 3
 
 
+def test_deterministic_turns_check_speed_off_in_every_pass_that_times(model_path, tmp_path, capsys, monkeypatch):
+    from passes.qdq import mixed
+
+    def no_timing(*args):
+        raise AssertionError("--deterministic timed onnxruntime")
+
+    monkeypatch.setattr(mixed, "_latency_ratio", no_timing)
+    out = tmp_path / "out.onnx"
+
+    code = main(["optimize", str(model_path), "-o", str(out), "--passes", "fold,qdq,lowrank(ratio=0.5)", "--deterministic",
+                 "--ledger", str(tmp_path / "l.json")])
+
+    assert code == 0, capsys.readouterr().err
+    options = {row["name"]: row["options"] for row in json.loads((tmp_path / "l.json").read_text())}
+    assert options["qdq"]["check_speed"] is False and options["lowrank"]["check_speed"] is False
+    assert "check_speed" not in options["fold"]
+
+
+def test_deterministic_with_an_explicit_check_speed_exits_2(model_path, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+
+    code = main(["optimize", str(model_path), "-o", str(out), "--passes", "qdq(check_speed=true)", "--deterministic"])
+
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    assert err.count("\n") == 1 and "check_speed=true times onnxruntime, which --deterministic rules out" in err
+
+
 def test_optimize_with_recipe_and_check_each_pass(model_path, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("- lift-constants\n- pass: dce\n- toposort\n")

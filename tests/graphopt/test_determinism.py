@@ -4,7 +4,8 @@ Each case runs ``python -m graphopt optimize`` twice, in separate processes
 with different ``PYTHONHASHSEED`` values (set and dict order of strings), in
 two different folders (absolute paths) and at different times, then compares
 the model bytes and the ``.data`` bytes. Passes that time onnxruntime
-(``check_speed``) decide from measurements, so they run with it off here.
+(``check_speed``) decide from measurements, so they run with it off here,
+set in the spec or by ``--deterministic``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ CASES = {
     "lowrank-data-aware": ("residual", "fold,lowrank(ratio=0.5,data_aware=true,reconstruct=true,check_speed=false)", True),
     "qdq": ("cnn_bn", "fold,qdq(check_speed=false)", True),
     "qdq-mixed-precision": ("attention", "qdq(check_speed=false,target_cosine=0.99999)", True),
+    # check_speed left at its default (on); --deterministic turns it off.
+    "deterministic-flag": ("cnn_bn", "fold,qdq", True),
 }
+FLAGS = {"deterministic-flag": ["--deterministic"]}
 
 
 def _calibration(zoo: model_zoo.ZooModel, folder: Path) -> Path:
@@ -44,11 +48,13 @@ def _calibration(zoo: model_zoo.ZooModel, folder: Path) -> Path:
     return folder
 
 
-def _optimize(workdir: Path, model: Path, spec: str, calib: Path | None, hash_seed: str) -> subprocess.CompletedProcess[str]:
+def _optimize(
+    workdir: Path, model: Path, spec: str, calib: Path | None, hash_seed: str, flags: list[str]
+) -> subprocess.CompletedProcess[str]:
     """Runs the CLI from ``workdir`` on a copy of ``model`` there; writes ``workdir/out.onnx``."""
     workdir.mkdir()
     shutil.copy(model, workdir / model.name)
-    command = [sys.executable, "-m", "graphopt", "optimize", model.name, "-o", "out.onnx", "--passes", spec, "--external-data", "yes"]
+    command = [sys.executable, "-m", "graphopt", "optimize", model.name, "-o", "out.onnx", "--passes", spec, "--external-data", "yes", *flags]
     if calib is not None:
         command += ["--calib-data", str(calib)]
     env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(REPO)}
@@ -66,8 +72,9 @@ def test_two_runs_write_byte_identical_files(tmp_path, case):
     model = zoo.save(tmp_path / "model")
     calib = _calibration(zoo, tmp_path / "calib") if with_data else None
 
-    first = _optimize(tmp_path / "first", model, spec, calib, hash_seed="1")
-    second = _optimize(tmp_path / "second", model, spec, calib, hash_seed="4242")
+    flags = FLAGS.get(case, [])
+    first = _optimize(tmp_path / "first", model, spec, calib, hash_seed="1", flags=flags)
+    second = _optimize(tmp_path / "second", model, spec, calib, hash_seed="4242", flags=flags)
 
     assert first.returncode == 0, first.stderr
     assert second.returncode == 0, second.stderr
