@@ -8,9 +8,10 @@ For every model, in one process:
 
 - structured: ``fold`` then ``prune(pattern=channel, ratio=R)``, and the same
   with ``reconstruct=true`` (every Conv/Gemm whose input the pruning changed
-  is refit in graph order on the pruned model's own inputs, fitted on 4 of
-  8 synthesized calibration samples and kept only if it lowers the error on
-  the other 4; the table says how many of the candidates were);
+  is refit in graph order on the pruned model's own inputs, kept only if,
+  fitted on 4 of 8 synthesized calibration samples, it lowers the error on
+  the other 4, then refit on all 8; the table says how many of the
+  candidates were kept);
 - unstructured: ``fold`` then ``prune(sparsity=S)``.
 
 Printed per variant: parameter ratio (pruned / original elements, zeros

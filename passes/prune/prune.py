@@ -113,8 +113,10 @@ class PrunePass(ir.passes.InPlacePass):
         reconstruct: Refit each pruned MatMul/Gemm's kept weights (and bias)
             so its outputs match the original layer's on calibration data
             (see reconstruct.py); with ``channel``, every Conv/Gemm whose
-            input the pruning changed, in graph order, each kept only if it
-            lowers the output error on held-out samples (refit_channels.py).
+            input the pruning changed, in graph order, each kept only if,
+            fitted on half the samples, it lowers the output error on the
+            other half; the kept ones are then refit on all samples
+            (refit_channels.py).
         data: Calibration feeds for ``reconstruct`` (as for ``qdq``); None
             synthesizes ``samples`` feeds with ``seed``.
         threads: onnxruntime threads for the calibration run.

@@ -46,7 +46,9 @@ __all__ = [
     "refit",
     "ridge_solve",
     "checked_fit",
+    "fit_toward",
     "tuned_fit",
+    "tuned_strength",
 ]
 
 import logging
@@ -202,20 +204,29 @@ def tuned_fit(halves: list[Grams], plain: np.ndarray, target: np.ndarray) -> np.
         W(lambda) = argmin ||L W - R T||^2 + lambda ||W - plain||^2 = (L^T L + lambda I)^-1 (L^T R T + lambda plain)
 
     is fitted on the even half and scored on the odd one (:func:`fit_error`,
-    same layouts), and the best is returned. Shrinking toward the plain
-    (pruned) weight rather than toward 0 matters when the layer has more
-    inputs than calibration rows: directions the samples do not reach keep
-    their weights instead of losing them. The odd samples never enter a fit,
-    so in a sequence of refits they stay held out for the later layers too
-    (refit_channels.py). With one half only (one sample), r =
-    RELATIVE_DAMPING is used unchecked.
+    same layouts), and the best is returned (:func:`tuned_strength`).
+    Shrinking toward the plain (pruned) weight rather than toward 0 matters
+    when the layer has more inputs than calibration rows: directions the
+    samples do not reach keep their weights instead of losing them. The odd
+    samples never enter a fit, so in a sequence of refits they stay held out
+    for the later layers too (refit_channels.py). With one half only (one
+    sample), r = RELATIVE_DAMPING is used unchecked.
+    """
+    relative = tuned_strength(halves, plain, target)
+    return None if relative is None else fit_toward(halves[:1], plain, target, relative)
+
+
+def tuned_strength(halves: list[Grams], plain: np.ndarray, target: np.ndarray) -> float | None:
+    """The r in RIDGE_GRID whose :func:`tuned_fit` on the even half does best on the odd one; None when none beats ``plain``.
+
+    RELATIVE_DAMPING with one half only. Once the choice is made on held-out
+    samples, :func:`fit_toward` on both halves gives the final weight.
     """
     kp = plain.shape[0]
     plain = np.asarray(plain, np.float64)
-    parts = [(own[:kp, :kp], cross[:kp, : target.shape[0]] @ target) for own, cross in halves]
-    if len(parts) < 2:
-        return _toward(*parts[0], plain, RELATIVE_DAMPING)
-    (own0, right0), (own1, right1) = parts
+    if len(halves) < 2:
+        return RELATIVE_DAMPING
+    (own0, right0), (own1, right1) = (_fit_parts(grams, kp, target) for grams in halves)
     if not np.any(np.diag(own0) > 0):  # no calibration input reaches the layer: nothing to fit
         return None
 
@@ -228,7 +239,19 @@ def tuned_fit(halves: list[Grams], plain: np.ndarray, target: np.ndarray) -> np.
     if errors[best] >= held_error(plain) - 1e-9 * float(np.sum(plain * (own1 @ plain))):
         return None
     logger.debug("relative ridge %s chosen (held-out errors %s)", best, errors)
-    return _toward(own0, right0, plain, best)
+    return best
+
+
+def fit_toward(halves: list[Grams], plain: np.ndarray, target: np.ndarray, relative: float) -> np.ndarray:
+    """The ridge fit of :func:`tuned_fit` at strength ``relative`` on all ``halves`` together."""
+    own, right = (sum(parts) for parts in zip(*(_fit_parts(grams, plain.shape[0], target) for grams in halves)))
+    return _toward(own, right, np.asarray(plain, np.float64), relative)
+
+
+def _fit_parts(grams: Grams, kp: int, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(L^T L, L^T R T)`` restricted to the ``kp`` kept inputs."""
+    own, cross = grams
+    return own[:kp, :kp], cross[:kp, : target.shape[0]] @ target
 
 
 def _toward(own: np.ndarray, right: np.ndarray, plain: np.ndarray, relative: float) -> np.ndarray:
