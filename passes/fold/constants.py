@@ -20,6 +20,10 @@ Left alone, each logged at DEBUG:
 - Quantize/DequantizeLinear (folding them would undo quantization), ops with
   a body (If/Loop/Scan), random ops, Constant itself (``lift-constants``'s
   job) and custom domains;
+- a Cast of an 8-bit-or-narrower integer initializer to a float type: the
+  widening of weights stored as int8 (qdq's int8 storage, passes/qdq/storage.py).
+  Folding it would undo the compression and gain nothing, since onnxruntime
+  folds it itself when a session opens;
 - nodes with an output that is a graph output (an initializer cannot be one
   without also becoming an input in older IR versions);
 - string tensors, and nodes neither evaluator can run;
@@ -65,6 +69,8 @@ _NEVER_FOLD = frozenset(
         "Bernoulli",
     }
 )
+_STORED_INTEGERS = frozenset({ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4})
+_FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 # Ops whose output size follows from their (constant) inputs without running them.
 _SIZED_BEFORE_EVALUATION = frozenset({"ConstantOfShape", "Tile", "Expand", "Range"})
 # IR versions below this one require each initializer to be a graph input.
@@ -156,12 +162,20 @@ def _foldable_op(node: ir.Node) -> bool:
     if node.domain not in ("", "ai.onnx"):
         logger.debug("fold-constants: custom domain %s.%s; left", node.domain, node.op_type)
         return False
-    if node.op_type in _NEVER_FOLD:
+    if node.op_type in _NEVER_FOLD or _widens_stored_integers(node):
         return False
     for attr in node.attributes.data.values():  # UserDict.data: the plain dict, cheaper to walk
         if attr.is_ref() or attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
             return False
     return True
+
+
+def _widens_stored_integers(node: ir.Node) -> bool:
+    """A Cast from an 8-bit-or-narrower integer constant to a float type (see the module docstring)."""
+    if node.op_type != "Cast" or not node.inputs or node.inputs[0] is None:
+        return False
+    source, to = node.inputs[0].dtype, node.attributes.get_int("to", 0)
+    return source in _STORED_INTEGERS and to in _FLOATS
 
 
 def _all_inputs_constant(node: ir.Node) -> bool:

@@ -215,6 +215,28 @@ def test_leaves_dequantize_linear_when_its_weight_is_constant():
     assert_valid_and_equal(original, result.model, {"x": X})
 
 
+@pytest.mark.parametrize(("stored", "folds"), [("int8", False), ("uint8", False), ("int16", True), ("int32", True)])
+def test_leaves_a_cast_that_widens_stored_int8_weights(stored, folds):
+    # qdq's int8 storage: Cast(int8 w) * scale. Folding would bring back the float weight.
+    w = RNG.integers(-100, 100, size=(3, 3)) + (100 if stored == "uint8" else 0)
+    model = parse(
+        f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3] x) => (float[2,3] y)
+        <{stored}[3,3] w = {{{",".join(str(int(v)) for v in w.reshape(-1))}}}, float[3] s = {{0.05, 0.02, 0.01}}> {{
+          wf = Cast <to = 1> (w)
+          ws = Mul(wf, s)
+          y = MatMul(x, ws)
+        }}
+        """
+    )
+    original, result = _fold(model)
+
+    assert result.modified is folds
+    assert _ops(result.model.graph) == (["MatMul"] if folds else ["Cast", "Mul", "MatMul"])
+    assert_valid_and_equal(original, result.model, {"x": X})
+
+
 @pytest.mark.parametrize(
     ("random_node", "node_count"),
     [

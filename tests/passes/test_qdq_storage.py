@@ -200,3 +200,16 @@ def test_only_private_finite_float_weights_big_enough_are_stored():
 def test_bad_fallback_is_refused(fallback):
     with pytest.raises(ValueError, match="fallback must be storage or float"):
         QuantizePass(fallback=fallback)
+
+
+def test_fold_after_qdq_keeps_the_int8_storage(monkeypatch):
+    monkeypatch.setattr(mixed, "_latency_ratio", _int8_slower)
+    zoo = model_zoo.build("mlp")
+    model = load(zoo.model)
+    run_pipeline(model, [QuantizePass(check_speed=True)])
+    stored = to_proto(model).SerializeToString()
+
+    result = run_pipeline(model, "fold")
+
+    assert Counter(node.op_type for node in result.model.graph)["Cast"] == 2
+    assert len(to_proto(result.model).SerializeToString()) <= len(stored)
