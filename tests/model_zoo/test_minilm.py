@@ -240,3 +240,27 @@ def test_loading_sets_offline_variables_and_restores_them(monkeypatch: pytest.Mo
     assert seen == [("1", "1")]
     assert "HF_HUB_OFFLINE" not in os.environ and os.environ["TRANSFORMERS_OFFLINE"] == "0"
     assert feeds["input_ids"].shape == (1, 8) and feeds["attention_mask"][0].sum() < 8
+
+
+def test_tokenize_pads_to_the_longest_sentence_when_sequence_is_none() -> None:
+    _require_zoo()
+    sentences = ["Short one.", "A somewhat longer sentence with a few more words in it.", "Mid length sentence here."]
+    longest = minilm_module.tokenize(sentences)
+    fixed = minilm_module.tokenize(sentences, 32)
+    counts = fixed["attention_mask"].sum(axis=1)
+    # Padded only as far as the longest row, whose mask is then all ones; the tokens are the same.
+    assert longest["input_ids"].shape == longest["attention_mask"].shape == (3, counts.max())
+    assert longest["attention_mask"].sum(axis=1).tolist() == counts.tolist()
+    assert longest["attention_mask"][1].all() and not longest["attention_mask"][0].all()
+    for name in ("input_ids", "attention_mask"):
+        assert longest[name].dtype == np.int64
+        np.testing.assert_array_equal(longest[name], fixed[name][:, : counts.max()])
+    with pytest.raises(ValueError, match="at least 2"):
+        minilm_module.tokenize(sentences, 1)
+
+
+def test_calibration_sentences_are_unique_and_apart_from_the_sentence_file() -> None:
+    calibration = load_sentences(minilm_module.CALIBRATION_SENTENCES)
+    assert len(set(calibration)) == len(calibration) >= 300
+    # Text used to fit a model must never be the text it is judged on.
+    assert not set(calibration) & set(load_sentences())

@@ -101,3 +101,42 @@ def test_data_aware_beats_plain_svd_at_equal_parameters_when_inputs_are_correlat
     assert params[True] == params[False] == 2 * 6 * 48
     # Measured: plain 0.82, data-aware 0.26 (independent) and 0.25 (sequential): weak input directions barely count.
     assert errors[True] < 0.5 * errors[False], errors
+
+
+def _rechunk(feeds: list[dict[str, np.ndarray]], sizes: list[int]) -> list[dict[str, np.ndarray]]:
+    """The same rows, cut into samples of ``sizes`` rows (as batches padded to their longest sentence differ in length)."""
+    rows = np.concatenate([f["x"] for f in feeds])
+    assert sum(sizes) == rows.shape[0]
+    return [{"x": part} for part in np.split(rows, np.cumsum(sizes)[:-1])]
+
+
+def test_independent_fit_is_the_same_when_samples_differ_in_rows():
+    proto = _chain(2, [0.9, 0.9])
+    even = _feeds(8, seed=1)  # 8 samples of 32 rows
+    uneven = _rechunk(even, [5, 59, 17, 47, 32, 9, 61, 26])
+    weights = []
+    for feeds in (even, uneven):
+        model, result, _ = _factored(proto, ratio=0.5, data_aware=True, sequential=False, data=feeds)
+        assert result.modified is True
+        check_full(model)
+        weights.append({name: value.const_value.numpy() for name, value in model.graph.initializers.items()})
+
+    # The fit sees the samples only through X^T X, which does not depend on how the rows are cut.
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) == 4
+    for name, array in weights[0].items():
+        np.testing.assert_allclose(weights[1][name], array, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_sequential_fit_accepts_samples_of_different_row_counts():
+    proto = _chain(3, [0.9, 0.9, 0.9])
+    calibration = _rechunk(_feeds(16, seed=1), [7, 64, 21, 40, 33, 12, 50, 29, 3, 61, 38, 18, 44, 26, 35, 31])
+    held_out = _feeds(8, seed=2)
+    errors = {}
+    for data_aware in (False, True):
+        model, result, lowrank = _factored(proto, rank=4, data_aware=data_aware, data=calibration)
+        assert result.modified is True and len(lowrank.summary.decomposed) == 3
+        check_full(model)
+        errors[data_aware] = _held_out_error(proto, model, held_out)
+
+    # Measured: plain 0.91, sequential data-aware 0.52 (the even/odd halves now hold different row counts).
+    assert errors[True] < 0.7 * errors[False], errors
