@@ -35,7 +35,7 @@ _FALLBACK_SCALE = np.float32(1.0)
 _SMALLEST_SCALE = np.finfo(np.float32).tiny
 
 
-def _usable(scales: np.ndarray) -> np.ndarray:
+def usable_scales(scales: np.ndarray) -> np.ndarray:
     """Scales with the zero, subnormal or NaN ones replaced by the fallback (callers reject NaN/Inf data first)."""
     return np.where(scales >= _SMALLEST_SCALE, scales, _FALLBACK_SCALE).astype(np.float32)
 
@@ -94,7 +94,7 @@ def quantize_per_channel(weight: np.ndarray, axis: int, *, bits: int = 8, reduce
     axis = axis % w.ndim
     reduce_axes = tuple(a for a in range(w.ndim) if a != axis)
     absmax = np.max(np.abs(w), axis=reduce_axes) if reduce_axes else np.abs(w)
-    scales = _usable(absmax / np.float32(qmax))
+    scales = usable_scales(absmax / np.float32(qmax))
     shape = [1] * w.ndim
     shape[axis] = -1
     q = np.clip(np.rint(w / scales.reshape(shape)), -qmax, qmax).astype(np.int8)
@@ -123,7 +123,7 @@ def quantize_blockwise(weight: np.ndarray, axis: int, block_size: int, *, bits: 
     padded = np.concatenate([padded, np.zeros((blocks * block_size - n, *padded.shape[1:]), np.float32)])
     grouped = padded.reshape(blocks, block_size, *padded.shape[1:])
     absmax = np.max(np.abs(grouped), axis=1)
-    scales = _usable(absmax / np.float32(qmax))
+    scales = usable_scales(absmax / np.float32(qmax))
     expanded = np.repeat(scales, block_size, axis=0)[:n]
     q = np.clip(np.rint(np.moveaxis(w, axis, 0) / expanded), -qmax, qmax).astype(np.int8)
     return np.moveaxis(q, 0, axis), np.moveaxis(scales, 0, axis)
@@ -138,7 +138,7 @@ def quantize_bias(bias: np.ndarray, input_scale: np.float32, weight_scales: np.n
     """
     scales = (np.float32(input_scale) * np.asarray(weight_scales, dtype=np.float32)).astype(np.float32)
     scales = np.broadcast_to(scales, np.shape(bias)).astype(np.float32)
-    scales = _usable(scales)
+    scales = usable_scales(scales)
     q = np.clip(np.rint(np.asarray(bias, dtype=np.float64) / scales), _INT32.min, _INT32.max).astype(np.int32)
     return q, scales
 

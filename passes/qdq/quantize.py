@@ -71,6 +71,7 @@ _QDQ_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 _BLOCKED_OPSET = 21  # DequantizeLinear block_size and int4
 _ACTIVATION_TYPES = ("u8", "s8")
 _FALLBACKS = ("storage", "float")
+_ROUNDINGS = ("nearest", "gptq")
 
 
 @dataclass
@@ -79,6 +80,7 @@ class QuantizationSummary:
 
     quantized: list[str] = field(default_factory=list)
     stored: list[str] = field(default_factory=list)  # float layers whose weights are stored as int8 (storage.py)
+    gptq: list[str] = field(default_factory=list)  # quantized layers whose weights GPTQ rounded (gptq.py)
     corrected: list[str] = field(default_factory=list)  # layers whose bias absorbed the rounding shift
     float_layers: dict[str, str] = field(default_factory=dict)  # node -> why it stayed float
     float_activations: dict[str, str] = field(default_factory=dict)  # tensor -> why it has no Q/DQ
@@ -95,7 +97,7 @@ class QuantizationSummary:
         """One line a person reads after the run."""
         if self.backed_off:
             return self.backed_off + (f", {self._stored_text()}" if self.stored else "")
-        parts = [f"{len(self.quantized)} layers quantized"]
+        parts = [f"{len(self.quantized)} layers quantized" + (f" ({len(self.gptq)} GPTQ-rounded)" if self.gptq else "")]
         if self.float_layers:
             # Grouped without their per-layer details, such as kernel timings: the ledger keeps those.
             reasons = Counter(reason.split(" (")[0] for reason in self.float_layers.values())
@@ -146,6 +148,10 @@ class QuantizePass(ir.passes.InPlacePass):
         target_cosine: Keep layers float until the output cosine on held-back
             samples reaches this (needs at least 2 samples).
         target_snr: The same with an SNR in dB.
+        rounding: ``nearest`` (default) rounds each int8 weight to its nearest
+            level; ``gptq`` rounds a layer's weights so that its outputs on
+            the calibration samples move least (GPTQ, gptq.py): slower, and
+            closer to float where weight rounding dominates the error.
         bias_correction: (default on) Fold the mean output shift of weight rounding, measured
             on the calibration samples, into each layer's bias (adds one to a
             Conv/Gemm without bias).
@@ -178,6 +184,7 @@ class QuantizePass(ir.passes.InPlacePass):
         seed: int = 0,
         target_cosine: float | None = None,
         target_snr: float | None = None,
+        rounding: str = "nearest",
         bias_correction: bool = True,
         embeddings: bool = True,
         check_speed: bool = True,
@@ -195,6 +202,8 @@ class QuantizePass(ir.passes.InPlacePass):
             raise ValueError(f"block_size must be a power of 2 and at least 16, got {block_size!r}")
         if not 0 < percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+        if rounding not in _ROUNDINGS:
+            raise ValueError(f"rounding must be nearest or gptq, got {rounding!r}")
         if fallback not in _FALLBACKS:
             raise ValueError(f"fallback must be storage or float, got {fallback!r}")
         if samples < 1:
@@ -215,12 +224,14 @@ class QuantizePass(ir.passes.InPlacePass):
         self.seed = seed
         self.target_cosine = target_cosine
         self.target_snr = target_snr
+        self.rounding = rounding
         self.bias_correction = bias_correction
         self.embeddings = embeddings
         self.check_speed = check_speed
         self.fallback = fallback
         self.threads = threads
         self._input_means: dict[str, np.ndarray] = {}
+        self._rounded: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # weight name -> GPTQ levels, scales
         self.summary = QuantizationSummary()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -238,7 +249,7 @@ class QuantizePass(ir.passes.InPlacePass):
 
     def _quantize(self, model: ir.Model, original: ir.Model) -> ir.passes.PassResult:
         hold_back = self.target_cosine is not None or self.target_snr is not None
-        measured = not self.weight_only or self.check_speed or hold_back
+        measured = not self.weight_only or self.check_speed or hold_back or self.rounding == "gptq"
         if measured:  # calibration, fidelity and speed checks run the model
             _check_runnable(model, self.threads)
         _prepare(model, _BLOCKED_OPSET if self.weight_bits == 4 else _QDQ_OPSET)
@@ -253,6 +264,12 @@ class QuantizePass(ir.passes.InPlacePass):
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=hold_back)
         if self.weight_only:
             kind = "int4" if self.weight_bits == 4 else "int8 weight-only"
+            self._rounded = {}
+            if self.rounding == "gptq":
+                from passes.qdq.gptq import round_targets  # loaded only when asked for
+
+                group = self.block_size if self.weight_bits == 4 else None
+                self._rounded = round_targets(model, placement.targets, samples.calibration, self.threads, bits=self.weight_bits, group=group)
             return self._choose(model, original, placement, samples, self._build_weight_only, kind=kind)
         names = [value.name or "" for value in placement.activations]
         stats = calib.collect(model, names, samples.calibration, threads=self.threads)
@@ -261,6 +278,13 @@ class QuantizePass(ir.passes.InPlacePass):
         params = self._activation_params(placement, {name: s for name, s in stats.items() if s.count})
         targets = [t.node for t in placement.targets]
         self._input_means = input_means(model, targets, samples.calibration(), self.threads) if self.bias_correction else {}
+        self._rounded = {}
+        if self.rounding == "gptq":
+            from passes.qdq.gptq import in_weight_layout, round_targets  # loaded only when asked for
+
+            by_name = {t.weight.name or "": t for t in placement.targets}
+            rounded = round_targets(model, placement.targets, samples.calibration, self.threads, reduce_range=self.reduce_range)
+            self._rounded = {name: (in_weight_layout(by_name[name], levels), scales) for name, (levels, scales) in rounded.items()}
 
         def build(float_model: ir.Model, float_layers: frozenset[str]) -> tuple[ir.Model, QuantizationSummary]:
             return self._build(float_model, params, float_layers)
@@ -340,6 +364,8 @@ class QuantizePass(ir.passes.InPlacePass):
             if self._quantize_target(maker, target, scales):
                 summary.corrected.append(target.node.name or target.node.op_type)
             summary.quantized.append(target.node.name or target.node.op_type)
+            if (target.weight.name or "") in self._rounded:
+                summary.gptq.append(target.node.name or target.node.op_type)
         summary.weight_bytes_after = _quantized_bytes(model)
         if self.embeddings:
             for table, gathers in placement.embeddings:
@@ -358,7 +384,9 @@ class QuantizePass(ir.passes.InPlacePass):
         the layer's input is quantized (its scale is part of the bias scale).
         """
         node = target.node
-        weight_scales, delta = quantize_weight(maker, node, target.weight, target.weight_axis, reduce_range=self.reduce_range)
+        weight_scales, delta = quantize_weight(
+            maker, node, target.weight, target.weight_axis, reduce_range=self.reduce_range, rounded=self._rounded.get(target.weight.name or "")
+        )
         source = _quantized_source(node.inputs[0])
         float_input = source or (node.inputs[0].name if node.inputs[0] is not None else None)
         bias, reader = target.bias, target.bias_reader or node
@@ -382,7 +410,9 @@ class QuantizePass(ir.passes.InPlacePass):
         model = float_model.clone()
         placement = plan(model, exclude=self.exclude | float_layers, weight_only=True)
         summary = QuantizationSummary()
-        quantize_weights_only(NodeMaker(model), placement, self.weight_bits, self.block_size, summary)
+        quantize_weights_only(NodeMaker(model), placement, self.weight_bits, self.block_size, summary, self._rounded)
+        done = set(summary.quantized)
+        summary.gptq = [t.node.name or t.node.op_type for t in placement.targets if (t.weight.name or "") in self._rounded and (t.node.name or t.node.op_type) in done]
         summary.weight_bytes_after = _quantized_bytes(model)
         _check_scales(model)
         return model, summary

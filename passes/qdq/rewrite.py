@@ -85,16 +85,25 @@ def quantize_activation(maker: NodeMaker, value: ir.Value, params: ActivationPar
 
 
 def quantize_weight(
-    maker: NodeMaker, node: ir.Node, weight: ir.Value, axis: int, *, reduce_range: bool
+    maker: NodeMaker,
+    node: ir.Node,
+    weight: ir.Value,
+    axis: int,
+    *,
+    reduce_range: bool,
+    rounded: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Replaces ``node``'s float weight by an int8 per-channel initializer and a DequantizeLinear.
+
+    ``rounded`` gives the int8 levels and scales to store (GPTQ's, gptq.py);
+    None rounds each weight to its nearest level.
 
     Returns:
         The per-channel scales (for the bias) and the rounding error
         ``dequantized - weight`` (for bias correction).
     """
     array = weight.const_value.numpy()  # type: ignore[union-attr]
-    q, scales = quantize_per_channel(array, axis, reduce_range=reduce_range)
+    q, scales = rounded if rounded is not None else quantize_per_channel(array, axis, reduce_range=reduce_range)
     delta = dequantize(q, scales, axis=axis) - array
     base = weight.name or "weight"
     quantized = maker.initializer(f"{base}_quantized", q)
@@ -104,10 +113,21 @@ def quantize_weight(
     return scales, delta
 
 
-def quantize_weight_blockwise(maker: NodeMaker, node: ir.Node, weight: ir.Value, axis: int, block_size: int) -> None:
-    """Replaces ``node``'s float weight by int4 blocks along ``axis`` and a DequantizeLinear (opset 21)."""
+def quantize_weight_blockwise(
+    maker: NodeMaker,
+    node: ir.Node,
+    weight: ir.Value,
+    axis: int,
+    block_size: int,
+    rounded: tuple[np.ndarray, np.ndarray] | None = None,
+) -> None:
+    """Replaces ``node``'s float weight by int4 blocks along ``axis`` and a DequantizeLinear (opset 21).
+
+    ``rounded`` gives the levels and block scales to store (GPTQ's); None
+    rounds each weight to its nearest level.
+    """
     array = weight.const_value.numpy()  # type: ignore[union-attr]
-    q, scales = quantize_blockwise(array, axis, block_size)
+    q, scales = rounded if rounded is not None else quantize_blockwise(array, axis, block_size)
     base = weight.name or "weight"
     quantized = maker.initializer(f"{base}_quantized", q.astype(_int4()), ir.DataType.INT4)
     scale = maker.initializer(f"{base}_scale", scales)

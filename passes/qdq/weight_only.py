@@ -26,6 +26,7 @@ from __future__ import annotations
 
 __all__ = ["quantize_weights_only"]
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,12 +42,20 @@ _ONNX_DOMAINS = ("", "ai.onnx")
 
 
 def quantize_weights_only(
-    maker: NodeMaker, placement: Placement, bits: int, block_size: int, summary: QuantizationSummary
+    maker: NodeMaker,
+    placement: Placement,
+    bits: int,
+    block_size: int,
+    summary: QuantizationSummary,
+    rounded: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> None:
     """Stores every target's weight as int4 blocks of ``block_size`` along K (``bits=4``) or int8 per column.
 
+    ``rounded`` holds GPTQ levels [N, K] and scales ([N, blocks] or [N]) by
+    weight name (gptq.round_targets); other weights round to nearest.
     Fills ``summary``'s quantized and float layers and ``weight_bytes_before``.
     """
+    rounded = rounded or {}
     for target in placement.targets:
         label = target.node.name or target.node.op_type
         array = target.weight.const_value.numpy()  # type: ignore[union-attr]
@@ -54,12 +63,13 @@ def quantize_weights_only(
         if bits == 4 and array.shape[reduction] < block_size:
             summary.float_layers[label] = f"K={array.shape[reduction]} < block_size"
             continue
+        levels = rounded.get(target.weight.name or "")
         weight = _untransposed_weight(maker, target)  # now [K, N]
         summary.weight_bytes_before += array.nbytes
         if bits == 4:
-            quantize_weight_blockwise(maker, target.node, weight, 0, block_size)
+            quantize_weight_blockwise(maker, target.node, weight, 0, block_size, None if levels is None else (levels[0].T, levels[1].T))
         else:
-            quantize_weight(maker, target.node, weight, 1, reduce_range=False)
+            quantize_weight(maker, target.node, weight, 1, reduce_range=False, rounded=None if levels is None else (levels[0].T, levels[1]))
         _relus_to_max(maker, target.node)
         summary.quantized.append(label)
 
