@@ -104,13 +104,15 @@ def choose(
                 if store_slow:
                     model = _with_int8_storage(model, slow, summary, held_back, expected, threads, target_cosine, target_snr)
         summary.latency_ratio = ratio
-        if ratio > SLOWER_THAN_FLOAT:
-            summary.backed_off = f"{kind} took {ratio:.2f}x the float latency on onnxruntime CPU; the model stays float"
+        if ratio > SLOWER_THAN_FLOAT or not summary.quantized:
+            # Nothing quantized left (every layer slower) is float too: the model as given, not the prepared one.
+            why = f"took {ratio:.2f}x the float latency on onnxruntime CPU" if summary.quantized else "kernels were all slower than float"
+            summary.backed_off = f"{kind} {why}; the model stays float"
             logger.warning("qdq: %s", summary.backed_off)
-            layers = list(summary.quantized)
-            for name in layers:
+            layers = [*summary.quantized, *summary.stored]
+            for name in summary.quantized:
                 summary.float_layers[name] = f"{kind} model slower than float"
-            summary.quantized, summary.weight_bytes_before, summary.weight_bytes_after = [], 0, 0
+            summary.quantized, summary.stored, summary.weight_bytes_before, summary.weight_bytes_after = [], [], 0, 0
             return _backed_off(timed, layers, summary, held_back, expected, threads, target_cosine, target_snr, store_slow)
     return model, summary
 

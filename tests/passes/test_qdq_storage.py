@@ -213,3 +213,30 @@ def test_fold_after_qdq_keeps_the_int8_storage(monkeypatch):
 
     assert Counter(node.op_type for node in result.model.graph)["Cast"] == 2
     assert len(to_proto(result.model).SerializeToString()) <= len(stored)
+
+
+@pytest.mark.parametrize(
+    ("ratios", "slow_count", "message"),
+    [
+        ([1.2, 0.99, 1.0], 3, "int8 kernels were all slower than float"),  # the variant keeps no int8 layer
+        ([1.3, 1.2, 1.0], 1, "int8 took 1.20x the float latency"),  # the variant is faster, still slower than float
+    ],
+    ids=["every-layer-slow", "variant-still-slower"],
+)
+def test_backing_off_after_the_slow_layer_variant_stores_every_layer_in_the_model_as_given(monkeypatch, ratios, slow_count, message):
+    timings = iter(ratios)
+    monkeypatch.setattr(mixed, "_latency_ratio", lambda *args: next(timings))
+    monkeypatch.setattr(mixed, "slower_layers", lambda reference, model, layers, *args: {n: "9 us vs 4 us" for n in layers[:slow_count]})
+    zoo = model_zoo.build("cnn_bn")
+    pass_ = QuantizePass(check_speed=True)
+
+    result = run_pipeline(load(zoo.model), [pass_])
+
+    summary = pass_.summary
+    assert summary.backed_off.startswith(message) and not summary.quantized
+    assert sorted(summary.stored) == ["conv_c1", "conv_c2", "gemm_logits"]
+    ops = Counter(node.op_type for node in result.model.graph)
+    assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == 0 and ops["Cast"] == 3
+    assert ops["BatchNormalization"] == 2  # the model as given: qdq's BatchNorm folding is not kept
+    want = _session(zoo.model).run(None, zoo.feeds)[0]
+    assert _cosine(want, _session(result.model).run(None, zoo.feeds)[0]) >= STORAGE_COSINE
