@@ -15,8 +15,8 @@ refuses to emit a Q/DQ scale that is not finite and positive.
 
 Steps (each in its own module):
 
-1. preparation: opset upgrade (13, or 21 for int4 blocks), lift-constants and
-   BatchNorm folding, so weights are initializers and BNs are gone;
+1. preparation (prepare.py): opset upgrade (13, or 21 for int4 blocks),
+   lift-constants and BatchNorm folding, so weights are initializers and BNs are gone;
 2. placement (placement.py): which Conv/MatMul/Gemm nodes and activations;
 3. calibration (calibration.py): one onnxruntime pass exposing the chosen
    activations, bounded memory, ranges by minmax/percentile/entropy/mse;
@@ -34,26 +34,19 @@ __all__ = ["QuantizePass", "QuantizationSummary"]
 
 import dataclasses
 import logging
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from graphopt.errors import GraphoptError, UnsupportedModelError, first_line
+from graphopt.errors import GraphoptError
 from graphopt.pipeline import adopt_model
-from graphopt.runtime import ModelRunner
-from graphopt.summary import custom_ops, unknown_ops
-from graphopt.support import check_supported
-from passes.fold.batchnorm import FoldBatchNormPass
-from passes.lift_constants import LiftConstantsPass
 from passes.qdq import calibration as calib
 from passes.qdq.arithmetic import ActivationParams, activation_params
 from passes.qdq.bias_correction import input_means, output_shift
 from passes.qdq.placement import Placement, Target, plan, representative
+from passes.qdq.prepare import check_runnable, prepare
 from passes.qdq.rewrite import (
     NodeMaker,
     quantize_activation,
@@ -63,6 +56,7 @@ from passes.qdq.rewrite import (
     set_float_bias,
 )
 from passes.qdq.samples import Samples
+from passes.qdq.summary import QuantizationSummary
 from passes.qdq.weight_only import quantize_weights_only
 
 logger = logging.getLogger(__name__)
@@ -72,58 +66,6 @@ _BLOCKED_OPSET = 21  # DequantizeLinear block_size and int4
 _ACTIVATION_TYPES = ("u8", "s8")
 _FALLBACKS = ("storage", "float")
 _ROUNDINGS = ("nearest", "gptq")
-
-
-@dataclass
-class QuantizationSummary:
-    """What the pass did, for its caller and the ledger's reader."""
-
-    quantized: list[str] = field(default_factory=list)
-    stored: list[str] = field(default_factory=list)  # float layers whose weights are stored as int8 (storage.py)
-    gptq: list[str] = field(default_factory=list)  # quantized layers whose weights GPTQ rounded (gptq.py)
-    corrected: list[str] = field(default_factory=list)  # layers whose bias absorbed the rounding shift
-    float_layers: dict[str, str] = field(default_factory=dict)  # node -> why it stayed float
-    float_activations: dict[str, str] = field(default_factory=dict)  # tensor -> why it has no Q/DQ
-    nonfinite_activations: dict[str, int] = field(default_factory=dict)  # tensor -> NaN/Inf values calibration ignored
-    activations: int = 0
-    weight_bytes_before: int = 0
-    weight_bytes_after: int = 0
-    float_subgraph_nodes: int = 0
-    fidelity: dict[str, float] = field(default_factory=dict)
-    latency_ratio: float | None = None
-    backed_off: str = ""
-
-    def line(self) -> str:
-        """One line a person reads after the run."""
-        if self.backed_off:
-            return self.backed_off + (f", {self._stored_text()}" if self.stored else "")
-        parts = [f"{len(self.quantized)} layers quantized" + (f" ({len(self.gptq)} GPTQ-rounded)" if self.gptq else "")]
-        if self.float_layers:
-            # Grouped without their per-layer details, such as kernel timings: the ledger keeps those.
-            reasons = Counter(reason.split(" (")[0] for reason in self.float_layers.values())
-            grouped = "; ".join(f"{count} {reason}" if count > 1 else reason for reason, count in sorted(reasons.items()))
-            parts.append(f"{len(self.float_layers)} kept float ({grouped})")
-        if self.stored:
-            parts.append(f"{len(self.stored)} of them with int8-stored weights")
-        if self.weight_bytes_after:
-            parts.append(f"weights {self.weight_bytes_before / self.weight_bytes_after:.1f}x smaller")
-        if "cosine" in self.fidelity:
-            parts.append(f"output cosine {self.fidelity['cosine']:.5f}")
-        if self.latency_ratio is not None:
-            parts.append(f"latency {self.latency_ratio:.2f}x float")
-        if self.float_subgraph_nodes:
-            parts.append(f"{self.float_subgraph_nodes} nodes in If/Loop bodies stay float")
-        if self.nonfinite_activations:
-            parts.append(f"NaN/Inf ignored in calibrating {len(self.nonfinite_activations)} tensors")
-        if self.float_activations:
-            parts.append(f"{len(self.float_activations)} tensors kept float ({'; '.join(sorted(set(self.float_activations.values())))})")
-        return ", ".join(parts)
-
-    def _stored_text(self) -> str:
-        ratio = self.weight_bytes_before / self.weight_bytes_after if self.weight_bytes_after else 1.0
-        latency = f", latency {self.latency_ratio:.2f}x float" if self.latency_ratio is not None else ""
-        layers = f"{len(self.stored)} layer{'s' if len(self.stored) != 1 else ''}"
-        return f"with the weights of {layers} stored as int8 ({ratio:.1f}x smaller){latency}"
 
 
 class QuantizePass(ir.passes.InPlacePass):
@@ -251,8 +193,8 @@ class QuantizePass(ir.passes.InPlacePass):
         hold_back = self.target_cosine is not None or self.target_snr is not None
         measured = not self.weight_only or self.check_speed or hold_back or self.rounding == "gptq"
         if measured:  # calibration, fidelity and speed checks run the model
-            _check_runnable(model, self.threads)
-        _prepare(model, _BLOCKED_OPSET if self.weight_bits == 4 else _QDQ_OPSET)
+            check_runnable(model, self.threads)
+        prepare(model, _BLOCKED_OPSET if self.weight_bits == 4 else _QDQ_OPSET)
         placement = plan(model, exclude=self.exclude, weight_only=self.weight_only)
         self.summary = QuantizationSummary(float_subgraph_nodes=placement.float_subgraph_nodes)
         self.summary.float_layers.update(dict(placement.skipped))
@@ -457,63 +399,3 @@ def _quantized_bytes(model: ir.Model) -> int:
         if node.op_type == "DequantizeLinear" and node.inputs[0] is not None and node.inputs[0].const_value is not None:
             total += sum(_nbytes(value) for value in node.inputs)
     return total
-
-
-def _prepare(model: ir.Model, opset: int) -> None:
-    """Weights as initializers, BatchNorms folded, and an opset with the Q/DQ features needed."""
-    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-    if version < opset:
-        _upgrade(model, opset, version)
-    LiftConstantsPass()(model)
-    FoldBatchNormPass(standalone=False)(model)
-    _two_input_sums_to_add(model.graph)
-
-
-def _two_input_sums_to_add(graph: ir.Graph) -> None:
-    """Sum(a, b) becomes Add(a, b), the same function: onnxruntime has an int8 Add and no int8 Sum.
-
-    ResNet exports from Caffe2 join every residual with a two-input Sum.
-    """
-    for node in list(graph):
-        if node.op_type == "Sum" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
-            add = ir.node("Add", list(node.inputs), name=node.name or None)
-            graph.insert_before(node, add)
-            node.outputs[0].replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
-            add.outputs[0].name, add.outputs[0].shape, add.outputs[0].type = (
-                node.outputs[0].name, node.outputs[0].shape, node.outputs[0].type
-            )
-            graph.remove(node, safe=True)
-
-
-def _check_runnable(model: ir.Model, threads: int | None) -> None:
-    """Refuses, before anything changes, a model that onnxruntime cannot run for calibration.
-
-    A session is opened only when custom-domain or unknown ops make that doubtful.
-
-    Raises:
-        UnsupportedModelError: Naming the op, domain or opset onnxruntime lacks.
-    """
-    try:
-        check_supported(model)
-        if custom_ops(model) or unknown_ops(model):
-            ModelRunner(model, threads=threads).close()
-    except UnsupportedModelError as exc:
-        raise UnsupportedModelError(f"qdq measures the model by running it, but {first_line(exc)}") from exc
-
-
-def _upgrade(model: ir.Model, opset: int, version: int) -> None:
-    unknown = unknown_ops(model)
-    if unknown:
-        raise UnsupportedModelError(
-            f"qdq needs opset {opset} or later and the model has {version}; onnx's version converter "
-            f"cannot upgrade ops it does not know: {', '.join(unknown)}"
-        )
-    try:
-        converted = onnx.version_converter.convert_version(ir.to_proto(model), opset)
-    except Exception as exc:  # the converter raises bare RuntimeErrors and others
-        raise GraphoptError(
-            f"qdq needs opset {opset} or later and the model has {version}; onnx's version converter failed: "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-        ) from exc
-    adopt_model(model, ir.serde.deserialize_model(converted))
-    logger.info("qdq: upgraded the model from opset %d to %d", version, opset)

@@ -27,16 +27,13 @@ from __future__ import annotations
 __all__ = ["quantize_weights_only"]
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from passes.qdq.placement import Placement, Target
 from passes.qdq.rewrite import NodeMaker, quantize_weight, quantize_weight_blockwise
-
-if TYPE_CHECKING:
-    from passes.qdq.quantize import QuantizationSummary
+from passes.qdq.summary import QuantizationSummary
 
 _ONNX_DOMAINS = ("", "ai.onnx")
 

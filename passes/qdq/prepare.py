@@ -1,0 +1,87 @@
+"""What the ``qdq`` pass does to a model before quantizing it, and its refusals.
+
+Weights must be initializers (lift-constants), BatchNorms folded into the
+layers before them, and the opset recent enough for per-axis (13) or
+block-wise int4 (21) Q/DQ: onnx's version converter upgrades it, or the
+pass refuses with the converter's reason. A model onnxruntime cannot open
+is refused before anything changes, since calibration runs it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["prepare", "check_runnable"]
+
+import logging
+
+import onnx
+import onnx_ir as ir
+
+from graphopt.errors import GraphoptError, UnsupportedModelError, first_line
+from graphopt.pipeline import adopt_model
+from graphopt.runtime import ModelRunner
+from graphopt.summary import custom_ops, unknown_ops
+from graphopt.support import check_supported
+from passes.fold.batchnorm import FoldBatchNormPass
+from passes.lift_constants import LiftConstantsPass
+
+logger = logging.getLogger(__name__)
+
+
+def prepare(model: ir.Model, opset: int) -> None:
+    """Weights as initializers, BatchNorms folded, and an opset with the Q/DQ features needed."""
+    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    if version < opset:
+        _upgrade(model, opset, version)
+    LiftConstantsPass()(model)
+    FoldBatchNormPass(standalone=False)(model)
+    _two_input_sums_to_add(model.graph)
+
+
+def _two_input_sums_to_add(graph: ir.Graph) -> None:
+    """Sum(a, b) becomes Add(a, b), the same function: onnxruntime has an int8 Add and no int8 Sum.
+
+    ResNet exports from Caffe2 join every residual with a two-input Sum.
+    """
+    for node in list(graph):
+        if node.op_type == "Sum" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
+            add = ir.node("Add", list(node.inputs), name=node.name or None)
+            graph.insert_before(node, add)
+            node.outputs[0].replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
+            add.outputs[0].name, add.outputs[0].shape, add.outputs[0].type = (
+                node.outputs[0].name, node.outputs[0].shape, node.outputs[0].type
+            )
+            graph.remove(node, safe=True)
+
+
+def check_runnable(model: ir.Model, threads: int | None) -> None:
+    """Refuses, before anything changes, a model that onnxruntime cannot run for calibration.
+
+    A session is opened only when custom-domain or unknown ops make that doubtful.
+
+    Raises:
+        UnsupportedModelError: Naming the op, domain or opset onnxruntime lacks.
+    """
+    try:
+        check_supported(model)
+        if custom_ops(model) or unknown_ops(model):
+            ModelRunner(model, threads=threads).close()
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"qdq measures the model by running it, but {first_line(exc)}") from exc
+
+
+def _upgrade(model: ir.Model, opset: int, version: int) -> None:
+    unknown = unknown_ops(model)
+    if unknown:
+        raise UnsupportedModelError(
+            f"qdq needs opset {opset} or later and the model has {version}; onnx's version converter "
+            f"cannot upgrade ops it does not know: {', '.join(unknown)}"
+        )
+    try:
+        converted = onnx.version_converter.convert_version(ir.to_proto(model), opset)
+    except Exception as exc:  # the converter raises bare RuntimeErrors and others
+        raise GraphoptError(
+            f"qdq needs opset {opset} or later and the model has {version}; onnx's version converter failed: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+        ) from exc
+    adopt_model(model, ir.serde.deserialize_model(converted))
+    logger.info("qdq: upgraded the model from opset %d to %d", version, opset)

@@ -1,0 +1,60 @@
+"""The ``qdq`` pass's account of a run: what was quantized, what stayed float and why, and one line for people."""
+
+from __future__ import annotations
+
+__all__ = ["QuantizationSummary"]
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class QuantizationSummary:
+    """What the pass did, for its caller and the ledger's reader."""
+
+    quantized: list[str] = field(default_factory=list)
+    stored: list[str] = field(default_factory=list)  # float layers whose weights are stored as int8 (storage.py)
+    gptq: list[str] = field(default_factory=list)  # quantized layers whose weights GPTQ rounded (gptq.py)
+    corrected: list[str] = field(default_factory=list)  # layers whose bias absorbed the rounding shift
+    float_layers: dict[str, str] = field(default_factory=dict)  # node -> why it stayed float
+    float_activations: dict[str, str] = field(default_factory=dict)  # tensor -> why it has no Q/DQ
+    nonfinite_activations: dict[str, int] = field(default_factory=dict)  # tensor -> NaN/Inf values calibration ignored
+    activations: int = 0
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    float_subgraph_nodes: int = 0
+    fidelity: dict[str, float] = field(default_factory=dict)
+    latency_ratio: float | None = None
+    backed_off: str = ""
+
+    def line(self) -> str:
+        """One line a person reads after the run."""
+        if self.backed_off:
+            return self.backed_off + (f", {self._stored_text()}" if self.stored else "")
+        parts = [f"{len(self.quantized)} layers quantized" + (f" ({len(self.gptq)} GPTQ-rounded)" if self.gptq else "")]
+        if self.float_layers:
+            # Grouped without their per-layer details, such as kernel timings: the ledger keeps those.
+            reasons = Counter(reason.split(" (")[0] for reason in self.float_layers.values())
+            grouped = "; ".join(f"{count} {reason}" if count > 1 else reason for reason, count in sorted(reasons.items()))
+            parts.append(f"{len(self.float_layers)} kept float ({grouped})")
+        if self.stored:
+            parts.append(f"{len(self.stored)} of them with int8-stored weights")
+        if self.weight_bytes_after:
+            parts.append(f"weights {self.weight_bytes_before / self.weight_bytes_after:.1f}x smaller")
+        if "cosine" in self.fidelity:
+            parts.append(f"output cosine {self.fidelity['cosine']:.5f}")
+        if self.latency_ratio is not None:
+            parts.append(f"latency {self.latency_ratio:.2f}x float")
+        if self.float_subgraph_nodes:
+            parts.append(f"{self.float_subgraph_nodes} nodes in If/Loop bodies stay float")
+        if self.nonfinite_activations:
+            parts.append(f"NaN/Inf ignored in calibrating {len(self.nonfinite_activations)} tensors")
+        if self.float_activations:
+            parts.append(f"{len(self.float_activations)} tensors kept float ({'; '.join(sorted(set(self.float_activations.values())))})")
+        return ", ".join(parts)
+
+    def _stored_text(self) -> str:
+        ratio = self.weight_bytes_before / self.weight_bytes_after if self.weight_bytes_after else 1.0
+        latency = f", latency {self.latency_ratio:.2f}x float" if self.latency_ratio is not None else ""
+        layers = f"{len(self.stored)} layer{'s' if len(self.stored) != 1 else ''}"
+        return f"with the weights of {layers} stored as int8 ({ratio:.1f}x smaller){latency}"
