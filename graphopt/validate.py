@@ -134,7 +134,10 @@ def validate(
     layer_provider = available[0]
     with contextlib.ExitStack() as stack:
         def runner(loaded: ir.Model, provider: str, extra: Sequence[str] = ()) -> ModelRunner:
-            opened = ModelRunner(loaded, provider, optimization=optimization, threads=threads, extra_outputs=extra, tf32=tf32)
+            # Sessions exposing tensors run once (localization): weight prepacking would not pay.
+            opened = ModelRunner(
+                loaded, provider, optimization=optimization, threads=threads, extra_outputs=extra, tf32=tf32, prepack=not extra
+            )
             return stack.enter_context(opened)
 
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="graphopt-candidate"))
