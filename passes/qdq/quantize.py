@@ -211,7 +211,9 @@ class QuantizePass(ir.passes.InPlacePass):
                 from passes.qdq.gptq import round_targets  # loaded only when asked for
 
                 group = self.block_size if self.weight_bits == 4 else None
-                self._rounded = round_targets(model, placement.targets, samples.calibration, self.threads, bits=self.weight_bits, group=group)
+                # int4 leaves float the layers with fewer inputs than a block (weight_only.py): no GPTQ for them.
+                wanted = [t for t in placement.targets if group is None or _inputs(t) >= group]
+                self._rounded = round_targets(model, wanted, samples.calibration, self.threads, bits=self.weight_bits, group=group)
             return self._choose(model, original, placement, samples, self._build_weight_only, kind=kind)
         names = [value.name or "" for value in placement.activations]
         stats = calib.collect(model, names, samples.calibration, threads=self.threads)
@@ -358,6 +360,12 @@ class QuantizePass(ir.passes.InPlacePass):
         summary.weight_bytes_after = _quantized_bytes(model)
         _check_scales(model)
         return model, summary
+
+
+def _inputs(target: Target) -> int:
+    """K: the weight's size along its reduction axis (the one that is not the output channels)."""
+    shape = target.weight.const_value.shape  # type: ignore[union-attr]
+    return int(shape[1 - target.weight_axis])
 
 
 def _quantized_source(value: ir.Value | None) -> str | None:
