@@ -228,6 +228,7 @@ class ModelRunner:
         extra_outputs: Sequence[str] = (),
         tf32: bool = False,
         prepack: bool = True,
+        profile_prefix: str | None = None,
     ) -> None:
         """Opens the session.
 
@@ -243,6 +244,8 @@ class ModelRunner:
                 default). Off here: TF32 keeps 10 mantissa bits, so on an
                 Ampere or newer GPU a lossless rewrite drifts by ~1e-3.
             prepack: See :func:`session_options`; off for a session that runs once.
+            profile_prefix: Run under onnxruntime's profiler, writing its trace
+                to a file with this prefix; :meth:`end_profiling` names it.
 
         Raises:
             GraphoptError: Unknown or unavailable provider, or onnxruntime
@@ -251,6 +254,8 @@ class ModelRunner:
                 node produces.
         """
         options = session_options(optimization=optimization, threads=threads, prepack=prepack)
+        if profile_prefix is not None:
+            options.enable_profiling, options.profile_file_prefix = True, profile_prefix
         status = resolve_providers([provider])[0]
         if not status.available:
             raise GraphoptError(f"provider {provider} is unavailable: {status.reason}")
@@ -290,6 +295,12 @@ class ModelRunner:
         except Exception as exc:  # kernels fail with several unrelated types
             raise GraphoptError(f"onnxruntime failed running {self.label}: {_ort_message(exc)}") from exc
         return dict(zip(names, values))
+
+    def end_profiling(self) -> str:
+        """Stops the profiler (see ``profile_prefix``) and returns the path of its JSON trace."""
+        if self._session is None:
+            raise RuntimeError(f"the runner for {self.label} is closed")
+        return self._session.end_profiling()
 
     def close(self) -> None:
         """Releases the session and the weights lent to it; safe to call twice."""

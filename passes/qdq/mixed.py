@@ -28,11 +28,10 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from graphopt.data import Feeds
 from graphopt.metrics import OutputComparator, Tolerance
-from graphopt.runtime import ModelRunner, measure_latency, session_options
+from graphopt.runtime import ModelRunner, measure_latency
 from passes.qdq import storage
 
 logger = logging.getLogger(__name__)
@@ -183,16 +182,15 @@ def slower_layers(
 
 def _kernel_times(model: ir.Model, feeds: Feeds, threads: int | None, runs: int) -> dict[str, float]:
     """Median microseconds per run of each node's kernel, keyed by the original node name."""
-    with tempfile.TemporaryDirectory(prefix="graphopt-qdq-profile-") as folder:
-        options = session_options(optimization="extended", threads=threads)
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(folder, "profile")
-        session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
-        wanted = {arg.name for arg in session.get_inputs()}
-        own = {name: value for name, value in feeds.items() if name in wanted}
+    # A ModelRunner, not a session on the serialized model: it lends the weights, so models
+    # whose weights live in an external data file open too.
+    with tempfile.TemporaryDirectory(prefix="graphopt-qdq-profile-") as folder, ModelRunner(
+        model, optimization="extended", threads=threads, profile_prefix=os.path.join(folder, "profile")
+    ) as runner:
+        own = _own(runner, feeds)
         for _ in range(runs + 1):  # the first run (allocations) is dropped below
-            session.run(None, own)
-        with open(session.end_profiling(), encoding="utf-8") as handle:
+            runner.run(own)
+        with open(runner.end_profiling(), encoding="utf-8") as handle:
             events = json.load(handle)
     durations: dict[str, list[float]] = {}
     for event in events:

@@ -21,6 +21,7 @@ from helpers import check_full, parse, to_proto
 
 import model_zoo
 from graphopt import load, run_pipeline
+from graphopt.runtime import ModelRunner
 from passes.qdq import QuantizePass, mixed
 from passes.qdq.samples import Samples
 
@@ -510,3 +511,22 @@ def test_slow_layers_stay_int8_when_the_variant_is_slower_as_a_whole(monkeypatch
     _, _, pass_ = _quantize("cnn_bn", check_speed=True)
 
     assert len(pass_.summary.quantized) == 3 and pass_.summary.latency_ratio == 0.6
+
+
+def test_speed_guard_opens_models_whose_weights_live_in_an_external_file(tmp_path, monkeypatch):
+    # The per-layer kernel timing opened a session on the serialized model, whose external
+    # data references onnxruntime then looked for in the working directory, and failed.
+    zoo = model_zoo.build("external_data")
+    source = zoo.save(tmp_path / "model")
+    assert any(path.suffix == ".data" for path in source.parent.iterdir())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    pass_ = QuantizePass(check_speed=True, samples=4)
+
+    result = run_pipeline(load(source), [pass_])
+
+    assert pass_.summary.latency_ratio is not None
+    with ModelRunner(source) as original, ModelRunner(result.model) as quantized:  # they lend the weights
+        want, got = original.run(zoo.feeds), quantized.run(zoo.feeds)
+    assert all(_cosine(want[name], got[name]) >= MIN_COSINE for name in want)
