@@ -12,11 +12,13 @@ from __future__ import annotations
 __all__ = ["prepare", "check_runnable"]
 
 import logging
+import os
 
 import onnx
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError, UnsupportedModelError, first_line
+from graphopt.graphs import iter_graphs
 from graphopt.pipeline import adopt_model
 from graphopt.runtime import ModelRunner
 from graphopt.summary import custom_ops, unknown_ops
@@ -83,5 +85,20 @@ def _upgrade(model: ir.Model, opset: int, version: int) -> None:
             f"qdq needs opset {opset} or later and the model has {version}; onnx's version converter failed: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
         ) from exc
-    adopt_model(model, ir.serde.deserialize_model(converted))
+    upgraded = ir.serde.deserialize_model(converted)
+    base = _external_base_dir(model)
+    if base is not None:
+        # The protobuf round trip keeps external data as paths relative to the model's
+        # folder, which onnx_ir would otherwise resolve from the working directory.
+        ir.external_data.set_base_dir(upgraded.graph, base)
+    adopt_model(model, upgraded)
     logger.info("qdq: upgraded the model from opset %d to %d", version, opset)
+
+
+def _external_base_dir(model: ir.Model) -> str | None:
+    """The folder the model's external data paths are relative to, if it has any."""
+    for graph in iter_graphs(model):
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                return os.fspath(value.const_value.base_dir)
+    return None
