@@ -9,10 +9,12 @@ is refused before anything changes, since calibration runs it.
 
 from __future__ import annotations
 
-__all__ = ["prepare", "check_runnable"]
+__all__ = ["prepare", "check_runnable", "name_unnamed_nodes", "unname"]
 
 import logging
 import os
+from collections import Counter
+from collections.abc import Collection
 
 import onnx
 import onnx_ir as ir
@@ -102,3 +104,34 @@ def _external_base_dir(model: ir.Model) -> str | None:
             if isinstance(value.const_value, ir.ExternalTensor):
                 return os.fspath(value.const_value.base_dir)
     return None
+
+
+def name_unnamed_nodes(model: ir.Model) -> frozenset[str]:
+    """Gives each unnamed main-graph node a name of its own (``MatMul_0``, ...); returns the names given.
+
+    Mixed precision, the speed guard and int8 storage tell layers apart by
+    name, and ``exclude`` matches op types too: unnamed, every layer went by
+    "" (or its op type), so keeping one float kept them all float.
+    """
+    taken = {node.name for graph in iter_graphs(model) for node in graph if node.name}
+    counts: Counter[str] = Counter()
+    given = []
+    for node in model.graph:
+        if node.name:
+            continue
+        name = f"{node.op_type}_{counts[node.op_type]}"
+        while name in taken:
+            counts[node.op_type] += 1
+            name = f"{node.op_type}_{counts[node.op_type]}"
+        counts[node.op_type] += 1
+        node.name = name
+        taken.add(name)
+        given.append(name)
+    return frozenset(given)
+
+
+def unname(model: ir.Model, names: Collection[str]) -> None:
+    """Takes the ``names`` that :func:`name_unnamed_nodes` gave off the main graph's nodes again."""
+    for node in model.graph:
+        if node.name in names:
+            node.name = ""

@@ -46,7 +46,7 @@ from passes.qdq import calibration as calib
 from passes.qdq.arithmetic import ActivationParams, activation_params
 from passes.qdq.bias_correction import input_means, output_shift
 from passes.qdq.placement import Placement, Target, plan, representative
-from passes.qdq.prepare import check_runnable, prepare
+from passes.qdq.prepare import check_runnable, name_unnamed_nodes, prepare, unname
 from passes.qdq.rewrite import (
     NodeMaker,
     quantize_activation,
@@ -182,10 +182,12 @@ class QuantizePass(ir.passes.InPlacePass):
         # encoder at opset 21 ran 9% slower in float. So speed is judged
         # against the model as given, and a run that quantizes nothing gives
         # it back unchanged.
+        given = name_unnamed_nodes(model)  # layers are told apart by name; taken off again if nothing changes
         original = model.clone()  # shares the tensors: cheap
         result = self._quantize(model, original)
         if not self.summary.quantized and not self.summary.stored:
             adopt_model(model, original)
+            unname(model, given)
             return ir.passes.PassResult(model, False)
         return result
 

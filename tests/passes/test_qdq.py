@@ -551,3 +551,46 @@ def test_int4_opset_upgrade_keeps_external_data_readable_from_any_folder(tmp_pat
     np.testing.assert_array_equal(outputs[0], outputs[1])
     with ModelRunner(source) as original:
         assert _cosine(original.run(zoo.feeds)["y"], outputs[1]) >= 0.98  # int4 on this random-weight MLP: seen 0.9825
+
+
+def _unnamed_mlp(layers: int = 4) -> onnx.ModelProto:
+    """x -> (MatMul -> Tanh) x layers, no node named: as onnx.helper and some converters write them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, weights, x = [], [], "x"
+    for i in range(layers):
+        weights.append(numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32), f"w{i}"))
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"]), helper.make_node("Tanh", [f"h{i}"], [f"t{i}"])]
+        x = f"t{i}"
+    graph = helper.make_graph(nodes, "unnamed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [8, 64])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_mixed_precision_tells_unnamed_layers_apart():
+    # Unnamed, every layer went by "" and keeping one float excluded them all.
+    proto = _unnamed_mlp()
+    full = QuantizePass(check_speed=False, samples=8)
+    run_pipeline(load(proto), [full])
+    target = 1 - (1 - full.summary.fidelity["cosine"]) / 3
+    pass_ = QuantizePass(check_speed=False, samples=8, target_cosine=target)
+
+    result = run_pipeline(load(proto), [pass_])
+
+    summary = pass_.summary
+    assert summary.quantized and summary.float_layers, summary.line()
+    assert len(set(summary.quantized) | set(summary.float_layers)) == 4 and summary.fidelity["cosine"] >= target
+    quantized_weights = {n.inputs[1].producer().inputs[0].name for n in result.model.graph
+                         if n.op_type == "MatMul" and n.inputs[1].producer() is not None}
+    assert len(quantized_weights) == len(summary.quantized)
+
+
+def test_a_run_that_changes_nothing_takes_the_names_it_gave_off_again(monkeypatch):
+    monkeypatch.setattr(mixed, "_latency_ratio", lambda *args: 1.4)
+    model = load(_unnamed_mlp())
+    before = to_proto(model).SerializeToString()
+
+    result = run_pipeline(model, [QuantizePass(check_speed=True, fallback="float", samples=4)])
+
+    assert result.modified is False and to_proto(result.model).SerializeToString() == before
