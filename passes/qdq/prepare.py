@@ -14,7 +14,6 @@ __all__ = ["prepare", "check_runnable", "name_unnamed_nodes", "unname"]
 import logging
 import os
 from collections import Counter
-from collections.abc import Collection
 
 import onnx
 import onnx_ir as ir
@@ -106,32 +105,38 @@ def _external_base_dir(model: ir.Model) -> str | None:
     return None
 
 
-def name_unnamed_nodes(model: ir.Model) -> frozenset[str]:
-    """Gives each unnamed main-graph node a name of its own (``MatMul_0``, ...); returns the names given.
+def name_unnamed_nodes(model: ir.Model) -> dict[str, str]:
+    """Gives each main-graph node without a name of its own one (``MatMul_0``, ``gemm_1``, ...).
 
     Mixed precision, the speed guard and int8 storage tell layers apart by
     name, and ``exclude`` matches op types too: unnamed, every layer went by
-    "" (or its op type), so keeping one float kept them all float.
+    "" (or its op type), so keeping one float kept them all float; two
+    nodes sharing a name went float together. Returns given name -> the
+    node's old name ("" when it had none), for :func:`unname`.
     """
     taken = {node.name for graph in iter_graphs(model) for node in graph if node.name}
     counts: Counter[str] = Counter()
-    given = []
+    seen: set[str] = set()
+    given: dict[str, str] = {}
     for node in model.graph:
-        if node.name:
+        if node.name and node.name not in seen:
+            seen.add(node.name)
             continue
-        name = f"{node.op_type}_{counts[node.op_type]}"
+        base = node.name or node.op_type
+        name = f"{base}_{counts[base]}"
         while name in taken:
-            counts[node.op_type] += 1
-            name = f"{node.op_type}_{counts[node.op_type]}"
-        counts[node.op_type] += 1
+            counts[base] += 1
+            name = f"{base}_{counts[base]}"
+        counts[base] += 1
+        given[name] = node.name or ""
         node.name = name
         taken.add(name)
-        given.append(name)
-    return frozenset(given)
+        seen.add(name)
+    return given
 
 
-def unname(model: ir.Model, names: Collection[str]) -> None:
-    """Takes the ``names`` that :func:`name_unnamed_nodes` gave off the main graph's nodes again."""
+def unname(model: ir.Model, given: dict[str, str]) -> None:
+    """Gives the main graph's nodes back the names :func:`name_unnamed_nodes` replaced."""
     for node in model.graph:
-        if node.name in names:
-            node.name = ""
+        if node.name in given:
+            node.name = given[node.name]

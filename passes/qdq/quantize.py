@@ -182,7 +182,7 @@ class QuantizePass(ir.passes.InPlacePass):
         # encoder at opset 21 ran 9% slower in float. So speed is judged
         # against the model as given, and a run that quantizes nothing gives
         # it back unchanged.
-        given = name_unnamed_nodes(model)  # layers are told apart by name; taken off again if nothing changes
+        given = name_unnamed_nodes(model)  # layers are told apart by name; given back if nothing changes
         original = model.clone()  # shares the tensors: cheap
         result = self._quantize(model, original)
         if not self.summary.quantized and not self.summary.stored:

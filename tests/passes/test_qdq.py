@@ -553,24 +553,25 @@ def test_int4_opset_upgrade_keeps_external_data_readable_from_any_folder(tmp_pat
         assert _cosine(original.run(zoo.feeds)["y"], outputs[1]) >= 0.98  # int4 on this random-weight MLP: seen 0.9825
 
 
-def _unnamed_mlp(layers: int = 4) -> onnx.ModelProto:
-    """x -> (MatMul -> Tanh) x layers, no node named: as onnx.helper and some converters write them."""
+def _unnamed_mlp(layers: int = 4, name: str = "") -> onnx.ModelProto:
+    """x -> (MatMul -> Tanh) x layers, every node named ``name``: none, as onnx.helper and some converters write them."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     nodes, weights, x = [], [], "x"
     for i in range(layers):
         weights.append(numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32), f"w{i}"))
-        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"]), helper.make_node("Tanh", [f"h{i}"], [f"t{i}"])]
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"], name=name), helper.make_node("Tanh", [f"h{i}"], [f"t{i}"], name=name)]
         x = f"t{i}"
     graph = helper.make_graph(nodes, "unnamed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, [8, 64])], weights)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def test_mixed_precision_tells_unnamed_layers_apart():
-    # Unnamed, every layer went by "" and keeping one float excluded them all.
-    proto = _unnamed_mlp()
+@pytest.mark.parametrize("name", ["", "layer"], ids=["unnamed", "one-name-for-all"])
+def test_mixed_precision_tells_unnamed_layers_apart(name):
+    # Unnamed, every layer went by "" and keeping one float excluded them all; so did a shared name.
+    proto = _unnamed_mlp(name=name)
     full = QuantizePass(check_speed=False, samples=8)
     run_pipeline(load(proto), [full])
     target = 1 - (1 - full.summary.fidelity["cosine"]) / 3
@@ -586,9 +587,10 @@ def test_mixed_precision_tells_unnamed_layers_apart():
     assert len(quantized_weights) == len(summary.quantized)
 
 
-def test_a_run_that_changes_nothing_takes_the_names_it_gave_off_again(monkeypatch):
+@pytest.mark.parametrize("name", ["", "layer"], ids=["unnamed", "one-name-for-all"])
+def test_a_run_that_changes_nothing_gives_the_names_back(monkeypatch, name):
     monkeypatch.setattr(mixed, "_latency_ratio", lambda *args: 1.4)
-    model = load(_unnamed_mlp())
+    model = load(_unnamed_mlp(name=name))
     before = to_proto(model).SerializeToString()
 
     result = run_pipeline(model, [QuantizePass(check_speed=True, fallback="float", samples=4)])
