@@ -179,7 +179,10 @@ def _target(node: ir.Node, exclude: Collection[str], weight_only: bool, placemen
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     array = _constant_float(weight)
     if weight is None or array is None:
-        placement.skipped.append((label, "weight is not a float initializer"))
+        constant = weight is not None and weight.const_value is not None and not weight.is_graph_input()
+        # Constant but another type (float16, double): no int8 path from it is built.
+        why = f"weight is {weight.const_value.dtype.name.lower()}, not float32" if constant else "weight is not a float initializer"  # type: ignore[union-attr]
+        placement.skipped.append((label, why))
         return None
     if reason := _nonfinite_reason("weight", weight, array):
         placement.skipped.append((label, reason))

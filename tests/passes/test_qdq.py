@@ -596,3 +596,19 @@ def test_a_run_that_changes_nothing_gives_the_names_back(monkeypatch, name):
     result = run_pipeline(model, [QuantizePass(check_speed=True, fallback="float", samples=4)])
 
     assert result.modified is False and to_proto(result.model).SerializeToString() == before
+
+
+def test_a_float16_weight_stays_float_and_the_summary_says_why():
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float16[2,2] x) => (float16[2,2] y) <float16[2,2] w = {1, 2, 3, 4}> { y = MatMul(x, w) }
+        """
+    )
+    before = to_proto(model).SerializeToString()
+    pass_ = QuantizePass(check_speed=False)
+
+    result = run_pipeline(model, [pass_])
+
+    assert result.modified is False and to_proto(result.model).SerializeToString() == before
+    assert list(pass_.summary.float_layers.values()) == ["weight is float16, not float32"]
