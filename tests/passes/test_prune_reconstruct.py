@@ -66,6 +66,18 @@ def test_tuned_fit_keeps_plain_pruning_when_the_pruned_inputs_lost_nothing():
 # ---------------------------------------------------------------- through the pass
 
 
+def _model(name: str, nodes: list, weights: dict[str, np.ndarray], x_shape: list, y_shape: list):
+    """An opset-17 model from ``nodes`` reading float input x and writing float output y, weights as float32 initializers."""
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        [numpy_helper.from_array(value.astype(np.float32), key) for key, value in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def _residual_block(seed: int = 0):
     """A bottleneck whose pruned branch joins a residual stream that a head conv reads.
 
@@ -92,14 +104,7 @@ def _residual_block(seed: int = 0):
         helper.make_node("Relu", ["sum"], ["r"]),
         helper.make_node("Conv", ["r", "w_head", "b_head"], ["y"], name="head"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "block",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 6, 6])],
-        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in weights.items()],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return _model("block", nodes, weights, [1, 8, 6, 6], [1, 6, 6, 6])
 
 
 def _feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -152,14 +157,7 @@ def _branch_that_output_ignores(seed: int = 0):
         helper.make_node("Mul", ["b", "zero"], ["m"]),
         helper.make_node("Add", ["m", "x"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "ignored",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])],
-        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in weights.items()],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return _model("ignored", nodes, weights, [1, 8, 6, 6], [1, 8, 6, 6])
 
 
 def test_reconstruction_reverts_a_refit_that_does_not_lower_the_output_error():
@@ -208,14 +206,7 @@ def _mlp(seed: int):
         helper.make_node("Relu", ["h2"], ["r2"]),
         helper.make_node("Gemm", ["r2", "w_head", "b_head"], ["y"], name="head"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])],
-        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in weights.items()],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return _model("mlp", nodes, weights, ["n", 4], ["n", 10])
 
 
 def _rows(count: int, rows: int, seed: int) -> list[dict[str, np.ndarray]]:
