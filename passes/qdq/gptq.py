@@ -136,7 +136,7 @@ def round_targets(
                 continue
             # input_gram appends a column of ones (for a bias): not an input of the weight.
             halves = [gram[:-1, :-1] for gram in (even[target.node], odd.get(target.node)) if gram is not None]
-            result = _round_one(target, halves, qmax, reduce_range, group)
+            result = _round_one(target, halves, bits, qmax, reduce_range, group)
             if result is not None:
                 rounded[target.weight.name or ""] = result
         del even, odd
@@ -152,7 +152,7 @@ def in_weight_layout(target: Target, levels: np.ndarray) -> np.ndarray:
 
 
 def _round_one(
-    target: Target, halves: list[np.ndarray], qmax: int, reduce_range: bool, group: int | None
+    target: Target, halves: list[np.ndarray], bits: int, qmax: int, reduce_range: bool, group: int | None
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """GPTQ's levels and scales for one weight, or None where nearest rounding does as well on held-out samples."""
     array = target.weight.const_value.numpy()  # type: ignore[union-attr]
@@ -161,7 +161,7 @@ def _round_one(
         logger.debug("qdq: GPTQ skips %s: %d inputs, second moment of %d", target.node.name, rows.shape[1], halves[0].shape[0])
         return None
     if group:
-        nearest, nearest_scales = quantize_blockwise(rows, 1, group, bits=int(np.log2(qmax + 1)) + 1)
+        nearest, nearest_scales = quantize_blockwise(rows, 1, group, bits=bits)
     else:
         nearest, nearest_scales = quantize_per_channel(rows, 0, reduce_range=reduce_range)
     scales = None if group else nearest_scales

@@ -192,6 +192,7 @@ class QuantizePass(ir.passes.InPlacePass):
         return result
 
     def _quantize(self, model: ir.Model, original: ir.Model) -> ir.passes.PassResult:
+        self._rounded = {}
         hold_back = self.target_cosine is not None or self.target_snr is not None
         measured = not self.weight_only or self.check_speed or hold_back or self.rounding == "gptq"
         if measured:  # calibration, fidelity and speed checks run the model
@@ -208,7 +209,6 @@ class QuantizePass(ir.passes.InPlacePass):
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=hold_back)
         if self.weight_only:
             kind = "int4" if self.weight_bits == 4 else "int8 weight-only"
-            self._rounded = {}
             if self.rounding == "gptq":
                 from passes.qdq.gptq import round_targets  # loaded only when asked for
 
@@ -224,7 +224,6 @@ class QuantizePass(ir.passes.InPlacePass):
         params = self._activation_params(placement, {name: s for name, s in stats.items() if s.count})
         targets = [t.node for t in placement.targets]
         self._input_means = input_means(model, targets, samples.calibration(), self.threads) if self.bias_correction else {}
-        self._rounded = {}
         if self.rounding == "gptq":
             from passes.qdq.gptq import in_weight_layout, round_targets  # loaded only when asked for
 
@@ -357,8 +356,6 @@ class QuantizePass(ir.passes.InPlacePass):
         placement = plan(model, exclude=self.exclude | float_layers, weight_only=True)
         summary = QuantizationSummary()
         quantize_weights_only(NodeMaker(model), placement, self.weight_bits, self.block_size, summary, self._rounded)
-        done = set(summary.quantized)
-        summary.gptq = [t.node.name or t.node.op_type for t in placement.targets if (t.weight.name or "") in self._rounded and (t.node.name or t.node.op_type) in done]
         summary.weight_bytes_after = _quantized_bytes(model)
         _check_scales(model)
         return model, summary

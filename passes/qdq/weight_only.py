@@ -50,7 +50,7 @@ def quantize_weights_only(
 
     ``rounded`` holds GPTQ levels [N, K] and scales ([N, blocks] or [N]) by
     weight name (gptq.round_targets); other weights round to nearest.
-    Fills ``summary``'s quantized and float layers and ``weight_bytes_before``.
+    Fills ``summary``'s quantized, GPTQ-rounded and float layers and ``weight_bytes_before``.
     """
     rounded = rounded or {}
     for target in placement.targets:
@@ -69,6 +69,8 @@ def quantize_weights_only(
             quantize_weight(maker, target.node, weight, 1, reduce_range=False, rounded=None if levels is None else (levels[0].T, levels[1]))
         _relus_to_max(maker, target.node)
         summary.quantized.append(label)
+        if levels is not None:
+            summary.gptq.append(label)
 
 
 def _untransposed_weight(maker: NodeMaker, target: Target) -> ir.Value:
