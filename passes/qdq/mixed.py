@@ -98,10 +98,11 @@ def choose(
                 model, summary, ratio = variant, variant_summary, variant_ratio
                 summary.float_layers.update(kept)
                 summary.float_layers.update({name: f"{kind} kernel slower than float ({text})" for name, text in slow.items()})
-                cosine, snr = held_back_fidelity(model, held_back, expected, threads)
-                summary.fidelity = {"cosine": cosine, "snr_db": snr}
-                if store_slow:
+                if store_slow:  # measures the stored model's fidelity when it keeps the storage
                     model = _with_int8_storage(model, slow, summary, held_back, expected, threads, target_cosine, target_snr)
+                if not summary.stored:
+                    cosine, snr = held_back_fidelity(model, held_back, expected, threads)
+                    summary.fidelity = {"cosine": cosine, "snr_db": snr}
         summary.latency_ratio = ratio
         if ratio > SLOWER_THAN_FLOAT or not summary.quantized:
             # Nothing quantized left (every layer slower) is float too: the model as given, not the prepared one.
