@@ -57,6 +57,12 @@ def assert_same_outputs(
         np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
 
 
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two arrays, flattened, in float64."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
 def check_full(model: ir.Model | onnx.ModelProto | Path) -> None:
     """onnx.checker with full_check (shape inference included)."""
     onnx.checker.check_model(str(model) if isinstance(model, Path) else to_proto(model), full_check=True)

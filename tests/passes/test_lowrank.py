@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from helpers import check_full, run_ort, to_proto
+from helpers import check_full, cosine, run_ort, to_proto
 from onnx import TensorProto, helper, numpy_helper
 
 import model_zoo
@@ -367,10 +367,6 @@ def test_bad_options_raise_value_error(options):
         LowRankPass(check_speed=False, **options)
 
 
-def _cosine(want: np.ndarray, got: np.ndarray) -> float:
-    return float(np.dot(want.ravel(), got.ravel()) / (np.linalg.norm(want) * np.linalg.norm(got)))
-
-
 def test_data_aware_keeps_the_encoder_closer_than_plain_svd_at_the_same_ranks():
     from model_zoo.encoder import build_encoder
 
@@ -381,7 +377,7 @@ def test_data_aware_keeps_the_encoder_closer_than_plain_svd_at_the_same_ranks():
         model = load(zoo.model)
         lowrank = LowRankPass(check_speed=False, ratio=0.5, data_aware=data_aware, samples=4)
         run_pipeline(model, [lowrank])
-        cosines[data_aware] = _cosine(want, run_ort(model, zoo.feeds)[0])
+        cosines[data_aware] = cosine(want, run_ort(model, zoo.feeds)[0])
         summaries[data_aware] = {name: entry["ranks"] for name, entry in lowrank.summary.decomposed.items()}
 
     assert summaries[True] == summaries[False] and len(summaries[True]) == 6  # Q, K, V, output, two feed-forward
@@ -460,7 +456,7 @@ def test_target_cosine_allocates_ranks_that_meet_it_on_samples_it_never_saw():
     want = np.concatenate([run_ort(proto, feeds)[0].ravel() for feeds in evaluation])
     got = np.concatenate([run_ort(model, feeds)[0].ravel() for feeds in evaluation])
     # Judged on held-back calibration samples; fresh samples land close to the target.
-    assert _cosine(want, got) >= 0.99
+    assert cosine(want, got) >= 0.99
 
 
 @pytest.mark.parametrize("faster", [True, False])
@@ -523,7 +519,7 @@ def test_factors_compose_with_fold_before_and_qdq_after_and_get_quantized():
     check_full(model)
     (quantized,) = run_ort(model, feeds)
     # int8 adds little to what the rank cut already cost (random weights: flat spectra).
-    assert _cosine(factored, quantized) >= 0.99
+    assert cosine(factored, quantized) >= 0.99
 
 
 def test_reconstruct_refits_the_last_factors_to_the_original_outputs():

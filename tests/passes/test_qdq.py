@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from helpers import check_full, parse, to_proto
+from helpers import check_full, cosine, parse, to_proto
 
 import model_zoo
 from graphopt import load, run_pipeline
@@ -36,11 +36,6 @@ def _session(model, path: Path | None = None) -> ort.InferenceSession:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(path)
     return ort.InferenceSession(to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def _quantize(name: str, **options):
@@ -77,7 +72,7 @@ def _assert_structure(model: ir.Model) -> None:
     "name,fused",
     [("cnn_bn", {"QLinearConv": 2, "QGemm": 1}), ("mlp", {"QGemm": 2}), ("attention", {"QGemm": 4}), ("squeezenet", {"QLinearConv": 26})],
 )
-def test_qdq_fuses_into_int8_kernels_and_keeps_cosine(tmp_path, name, fused):
+def test_qdq_fuses_into_int8_kernels_and_keepscosine(tmp_path, name, fused):
     zoo, result, pass_ = _quantize(name)
 
     assert result.modified is True
@@ -90,7 +85,7 @@ def test_qdq_fuses_into_int8_kernels_and_keeps_cosine(tmp_path, name, fused):
     expected = _session(zoo.model).run(None, zoo.feeds)
     got = _session(result.model).run(None, zoo.feeds)
     for want, have in zip(expected, got):
-        assert _cosine(want, have) >= MIN_COSINE
+        assert cosine(want, have) >= MIN_COSINE
     assert pass_.summary.quantized
 
 
@@ -198,7 +193,7 @@ def test_int4_weight_only_becomes_matmulnbits(tmp_path):
     assert dq.inputs[0].const_value.dtype == ir.DataType.INT4 and dq.attributes.get_int("block_size") == 32
     assert "MatMulNBits" in _fused_ops(result.model, tmp_path)
     want, got = _session(original).run(None, feeds)[0], _session(result.model).run(None, feeds)[0]
-    assert _cosine(want, got) >= MIN_COSINE
+    assert cosine(want, got) >= MIN_COSINE
 
 
 def test_target_cosine_returns_sensitive_layers_to_float():
@@ -284,7 +279,7 @@ def test_qdq_calibrates_models_with_dynamic_input_shapes(tmp_path):
 
     assert result.modified is True
     feeds = {"x": np.random.default_rng(5).standard_normal((7, 32)).astype(np.float32)}
-    assert _cosine(_session(original).run(None, feeds)[0], _session(model).run(None, feeds)[0]) >= MIN_COSINE
+    assert cosine(_session(original).run(None, feeds)[0], _session(model).run(None, feeds)[0]) >= MIN_COSINE
     assert "QGemm" in _fused_ops(model, tmp_path)
 
 
@@ -347,7 +342,7 @@ def test_resnet50_runs_fully_int8_residual_adds_included(tmp_path):
     assert ops["QLinearConv"] == 53 and ops["QLinearAdd"] == 16 and ops["QGemm"] == 1
     assert ops["DequantizeLinear"] == 0 and ops["Sum"] == 0
     want, got = _session(zoo.model).run(None, zoo.feeds)[0], _session(result.model).run(None, zoo.feeds)[0]
-    assert _cosine(want, got) >= 0.95
+    assert cosine(want, got) >= 0.95
 
 
 def test_two_input_sum_becomes_add_and_keeps_its_output_name():
@@ -367,7 +362,7 @@ def test_two_input_sum_becomes_add_and_keeps_its_output_name():
     producer = model.graph.outputs[0].producer()
     assert model.graph.outputs[0].name == "y" and producer.op_type == "Add"
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32)}
-    assert _cosine(_session(original).run(None, feeds)[0], _session(model).run(None, feeds)[0]) >= MIN_COSINE
+    assert cosine(_session(original).run(None, feeds)[0], _session(model).run(None, feeds)[0]) >= MIN_COSINE
 
 
 @pytest.mark.parametrize(
@@ -397,7 +392,7 @@ def test_qdq_options_keep_the_model_valid_and_close(options):
     if options.get("symmetric"):
         assert all(int(zp) == (0 if expected_type == np.int8 else 128) for zp in zero_points)
     want, got = _session(zoo.model).run(None, zoo.feeds)[0], _session(result.model).run(None, zoo.feeds)[0]
-    assert _cosine(want, got) >= MIN_COSINE
+    assert cosine(want, got) >= MIN_COSINE
 
 
 def test_qdq_works_where_onnxruntime_quant_pre_process_fails(tmp_path, monkeypatch):
@@ -427,7 +422,7 @@ def test_qdq_works_where_onnxruntime_quant_pre_process_fails(tmp_path, monkeypat
     assert result.modified is True
     rng = np.random.default_rng(3)
     feeds = {"a": rng.standard_normal((3, 8)).astype(np.float32), "b": rng.standard_normal((3, 8)).astype(np.float32)}
-    assert _cosine(_session(original).run(None, feeds)[0], _session(model).run(None, feeds)[0]) >= MIN_COSINE
+    assert cosine(_session(original).run(None, feeds)[0], _session(model).run(None, feeds)[0]) >= MIN_COSINE
 
 
 def test_concat_inputs_and_output_share_one_scale_and_zero_point():
@@ -477,7 +472,7 @@ def test_embedding_tables_become_int8_rows_and_only_gathered_rows_are_dequantize
     feeds = {"ids": rng.integers(0, 512, size=(3, 6)).astype(np.int64)}
     want = _session(proto).run(None, feeds)[0]
     got = _session(result.model).run(None, feeds)[0]
-    assert _cosine(want, got) >= MIN_COSINE
+    assert cosine(want, got) >= MIN_COSINE
 
 
 def test_profiled_kernel_times_map_back_to_every_quantized_layer():
@@ -529,7 +524,7 @@ def test_speed_guard_opens_models_whose_weights_live_in_an_external_file(tmp_pat
     assert pass_.summary.latency_ratio is not None
     with ModelRunner(source) as original, ModelRunner(result.model) as quantized:  # they lend the weights
         want, got = original.run(zoo.feeds), quantized.run(zoo.feeds)
-    assert all(_cosine(want[name], got[name]) >= MIN_COSINE for name in want)
+    assert all(cosine(want[name], got[name]) >= MIN_COSINE for name in want)
 
 
 def test_int4_opset_upgrade_keeps_external_data_readable_from_any_folder(tmp_path, monkeypatch):
@@ -550,7 +545,7 @@ def test_int4_opset_upgrade_keeps_external_data_readable_from_any_folder(tmp_pat
 
     np.testing.assert_array_equal(outputs[0], outputs[1])
     with ModelRunner(source) as original:
-        assert _cosine(original.run(zoo.feeds)["y"], outputs[1]) >= 0.98  # int4 on this random-weight MLP: seen 0.9825
+        assert cosine(original.run(zoo.feeds)["y"], outputs[1]) >= 0.98  # int4 on this random-weight MLP: seen 0.9825
 
 
 def _unnamed_mlp(layers: int = 4, name: str = "") -> onnx.ModelProto:

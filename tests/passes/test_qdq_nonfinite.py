@@ -13,7 +13,7 @@ import onnx.helper as oh
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from helpers import check_full, to_proto
+from helpers import check_full, cosine, to_proto
 from onnx import TensorProto, numpy_helper
 
 import graphopt
@@ -81,11 +81,6 @@ def _run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return session.run(None, feeds)
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def _weight_reader(model: ir.Model, node_name: str, index: int = 1) -> ir.Node | None:
     node = next(n for n in model.graph if n.name == node_name)
     return node.inputs[index].producer()
@@ -124,7 +119,7 @@ def test_weight_or_bias_with_nonfinite_values_stays_float_and_the_skip_is_report
     for want, got in zip(_run(original, feeds), _run(model, feeds)):
         np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))  # the same NaN/Inf, nowhere else
         finite = np.isfinite(want)
-        assert _cosine(want[finite], got[finite]) >= MIN_COSINE
+        assert cosine(want[finite], got[finite]) >= MIN_COSINE
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -165,7 +160,7 @@ def test_calibration_ignores_nonfinite_activation_values(method, bad):
         assert 0 < x_scale <= minmax * (1 + 1e-6)
     check_full(model)
     clean = {"x": _random((_ROWS, _FEATURES), 99)}
-    assert _cosine(_run(original, clean)[0], _run(model, clean)[0]) >= MIN_COSINE
+    assert cosine(_run(original, clean)[0], _run(model, clean)[0]) >= MIN_COSINE
 
 
 def test_tensor_with_no_finite_calibration_value_keeps_no_qdq_and_is_reported():
@@ -194,7 +189,7 @@ def test_tensor_with_no_finite_calibration_value_keeps_no_qdq_and_is_reported():
     assert _assert_scales_finite_and_positive(model) >= 4
     check_full(model)
     clean = {"x": _random((_ROWS, _FEATURES), 98), "m": _random((_ROWS, _FEATURES), 99)}
-    assert _cosine(_run(original, clean)[0], _run(model, clean)[0]) >= MIN_COSINE
+    assert cosine(_run(original, clean)[0], _run(model, clean)[0]) >= MIN_COSINE
 
 
 def test_embedding_table_with_nonfinite_rows_stays_float():
@@ -216,7 +211,7 @@ def test_embedding_table_with_nonfinite_rows_stays_float():
     np.testing.assert_array_equal(model.graph.initializers["table"].const_value.numpy(), table)
     assert _assert_scales_finite_and_positive(model) >= 3
     clean = {"ids": np.array([[0, 1, 2], [9, 10, 11]], np.int64)}
-    assert _cosine(_run(original, clean)[0], _run(model, clean)[0]) >= MIN_COSINE
+    assert cosine(_run(original, clean)[0], _run(model, clean)[0]) >= MIN_COSINE
 
 
 def test_a_nonfinite_scale_that_slips_through_is_refused_with_a_graphopt_error(monkeypatch):

@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from helpers import check_full, to_proto
+from helpers import check_full, cosine, to_proto
 
 import model_zoo
 from graphopt import load, run_pipeline
@@ -36,11 +36,6 @@ def _session(model, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, path: Path 
     if path is not None:
         options.optimized_model_filepath = str(path)
     return ort.InferenceSession(to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def _int8_slower(reference, candidate, feeds, threads) -> float:
@@ -84,7 +79,7 @@ def test_a_model_that_backs_off_keeps_its_kernels_float_and_its_weights_int8(mon
     assert not {"Cast", "Mul"} & {node.op_type for node in onnx.load(optimized).graph.node}
     want = _session(zoo.model).run(None, zoo.feeds)[0]
     got = _session(result.model).run(None, zoo.feeds)[0]
-    assert _cosine(want, got) >= STORAGE_COSINE
+    assert cosine(want, got) >= STORAGE_COSINE
 
 
 def test_slow_layers_in_an_int8_model_keep_int8_storage(monkeypatch):
@@ -106,7 +101,7 @@ def test_slow_layers_in_an_int8_model_keep_int8_storage(monkeypatch):
     assert summary.latency_ratio == 0.8 and "1 of them with int8-stored weights" in summary.line()
     want = _session(zoo.model).run(None, zoo.feeds)[0]
     got = _session(result.model).run(None, zoo.feeds)[0]
-    assert _cosine(want, got) >= 0.99  # int8 layers included: the qdq bound
+    assert cosine(want, got) >= 0.99  # int8 layers included: the qdq bound
 
 
 def test_fallback_float_leaves_slow_layers_as_they_were(monkeypatch):
@@ -239,4 +234,4 @@ def test_backing_off_after_the_slow_layer_variant_stores_every_layer_in_the_mode
     assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == 0 and ops["Cast"] == 3
     assert ops["BatchNormalization"] == 2  # the model as given: qdq's BatchNorm folding is not kept
     want = _session(zoo.model).run(None, zoo.feeds)[0]
-    assert _cosine(want, _session(result.model).run(None, zoo.feeds)[0]) >= STORAGE_COSINE
+    assert cosine(want, _session(result.model).run(None, zoo.feeds)[0]) >= STORAGE_COSINE

@@ -22,7 +22,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from helpers import parse, to_proto
+from helpers import cosine, parse, to_proto
 
 import model_zoo
 from graphopt import load, run_pipeline
@@ -77,11 +77,6 @@ def _runtime_ops(model: ir.Model | onnx.ModelProto, tmp_path: Path) -> Counter:
     return Counter(node.op_type for node in onnx.load(path).graph.node)
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def _feeds() -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(1).standard_normal((2, K)).astype(np.float32)}
 
@@ -116,7 +111,7 @@ def test_every_layer_becomes_matmulnbits(tmp_path, options, dtype, attributes, m
     assert [v.name for v in graph.outputs] == ["y", "h2"]
     want, got = _session(original).run(None, _feeds()), _session(result.model).run(None, _feeds())
     for expected, actual in zip(want, got):
-        assert _cosine(expected, actual) >= min_cosine
+        assert cosine(expected, actual) >= min_cosine
     assert pass_.summary.weight_bytes_before / pass_.summary.weight_bytes_after > min_shrink
 
 
