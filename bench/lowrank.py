@@ -83,10 +83,8 @@ def _zoo(name: str) -> tuple[Any, list[dict] | None, list[dict] | None]:
         calibration = sentences[:MINILM_CALIBRATION] + minilm.load_sentences(minilm.CALIBRATION_SENTENCES)
         evaluation = sentences[MINILM_CALIBRATION:]
 
-        def batches(texts: list[str]) -> list[dict]:  # each padded to its longest sentence only
-            return [minilm.tokenize(texts[i : i + MINILM_BATCH]) for i in range(0, len(texts), MINILM_BATCH)]
-
-        return minilm.minilm(), batches(calibration), batches(evaluation)
+        # Each batch padded to its longest sentence only.
+        return minilm.minilm(), minilm.tokenize_batches(calibration, MINILM_BATCH), minilm.tokenize_batches(evaluation, MINILM_BATCH)
     return model_zoo.build(name), None, None
 
 

@@ -68,7 +68,7 @@ def _minilm() -> tuple[Any, list[dict], list[dict], Any]:
 
     zoo = minilm.minilm()
     sentences = minilm.load_sentences()
-    calibration = [minilm.tokenize(sentences[i : i + 8], 64) for i in range(0, 32, 8)]
+    calibration = minilm.tokenize_batches(sentences[:32], 8, 64)
     evaluation_feeds = minilm.tokenize(sentences[32:], 64)
 
     def embeddings(model: Any) -> np.ndarray:

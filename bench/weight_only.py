@@ -117,9 +117,7 @@ def minilm_feeds() -> tuple[list[dict], list[dict]]:
 
     calibration = minilm.load_sentences(minilm.CALIBRATION_SENTENCES)[:128]
     evaluation = minilm.load_sentences()[160:224]  # the part bench/lowrank.py evaluates on too
-    return [minilm.tokenize(calibration[i : i + 8]) for i in range(0, len(calibration), 8)], [
-        minilm.tokenize(evaluation[i : i + 8]) for i in range(0, len(evaluation), 8)
-    ]
+    return minilm.tokenize_batches(calibration, 8), minilm.tokenize_batches(evaluation, 8)
 
 
 def _graphopt(

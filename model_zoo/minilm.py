@@ -30,6 +30,7 @@ from __future__ import annotations
 __all__ = [
     "minilm",
     "tokenize",
+    "tokenize_batches",
     "load_sentences",
     "CALIBRATION_SENTENCES",
     "cache_path",
@@ -247,6 +248,11 @@ def tokenize(sentences: Sequence[str], sequence: int | None = None) -> dict[str,
         options = {"padding": "max_length", "max_length": sequence}
     encoded = model.tokenizer(list(sentences), truncation=True, return_tensors="np", **options)
     return {name: np.ascontiguousarray(encoded[name], dtype=np.int64) for name in _INPUTS}
+
+
+def tokenize_batches(sentences: Sequence[str], batch: int, sequence: int | None = None) -> list[dict[str, np.ndarray]]:
+    """:func:`tokenize` on consecutive batches of ``batch`` sentences (the last may be shorter)."""
+    return [tokenize(sentences[start : start + batch], sequence) for start in range(0, len(sentences), batch)]
 
 
 # --------------------------------------------------------------------------- export
