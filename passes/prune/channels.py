@@ -1,20 +1,30 @@
 """Structured channel pruning: remove whole output channels and shrink every tensor that carries them.
 
-A *chain* starts at a Conv (group 1) or Gemm whose output channels can go,
-and follows the channels to the layers that consume them:
+A *chain* starts at a Conv or ConvTranspose (group 1), a Gemm, or a MatMul
+by a constant 2-D weight, whose output channels can go, and follows the
+channels to the layers that consume them:
 
     producer -> any sequence of
                   channel-wise nodes: BatchNormalization, a depthwise Conv
                     (group = channels, one filter each), Mul/Add/Sub/Div by a
-                    per-channel or scalar constant,
-                  activations: Relu | Clip | LeakyRelu | Sigmoid | Tanh,
+                    per-channel or scalar constant (on either side), PRelu,
+                  elementwise activations (Relu, Sigmoid, Erf, Gelu, ...),
+                  an elementwise region: several elementwise nodes that read
+                    the channels and join again into one tensor, such as
+                    Gelu spelled with Erf, x * 0.5 * (1 + Erf(x / sqrt 2)), or
+                    SiLU, x * Sigmoid(x),
                   pools: MaxPool | AveragePool | GlobalAveragePool,
                   Flatten, or Reshape to [batch, -1] (after a global pool, or of
                     a whole feature map: then each channel is a block of H*W
                     features),
                   one Concat along the channel axis (the channels become a
                     segment of its output, at an offset)
-             -> consumers (Conv group 1, or Gemm reading the channels as features)
+             -> consumers (Conv group 1, or Gemm or MatMul reading the channels as features)
+
+A MatMul's channels are the last axis of its output (``[..., N]`` for a
+``[K, N]`` weight), as in a transformer's feed-forward block: MatMul -> Add
+bias -> Gelu -> MatMul. After a Gemm, a MatMul, Flatten or Reshape the
+channels are features on the last axis; before, they are axis 1 (NCHW).
 
 Along it, the producer's weight rows and bias, every channel-wise node's
 per-channel parameters (a depthwise conv's filters, bias and group count
@@ -46,9 +56,14 @@ import numpy as np
 import onnx_ir as ir
 
 _ONNX_DOMAINS = ("", "ai.onnx")
-_UNARY = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh"})
+# Elementwise ops whose only tensor input is the channels (Clip's bounds are constants).
+_UNARY = frozenset(
+    {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "Erf", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign",
+     "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "Neg", "Abs", "Identity", "Exp", "Sqrt"}
+)
 _POOLS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool"})
 _ARITHMETIC = frozenset({"Mul", "Add", "Sub", "Div"})
+_REGION_LIMIT = 64  # nodes an elementwise region may hold; real ones (Gelu, SiLU, HardSwish) have a handful
 
 
 @dataclass
@@ -61,6 +76,7 @@ class Chain:
     passthrough: list[ir.Node] = field(default_factory=list)
     consumers: list[ir.Node] = field(default_factory=list)
     output: ir.Value | None = None  # the tensor the consumers read
+    axis: int = 1  # channel axis of the tensors along the chain: 1 (NCHW or 2-D features), or -1 after a MatMul
     block: int = 1  # consumer input features per channel (H*W after Flatten of a feature map)
     concat: tuple[ir.Node, int] | None = None  # the Concat the channels join, and at which input
     segments: list[int] = field(default_factory=list)  # channel counts of that Concat's inputs
@@ -79,29 +95,27 @@ def find_chains(graph: ir.Graph, candidates: list[ir.Node]) -> tuple[list[Chain]
 
 
 def _follow(producer: ir.Node) -> Chain | str:
-    if producer.op_type == "Conv" and producer.attributes.get_int("group", 1) != 1:
-        weight = producer.inputs[1].const_value if len(producer.inputs) > 1 and producer.inputs[1] is not None else None
-        if weight is not None and weight.shape[1] == 1 and weight.shape[0] == producer.attributes.get_int("group", 1):
-            return "depthwise conv (its channels are cut with the layer before it)"
-        return "grouped conv"
-    if producer.op_type == "Gemm" and producer.attributes.get_int("transA", 0):
-        return "Gemm with transA"
-    if not _const(producer.inputs[1] if len(producer.inputs) > 1 else None):
-        return "weight is not an initializer"
-    bias = producer.inputs[2] if len(producer.inputs) > 2 else None
-    channels = producer.inputs[1].const_value.shape[output_axis(producer)]  # type: ignore[union-attr]
-    if bias is not None and not (_const(bias) and bias.const_value.shape.dims in ((channels,), (1,), ())):  # type: ignore[union-attr]
-        return "bias is not a constant vector per channel"
-    chain = Chain(producer)
+    refusal = _producer_refusal(producer)
+    if refusal:
+        return refusal
+    chain = Chain(producer, axis=-1 if producer.op_type == "MatMul" else 1)
     value, flattened, pooled_globally, spatial = producer.outputs[0], False, False, False
-    if producer.op_type == "Gemm":
-        flattened = True  # its channels are features on axis 1 of a 2-D tensor
+    if producer.op_type in ("Gemm", "MatMul"):
+        flattened = True  # its channels are features on the last axis
     while True:
         if value.is_graph_output():
             return "channels reach a graph output"
         users = [user for user, _ in value.uses()]
         if len(users) != 1:
-            return _consumers(chain, value, users, flattened, spatial)
+            found = _consumers(chain, value, users, flattened, spatial)
+            region = None if isinstance(found, Chain) else _elementwise_region(value, flattened)
+            if region is None:
+                return found
+            nodes, value = region
+            if chain.concat is not None and any(cuts for _, cuts in nodes):
+                return "per-channel constants after a Concat"
+            chain.channelwise.extend(nodes)
+            continue
         (user,) = users
         if user.domain not in _ONNX_DOMAINS:
             return f"channels reach custom op {user.domain}.{user.op_type}"
@@ -112,7 +126,7 @@ def _follow(producer: ir.Node) -> Chain | str:
             return f"per-channel constants of {user.op_type} after a Concat"
         if cuts is not None:
             chain.channelwise.append((user, cuts))
-        elif user.op_type in _UNARY and user.inputs[0] is value and all(_const(v) for v in user.inputs[1:] if v is not None):
+        elif _is_unary(user, value):
             chain.passthrough.append(user)
         elif user.op_type in _POOLS and not flattened:
             chain.passthrough.append(user)
@@ -135,6 +149,34 @@ def _follow(producer: ir.Node) -> Chain | str:
         value = user.outputs[0]
 
 
+def _producer_refusal(producer: ir.Node) -> str:
+    """Why ``producer``'s output channels cannot start a chain; "" when they can."""
+    group = producer.attributes.get_int("group", 1)
+    weight = producer.inputs[1] if len(producer.inputs) > 1 else None
+    if producer.op_type == "Conv" and group != 1:
+        if weight is not None and weight.const_value is not None and weight.const_value.shape[1] == 1 and weight.const_value.shape[0] == group:
+            return "depthwise conv (its channels are cut with the layer before it)"
+        return "grouped conv"
+    if producer.op_type == "ConvTranspose" and group != 1:
+        return "grouped ConvTranspose"
+    if producer.op_type == "Gemm" and producer.attributes.get_int("transA", 0):
+        return "Gemm with transA"
+    if not _const(weight):
+        return "weight is not an initializer"
+    if producer.op_type == "MatMul" and (len(weight.const_value.shape) != 2 or _const(producer.inputs[0])):  # type: ignore[union-attr]
+        return "MatMul weight is not a 2-D constant on the right"
+    bias = producer.inputs[2] if len(producer.inputs) > 2 else None
+    channels = weight.const_value.shape[output_axis(producer)]  # type: ignore[union-attr]
+    if bias is not None and not (_const(bias) and bias.const_value.shape.dims in ((channels,), (1,), ())):  # type: ignore[union-attr]
+        return "bias is not a constant vector per channel"
+    return ""
+
+
+def _is_unary(node: ir.Node, value: ir.Value) -> bool:
+    """Whether ``node`` is an elementwise op on ``value`` alone (other inputs constant)."""
+    return node.op_type in _UNARY and node.inputs[0] is value and all(_const(v) for v in node.inputs[1:] if v is not None)
+
+
 def _channelwise_cuts(user: ir.Node, value: ir.Value, flattened: bool) -> list[tuple[int, int]] | str | None:
     """(input index, axis) of the per-channel constants ``user`` needs cut; None if it is not channel-wise, a reason if it cannot be cut."""
     label = f"{user.op_type} {user.name or ''}".rstrip()
@@ -148,18 +190,14 @@ def _channelwise_cuts(user: ir.Node, value: ir.Value, flattened: bool) -> list[t
         if not _const(weight) or weight.const_value.shape[0] != group or weight.const_value.shape[1] != 1:  # type: ignore[union-attr]
             return f"channels reach grouped conv {label} (only depthwise convs with one filter per channel are followed)"
         cuts = [(1, 0)] + ([(2, 0)] if len(user.inputs) > 2 and user.inputs[2] is not None else [])
-    elif user.op_type in _ARITHMETIC and len(user.inputs) == 2 and user.inputs[0] is value and user.inputs[1] is not value:
-        constant = user.inputs[1]
-        if not _const(constant):
+    elif _binary_with_constant(user, value):
+        index = 1 - list(user.inputs).index(value)  # the constant's side: a bias is often first (Add(b, x@W) in torch exports)
+        if not _const(user.inputs[index]):
             return None  # a residual-style join: the consumer check names it
-        dims = constant.const_value.shape.numpy()  # type: ignore[union-attr]
-        if math.prod(dims) == 1:
-            cuts = []
-        else:
-            channel_axis = len(dims) - (1 if flattened else 3)  # NCHW channels, or the feature axis after Flatten
-            if channel_axis < 0 or any(d != 1 for i, d in enumerate(dims) if i != channel_axis):
-                return f"channels reach {label} with a constant that is not per channel"
-            cuts = [(1, channel_axis)]
+        axis = _per_channel_axis(user.inputs[index], flattened)  # type: ignore[arg-type]
+        if isinstance(axis, str):
+            return f"channels reach {label} with {axis}"
+        cuts = [] if axis is None else [(index, axis)]
     else:
         return None
     for index, _ in cuts:
@@ -167,6 +205,75 @@ def _channelwise_cuts(user: ir.Node, value: ir.Value, flattened: bool) -> list[t
         if not _const(param) or any(other is not user for other, _ in param.uses()):  # type: ignore[union-attr]
             return f"{label} has a shared or non-constant parameter"
     return cuts
+
+
+def _binary_with_constant(node: ir.Node, value: ir.Value) -> bool:
+    """Whether ``node`` is Mul/Add/Sub/Div with ``value`` on one side (PRelu: on the left) and something else on the other."""
+    if node.op_type == "PRelu":
+        return len(node.inputs) == 2 and node.inputs[0] is value and node.inputs[1] is not value
+    return node.op_type in _ARITHMETIC and len(node.inputs) == 2 and list(node.inputs).count(value) == 1
+
+
+def _per_channel_axis(constant: ir.Value, flattened: bool) -> int | None | str:
+    """The axis of ``constant`` that runs over channels; None for a scalar, a reason if it is not per channel."""
+    dims = constant.const_value.shape.numpy()  # type: ignore[union-attr]
+    if math.prod(dims) == 1:
+        return None
+    channel_axis = len(dims) - (1 if flattened else 3)  # NCHW channels, or the feature axis after Flatten / a MatMul
+    if channel_axis < 0 or any(d != 1 for i, d in enumerate(dims) if i != channel_axis):
+        return "a constant that is not per channel"
+    return channel_axis
+
+
+def _elementwise_region(start: ir.Value, flattened: bool) -> tuple[list[tuple[ir.Node, list[tuple[int, int]]]], ir.Value] | None:
+    """The elementwise nodes that read ``start`` and join into one tensor, with their cuts, and that tensor; None if there is none.
+
+    A node joins when every input is a tensor of the region or a scalar or
+    per-channel constant it alone reads; it then keeps the channels' meaning.
+    The region must end in exactly one tensor that leaves it: every other
+    tensor of it is read only inside it (Gelu's and SiLU's forms qualify).
+    """
+    carried: set[ir.Value] = {start}
+    region: list[tuple[ir.Node, list[tuple[int, int]]]] = []
+    members: set[ir.Node] = set()
+    candidates = dict.fromkeys(user for user, _ in start.uses())
+    grew = True
+    while grew and len(region) <= _REGION_LIMIT:
+        grew = False
+        for node in list(candidates):
+            cuts = _region_cuts(node, carried, flattened)
+            if cuts is None:
+                continue
+            del candidates[node]
+            region.append((node, cuts))
+            members.add(node)
+            carried.update(node.outputs)
+            candidates.update(dict.fromkeys(user for output in node.outputs for user, _ in output.uses() if user not in members))
+            grew = True
+    if not region or len(region) > _REGION_LIMIT:
+        return None
+    leaving = [value for value in carried if value.is_graph_output() or any(user not in members for user, _ in value.uses())]
+    if len(leaving) != 1 or leaving[0] is start:
+        return None
+    return region, leaving[0]
+
+
+def _region_cuts(node: ir.Node, carried: set[ir.Value], flattened: bool) -> list[tuple[int, int]] | None:
+    """The cuts ``node`` needs as part of an elementwise region over ``carried``; None if it cannot join."""
+    if node.domain not in _ONNX_DOMAINS or len(node.outputs) != 1:
+        return None
+    if node.op_type in _UNARY:
+        ok = node.inputs[0] in carried and all(_const(v) for v in node.inputs[1:] if v is not None)
+        return [] if ok else None
+    if node.op_type not in _ARITHMETIC or len(node.inputs) != 2:
+        return None
+    inside = [value in carried for value in node.inputs]
+    if all(inside):
+        return []
+    if not any(inside):
+        return None
+    cuts = _channelwise_cuts(node, node.inputs[inside.index(True)], flattened)  # type: ignore[arg-type]
+    return cuts if isinstance(cuts, list) else None
 
 
 def _flattens_to_rows(reshape: ir.Node) -> bool:
@@ -198,26 +305,31 @@ def _channel_count(value: ir.Value | None) -> int | None:
 
 
 def _consumers(chain: Chain, value: ir.Value, users: list[ir.Node], flattened: bool, spatial: bool) -> Chain | str:
+    """``chain`` completed with ``users`` as its consumers, or why they cannot all be (``chain`` is then unchanged)."""
     channels = sum(chain.segments) if chain.concat else chain.producer.inputs[1].const_value.shape[output_axis(chain.producer)]  # type: ignore[union-attr]
+    block = chain.block
     for user in users:
         label = f"{user.op_type} {user.name or ''}".rstrip()
         conv_ok = user.op_type == "Conv" and not flattened and user.attributes.get_int("group", 1) == 1
-        gemm_ok = user.op_type == "Gemm" and (flattened or chain.producer.op_type == "Gemm") and not user.attributes.get_int("transA", 0)
-        if not (conv_ok or gemm_ok):
+        gemm_ok = user.op_type == "Gemm" and flattened and not user.attributes.get_int("transA", 0)
+        matmul_ok = user.op_type == "MatMul" and flattened
+        if not (conv_ok or gemm_ok or matmul_ok):
             return f"channels reach {label}"
         if list(user.inputs).count(value) != 1 or user.inputs[0] is not value:
             return f"channels reach a weight or bias input of {label}"
         weight = user.inputs[1] if len(user.inputs) > 1 else None
         if not _const(weight) or any(other is not user for other, _ in weight.uses()):  # type: ignore[union-attr]
             return f"{label} has no private constant weight"
+        if matmul_ok and len(weight.const_value.shape) != 2:  # type: ignore[union-attr]
+            return f"{label} has a weight that is not 2-D"
         features = weight.const_value.shape[input_axis(user)]  # type: ignore[union-attr]
-        block = features // channels if spatial else 1
-        if features != channels * block or (chain.block != 1 and block != chain.block):
+        user_block = features // channels if spatial else 1
+        if features != channels * user_block or (block != 1 and user_block != block):
             return f"{label} reads {features} features, not a block per channel of {channels}"
-        chain.block = block
+        block = user_block
     if not users:
         return "channels are not used"
-    chain.consumers, chain.output = users, value
+    chain.consumers, chain.output, chain.block = users, value, block
     return chain
 
 
@@ -226,12 +338,14 @@ def _const(value: ir.Value | None) -> bool:
 
 
 def output_axis(node: ir.Node) -> int:
-    """The weight axis of ``node``'s output channels."""
-    return 1 if node.op_type == "Gemm" and not node.attributes.get_int("transB", 0) else 0
+    """The weight axis of ``node``'s output channels: Conv [out, in, ...], ConvTranspose [in, out, ...], MatMul [K, N], Gemm by transB."""
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    return 1 if node.op_type in ("ConvTranspose", "MatMul") else 0
 
 
 def input_axis(node: ir.Node) -> int:
-    """The weight axis of ``node``'s input channels."""
+    """The weight axis of ``node``'s input channels (a consumer: Conv, Gemm or MatMul)."""
     if node.op_type == "Conv":
         return 1
     return 1 if node.attributes.get_int("transB", 0) else 0
@@ -244,9 +358,10 @@ def importance(chain: Chain, norm: str) -> np.ndarray:
     return np.sqrt((moved**2).sum(axis=1)) if norm == "l2" else moved.sum(axis=1)
 
 
-def channel_mean_abs(array: np.ndarray) -> np.ndarray:
-    """Mean absolute value of each channel (axis 1) of one activation tensor."""
-    return np.abs(np.asarray(array, np.float64)).mean(axis=tuple(axis for axis in range(array.ndim) if axis != 1))
+def channel_mean_abs(array: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Mean absolute value of each channel (``axis``: 1, or -1 after a MatMul) of one activation tensor."""
+    channel = axis % array.ndim
+    return np.abs(np.asarray(array, np.float64)).mean(axis=tuple(a for a in range(array.ndim) if a != channel))
 
 
 def activation_importance(chain: Chain, mean_abs: np.ndarray) -> np.ndarray:

@@ -9,7 +9,8 @@ summary says so: what they buy is storage once the weights are entropy
 coded (see compression.py) and speed on hardware with sparse kernels (the
 N:M layout along the input-channel axis is what sparse tensor cores use).
 Structured channel pruning (``pattern=channel``, channels.py) shrinks the
-tensors, and that is what makes onnxruntime faster.
+tensors of Conv/ConvTranspose/Gemm/MatMul layers and what follows them, and
+that is what makes onnxruntime faster.
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ class PrunePass(ir.passes.InPlacePass):
             pruned (only the ops above are).
         reconstruct: Refit each pruned MatMul/Gemm's kept weights (and bias)
             so its outputs match the original layer's on calibration data
-            (see reconstruct.py); with ``channel``, every Conv/Gemm whose
-            input the pruning changed, in graph order, each kept only if,
+            (see reconstruct.py); with ``channel``, every Conv/Gemm/MatMul
+            whose input the pruning changed, in graph order, each kept only if,
             fitted on half the samples, it lowers the output error on the
             other half; the kept ones are then refit on all samples
             (refit_channels.py).
@@ -231,14 +232,15 @@ class PrunePass(ir.passes.InPlacePass):
 
     def _channel_activations(self, model: ir.Model, chains: list[Chain]) -> dict[str, np.ndarray]:
         """Mean absolute activation per channel of each chain's consumer input, over the calibration samples."""
-        names = [chain.output.name or "" for chain in chains if chain.output is not None]
+        axes = {chain.output.name or "": chain.axis for chain in chains if chain.output is not None}
+        names = list(axes)
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
         totals: dict[str, np.ndarray] = {}
         count = 0
         for tensors in stream_tensors(model, names, samples.calibration(), threads=self.threads):
             count += 1
             for name in names:
-                totals[name] = totals.get(name, 0) + channel_mean_abs(tensors[name])
+                totals[name] = totals.get(name, 0) + channel_mean_abs(tensors[name], axes[name])
         return {name: total / max(count, 1) for name, total in totals.items()}
 
     def _grams(self, model: ir.Model, layers: list[tuple[ir.Node, ir.Value, int]]) -> dict[ir.Node, np.ndarray]:
@@ -307,23 +309,31 @@ def _kept_channels(channels: int, ratio: float, align: int) -> int:
 
 
 def _default_skips(graph: ir.Graph, candidates: list[ir.Node]) -> dict[ir.Node, str]:
-    """The first Conv, and the last weighted layer before each graph output."""
+    """The first Conv, and the last weighted layer before each graph output.
+
+    The last one is the latest in graph order of the weighted layers an
+    output reaches without passing another: in a transformer the residual
+    stream reaches every block's output projection that way, and only the
+    final block's is the "classifier".
+    """
     skips: dict[ir.Node, str] = {}
     convs = [node for node in candidates if node.op_type == "Conv"]
     if convs:
         skips[convs[0]] = "first conv (default skip)"
-    chosen = set(candidates)
+    position = {node: index for index, node in enumerate(candidates)}  # candidates are in graph order
     for output in graph.outputs:
-        seen, stack = set(), [output.producer()]
+        seen, stack, reached = set(), [output.producer()], []
         while stack:
             node = stack.pop()
             if node is None or node in seen:
                 continue
             seen.add(node)
-            if node in chosen:
-                skips.setdefault(node, "final classifier (default skip)")
+            if node in position:
+                reached.append(node)
                 continue
             stack.extend(value.producer() for value in node.inputs if value is not None)
+        if reached:
+            skips.setdefault(max(reached, key=position.__getitem__), "final classifier (default skip)")
     return skips
 
 

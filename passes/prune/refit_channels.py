@@ -13,7 +13,7 @@ relative L2 worse, 0.74 -> 0.84:
 - **Which layers.** Refitting only the chains' consumers left every layer
   that reads a residual stream (a bottleneck's first conv, a projection
   shortcut, the classifier) fed with the error of all pruned blocks before
-  it. Every Conv (group 1) or Gemm whose input changed is refit
+  it. Every Conv (group 1), Gemm or MatMul whose input changed is refit
   (:func:`layers_to_refit`); the classifier alone took the logits' error
   from 0.57 to about 0.25, since most of it is the same on every input.
 - **Honest hold-out.** The layer-wise check fitted on even samples and
@@ -58,7 +58,7 @@ Feeds = dict[str, np.ndarray]
 
 
 def layers_to_refit(model: ir.Model, cut: list[Chain], skip: frozenset[str]) -> list[ir.Node]:
-    """The chains' consumers, and every other Conv (group 1) or Gemm whose data input the pruning changed, in graph order.
+    """The chains' consumers, and every other Conv (group 1), Gemm or MatMul whose data input the pruning changed, in graph order.
 
     Layers named (or whose op type is named) in ``skip`` are left as they are.
     """
@@ -201,7 +201,7 @@ def _write(node: ir.Node, fit: Fit, solution: np.ndarray) -> None:
 
 
 def _refits_outputs(node: ir.Node) -> bool:
-    """Whether ``node`` can be refit to its teacher's outputs: a 2-D Conv (group 1), or a Gemm (no transA, alpha 1).
+    """Whether ``node`` can be refit to its teacher's outputs: a 2-D Conv (group 1), a Gemm (no transA, alpha 1), or a MatMul by a 2-D weight.
 
     Its weight is a private float initializer and its bias, if any, a private
     constant (a Gemm's with beta 1), as the refit solves for both.
@@ -220,6 +220,8 @@ def _refits_outputs(node: ir.Node) -> bool:
     if node.op_type == "Gemm":
         plain = not node.attributes.get_int("transA", 0) and node.attributes.get_float("alpha", 1.0) == 1.0
         return plain and (bias is None or node.attributes.get_float("beta", 1.0) == 1.0)
+    if node.op_type == "MatMul":  # x @ W with W [K, N]; a following bias Add stays as it is
+        return len(weight.const_value.shape) == 2 and node.inputs[0] is not None and node.inputs[0].const_value is None
     return False
 
 
