@@ -12,8 +12,10 @@ split and the residual Add).
 
 For every model, in one process:
 
-- structured: ``fold`` then ``prune(pattern=channel, ratio=R)``, and the same
-  with ``reconstruct=true`` (every Conv/Gemm whose input the pruning changed
+- structured: ``fold`` then ``prune(pattern=channel, ratio=R)`` (channels
+  chosen by L1 weight norm), the same with ``norm=activation`` (chosen by
+  their spread on the 8 calibration samples, their means moved into the next
+  layers' biases), and the L1 choice with ``reconstruct=true`` (every Conv/Gemm whose input the pruning changed
   is refit in graph order on the pruned model's own inputs, kept only if,
   fitted on 4 of 8 synthesized calibration samples, it lowers the error on
   the other 4, then refit on all 8; the table says how many of the
@@ -79,7 +81,8 @@ def run_model(name: str, ratio: float, sparsity: float) -> tuple[list[tuple[str,
     evaluation = list(synthesize_feeds(original, count=8, seed=1, shapes=shapes))
     variants = {
         f"channel ratio={ratio}": PrunePass(pattern="channel", ratio=ratio),
-        f"channel ratio={ratio} + reconstruct": PrunePass(pattern="channel", ratio=ratio, reconstruct=True, data=calibration),
+        f"channel ratio={ratio} + reconstruct": PrunePass(pattern="channel", ratio=ratio, reconstruct=True, data=calibration, norm="l1"),
+        f"channel ratio={ratio}, activation importance": PrunePass(pattern="channel", ratio=ratio, data=calibration, norm="activation"),
         f"unstructured {sparsity:.0%}": PrunePass(sparsity=sparsity),
     }
     models = {}

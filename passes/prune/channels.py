@@ -37,17 +37,12 @@ since several chains may feed one Concat. Anything else on the way (a
 residual Add, a grouped conv, a Reshape, a graph output) leaves the chain
 alone, and the reason is reported.
 
-Importance is the L1 norm of each output channel's weights (L2 with
-``norm=l2``), or, from calibration data (``norm=activation``), how much each
-channel feeds forward: its mean absolute activation where the consumers read
-it times the L2 norm of the consumer weights that read it. Weight norms
-ignore what BatchNorm, activations and the inputs do to a channel; a channel
-with large filters that ReLU keeps at zero costs nothing to remove.
+Which channels go is importance.py's choice.
 """
 
 from __future__ import annotations
 
-__all__ = ["Chain", "activation_importance", "channel_mean_abs", "find_chains", "importance", "prune_chain", "prune_concat_consumers"]
+__all__ = ["Chain", "bias_value", "blocks", "find_chains", "input_axis", "output_axis", "prune_chain", "prune_concat_consumers"]
 
 import math
 from dataclasses import dataclass, field
@@ -333,6 +328,28 @@ def _consumers(chain: Chain, value: ir.Value, users: list[ir.Node], flattened: b
     return chain
 
 
+def bias_value(node: ir.Node) -> ir.Value | None:
+    """The value holding ``node``'s bias: a Conv's or Gemm's third input; for a MatMul, the private constant of the Add that alone reads its output.
+
+    Exports write a linear layer as MatMul then Add(b, .) or Add(., b);
+    refitting that bias with the weight lets the fit absorb the mean shift
+    that removed channels leave behind.
+    """
+    if node.op_type != "MatMul":
+        return node.inputs[2] if len(node.inputs) > 2 else None
+    output = node.outputs[0]
+    users = list(output.uses())
+    if len(users) != 1 or output.is_graph_output():
+        return None
+    add = users[0][0]
+    if add.op_type != "Add" or add.domain not in _ONNX_DOMAINS or len(add.inputs) != 2 or list(add.inputs).count(output) != 1:
+        return None
+    other = add.inputs[1] if add.inputs[0] is output else add.inputs[0]
+    if other is None or other.const_value is None or other.is_graph_input() or len(other.const_value.shape) != 1:
+        return None
+    return other if all(user is add for user, _ in other.uses()) else None
+
+
 def _const(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None and not value.is_graph_input()
 
@@ -351,36 +368,6 @@ def input_axis(node: ir.Node) -> int:
     return 1 if node.attributes.get_int("transB", 0) else 0
 
 
-def importance(chain: Chain, norm: str) -> np.ndarray:
-    """One score per output channel of the producer: the L1 (or L2) norm of its weights."""
-    weight = chain.producer.inputs[1].const_value.numpy()  # type: ignore[union-attr]
-    moved = np.moveaxis(np.abs(weight.astype(np.float64)), output_axis(chain.producer), 0).reshape(weight.shape[output_axis(chain.producer)], -1)
-    return np.sqrt((moved**2).sum(axis=1)) if norm == "l2" else moved.sum(axis=1)
-
-
-def channel_mean_abs(array: np.ndarray, axis: int = 1) -> np.ndarray:
-    """Mean absolute value of each channel (``axis``: 1, or -1 after a MatMul) of one activation tensor."""
-    channel = axis % array.ndim
-    return np.abs(np.asarray(array, np.float64)).mean(axis=tuple(a for a in range(array.ndim) if a != channel))
-
-
-def activation_importance(chain: Chain, mean_abs: np.ndarray) -> np.ndarray:
-    """One score per channel of the producer from ``mean_abs``, the mean |x| of each consumer input feature.
-
-    A feature scores its mean |x| times the L2 norm of the consumer weights
-    reading it; a channel sums its block of features, in its Concat segment.
-    """
-    reach = np.zeros_like(mean_abs)
-    for user in chain.consumers:
-        weight = user.inputs[1].const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
-        moved = np.moveaxis(weight, input_axis(user), 0).reshape(weight.shape[input_axis(user)], -1)
-        reach += (moved**2).sum(axis=1)
-    per_channel = (mean_abs * np.sqrt(reach)).reshape(-1, chain.block).sum(axis=1)
-    offset = sum(chain.segments[: chain.concat[1]]) if chain.concat else 0
-    channels = chain.producer.inputs[1].const_value.shape[output_axis(chain.producer)]  # type: ignore[union-attr]
-    return per_channel[offset : offset + channels]
-
-
 def prune_chain(chain: Chain, keep: np.ndarray) -> None:
     """Cuts every tensor of the chain to the channels in ``keep`` (sorted indices)."""
     producer = chain.producer
@@ -397,7 +384,7 @@ def prune_chain(chain: Chain, keep: np.ndarray) -> None:
             node.attributes["group"] = ir.AttrInt64("group", len(keep))
     if chain.concat is None:
         for user in chain.consumers:
-            _take(user.inputs[1], _blocks(keep, chain.block), input_axis(user))
+            _take(user.inputs[1], blocks(keep, chain.block), input_axis(user))
     # Shapes recorded on the chain's tensors no longer hold; onnxruntime infers them.
     for node in [producer, *(node for node, _ in chain.channelwise), *chain.passthrough]:
         for output in node.outputs:
@@ -421,10 +408,10 @@ def prune_concat_consumers(chains: list[tuple[Chain, np.ndarray]]) -> None:
             [(segments[i][1] if i in segments else np.arange(count)) + offset for i, (count, offset) in enumerate(zip(first.segments, offsets))]
         )
         for user in first.consumers:
-            _take(user.inputs[1], _blocks(index, first.block), input_axis(user))
+            _take(user.inputs[1], blocks(index, first.block), input_axis(user))
 
 
-def _blocks(channels: np.ndarray, block: int) -> np.ndarray:
+def blocks(channels: np.ndarray, block: int) -> np.ndarray:
     """Input feature indices of the given channels when each channel is ``block`` consecutive features."""
     return (np.asarray(channels)[:, None] * block + np.arange(block)[None, :]).ravel()
 

@@ -27,17 +27,9 @@ import onnx_ir as ir
 
 from graphopt.runtime import stream_tensors
 from passes.lift_constants import LiftConstantsPass
-from passes.prune.channels import (
-    Chain,
-    activation_importance,
-    channel_mean_abs,
-    find_chains,
-    importance,
-    output_axis,
-    prune_chain,
-    prune_concat_consumers,
-)
+from passes.prune.channels import Chain, find_chains, output_axis, prune_chain, prune_concat_consumers
 from passes.prune.compression import compression_report
+from passes.prune.importance import FeatureStats, activation_importance, compensate_means, weight_importance
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
 from passes.prune.reconstruct import input_gram, refit
 from passes.prune.refit_channels import layers_to_refit, refit_in_order
@@ -62,13 +54,17 @@ class PruneSummary:
     channels: dict[str, tuple[int, int]] = field(default_factory=dict)  # producer -> (before, after)
     reconstructed: list[str] = field(default_factory=list)
     not_reconstructed: dict[str, str] = field(default_factory=dict)
+    compensated: list[str] = field(default_factory=list)  # consumers whose bias took the removed channels' mean
+    norm: str = ""  # the channel importance used: l1, l2 or activation
 
     def line(self) -> str:
         total = self.compression.get("dense_bytes", 0)
         if self.pattern == "channel":
             before = sum(b for b, _ in self.channels.values())
             after = sum(a for _, a in self.channels.values())
-            parts = [f"{len(self.channels)} layers lost {before - after} of {before} output channels (tensors shrink)"]
+            parts = [f"{len(self.channels)} layers lost {before - after} of {before} output channels (tensors shrink, {self.norm} importance)"]
+            if self.compensated:
+                parts.append(f"{len(self.compensated)} layers took the removed channels' mean into their bias")
             if self.skipped:
                 parts.append(f"{len(self.skipped)} left whole ({'; '.join(sorted(set(self.skipped.values()))[:4])})")
             return ", ".join(parts)
@@ -97,7 +93,12 @@ class PrunePass(ir.passes.InPlacePass):
             that carry them (see channels.py).
         ratio: Share of output channels ``channel`` removes per layer.
         norm: Channel importance for ``channel``: ``l1`` or ``l2`` weight norm,
-            or ``activation`` (from ``data``; see channels.py).
+            or ``activation`` (from ``data``: each channel's spread where the
+            next layers read it times their weights; the removed channels'
+            mean goes into the next layers' biases; see importance.py).
+            ``auto`` (the default) is ``activation`` when ``data`` is given
+            and ``l1`` otherwise: on the trained digits CNN at ratio 0.3,
+            top-1 0.686 by L1 and 0.976 by activation, before reconstruction.
         align: ``channel`` keeps a multiple of this many channels in layers
             whose count is one (the nearest multiple, at least one block):
             onnxruntime's fast NCHWc conv kernels need channel counts that
@@ -131,7 +132,7 @@ class PrunePass(ir.passes.InPlacePass):
         pattern: str = "unstructured",
         sparsity: float = 0.5,
         ratio: float = 0.3,
-        norm: str = "l1",
+        norm: str = "auto",
         align: int = 16,
         scope: str = "layer",
         skip: str = DEFAULT_SKIP,
@@ -147,8 +148,8 @@ class PrunePass(ir.passes.InPlacePass):
             raise ValueError(f"pattern must be 'unstructured', 'channel' or N:M with 0 < N < M (e.g. 2:4), got {pattern!r}")
         if not 0 <= ratio < 1:
             raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
-        if norm not in ("l1", "l2", "activation"):
-            raise ValueError(f"norm must be 'l1', 'l2' or 'activation', got {norm!r}")
+        if norm not in ("auto", "l1", "l2", "activation"):
+            raise ValueError(f"norm must be 'auto', 'l1', 'l2' or 'activation', got {norm!r}")
         if not isinstance(align, int) or align < 1:
             raise ValueError(f"align must be a positive integer, got {align!r}")
         self.ratio, self.norm, self.align = ratio, norm, align
@@ -202,10 +203,11 @@ class PrunePass(ir.passes.InPlacePass):
         chains, refused = find_chains(model.graph, producers)
         self.summary.skipped.update(refused)
         # Importance from the unpruned model, so the result does not depend on chain order.
-        activations = self._channel_activations(model, chains) if self.norm == "activation" else {}
+        self.summary.norm = self.norm if self.norm != "auto" else ("activation" if self.data is not None else "l1")
+        stats = self._consumer_input_stats(model, chains) if self.summary.norm == "activation" else {}
         keeps = []
         for chain in chains:
-            scores = activation_importance(chain, activations[chain.output.name]) if activations else importance(chain, self.norm)  # type: ignore[union-attr]
+            scores = activation_importance(chain, stats[chain.output.name]) if stats else weight_importance(chain, self.summary.norm)  # type: ignore[union-attr]
             kept = _kept_channels(len(scores), self.ratio, self.align)
             keeps.append(np.sort(np.argsort(-scores, kind="stable")[:kept]))
         # The unpruned model is the teacher that reconstruction fits the pruned layers to.
@@ -216,6 +218,9 @@ class PrunePass(ir.passes.InPlacePass):
             channels = chain.producer.inputs[1].const_value.shape[output_axis(chain.producer)]  # type: ignore[union-attr]
             label = chain.producer.name or chain.producer.op_type
             if len(keep) < channels:
+                if stats:
+                    compensated = compensate_means(chain, keep, stats[chain.output.name])  # type: ignore[union-attr]
+                    self.summary.compensated.extend(node.name or node.op_type for node in compensated)
                 prune_chain(chain, keep)
                 cut.append(chain)
             self.summary.channels[label] = (channels, len(keep))
@@ -230,18 +235,14 @@ class PrunePass(ir.passes.InPlacePass):
             self.summary.not_reconstructed.update(refused)
         return bool(cut)
 
-    def _channel_activations(self, model: ir.Model, chains: list[Chain]) -> dict[str, np.ndarray]:
-        """Mean absolute activation per channel of each chain's consumer input, over the calibration samples."""
-        axes = {chain.output.name or "": chain.axis for chain in chains if chain.output is not None}
-        names = list(axes)
+    def _consumer_input_stats(self, model: ir.Model, chains: list[Chain]) -> dict[str, FeatureStats]:
+        """Mean and spread of each feature of each chain's consumer input, over the calibration samples."""
+        stats = {chain.output.name or "": FeatureStats(chain.axis) for chain in chains if chain.output is not None}
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
-        totals: dict[str, np.ndarray] = {}
-        count = 0
-        for tensors in stream_tensors(model, names, samples.calibration(), threads=self.threads):
-            count += 1
-            for name in names:
-                totals[name] = totals.get(name, 0) + channel_mean_abs(tensors[name], axes[name])
-        return {name: total / max(count, 1) for name, total in totals.items()}
+        for tensors in stream_tensors(model, list(stats), samples.calibration(), threads=self.threads):
+            for name, feature_stats in stats.items():
+                feature_stats.add(tensors[name])
+        return stats
 
     def _grams(self, model: ir.Model, layers: list[tuple[ir.Node, ir.Value, int]]) -> dict[ir.Node, np.ndarray]:
         """Input Gram matrices of the layers that can be refit, from the still unpruned model."""

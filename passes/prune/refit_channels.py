@@ -46,7 +46,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.runtime import ModelRunner, stream_tensors
-from passes.prune.channels import Chain, input_axis
+from passes.prune.channels import Chain, bias_value, input_axis
 from passes.prune.reconstruct import cross_grams, fit_toward, independent_prefix, tuned_strength
 from passes.qdq.samples import Samples
 
@@ -106,7 +106,7 @@ def refit_in_order(
             pending = pending[len(level) :]
             taught = teach(samples.calibration(), [node.inputs[0].name or "" for node in level])
             grams = cross_grams(model, taught, level, samples.calibration(), threads)
-            saved = [(value, value.const_value) for node in level for value in node.inputs[1:3] if value is not None]
+            saved = [(value, value.const_value) for node in level for value in (node.inputs[1], bias_value(node)) if value is not None]
             fits = {node: _fit_problem(node, twin[node], out_keep.get(node)) for node in level}
             strengths = {node: tuned_strength(grams[node], fits[node].plain, fits[node].target) for node in level}
             refit = {node: (relative, fits[node]) for node, relative in strengths.items() if relative is not None}
@@ -196,23 +196,25 @@ def _write(node: ir.Node, fit: Fit, solution: np.ndarray) -> None:
     new_kn = (solution[:-1] if fit.bias_dtype is not None else solution).astype(fit.dtype)
     new_weight = _from_kn(node, new_kn, tuple(int(d) for d in current_shape), int(current_shape[input_axis(node)]))
     node.inputs[1].const_value = ir.Tensor(np.ascontiguousarray(new_weight), name=node.inputs[1].name)
-    if fit.bias_dtype is not None:
-        node.inputs[2].const_value = ir.Tensor(np.ascontiguousarray(solution[-1].astype(fit.bias_dtype)), name=node.inputs[2].name)
+    bias = bias_value(node)
+    if fit.bias_dtype is not None and bias is not None:
+        bias.const_value = ir.Tensor(np.ascontiguousarray(solution[-1].astype(fit.bias_dtype)), name=bias.name)
 
 
 def _refits_outputs(node: ir.Node) -> bool:
     """Whether ``node`` can be refit to its teacher's outputs: a 2-D Conv (group 1), a Gemm (no transA, alpha 1), or a MatMul by a 2-D weight.
 
     Its weight is a private float initializer and its bias, if any, a private
-    constant (a Gemm's with beta 1), as the refit solves for both.
+    constant (a Gemm's with beta 1; a MatMul's is the constant of the Add
+    after it, see :func:`passes.prune.channels.bias_value`), as the refit solves for both.
     """
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     if node.domain not in _ONNX_DOMAINS or weight is None or weight.const_value is None or weight.is_graph_input():
         return False
     if weight.const_value.dtype not in _FLOAT or any(user is not node for user, _ in weight.uses()):
         return False
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if bias is not None and (bias.const_value is None or bias.is_graph_input() or any(user is not node for user, _ in bias.uses())):
+    bias = bias_value(node)
+    if bias is not None and (bias.const_value is None or bias.is_graph_input() or len({user for user, _ in bias.uses()}) != 1):
         return False
     if node.op_type == "Conv":
         flat_bias = bias is None or len(bias.const_value.shape) == 1  # type: ignore[union-attr]
@@ -220,7 +222,7 @@ def _refits_outputs(node: ir.Node) -> bool:
     if node.op_type == "Gemm":
         plain = not node.attributes.get_int("transA", 0) and node.attributes.get_float("alpha", 1.0) == 1.0
         return plain and (bias is None or node.attributes.get_float("beta", 1.0) == 1.0)
-    if node.op_type == "MatMul":  # x @ W with W [K, N]; a following bias Add stays as it is
+    if node.op_type == "MatMul":
         return len(weight.const_value.shape) == 2 and node.inputs[0] is not None and node.inputs[0].const_value is None
     return False
 
@@ -230,9 +232,13 @@ def _label(node: ir.Node) -> str:
 
 
 def _vector_bias(node: ir.Node) -> np.ndarray | None:
-    """The node's constant [N] bias, or None (absent, or a broadcast Gemm C that stays as it is)."""
-    value = node.inputs[2] if len(node.inputs) > 2 else None
-    if value is None or value.const_value is None or len(value.const_value.shape) != 1:
+    """The node's constant [N] bias, or None (absent, or a broadcast one that stays as it is)."""
+    value = bias_value(node)
+    weight = node.inputs[1].const_value  # type: ignore[union-attr]
+    if value is None or value.const_value is None or weight is None:
+        return None
+    outputs = weight.shape[0] if node.op_type == "Conv" or node.attributes.get_int("transB", 0) else weight.shape[-1]
+    if tuple(value.const_value.shape.numpy()) != (outputs,):
         return None
     return value.const_value.numpy()
 

@@ -365,6 +365,20 @@ def test_activation_importance_removes_channels_that_relu_silences_despite_large
     assert np.abs(run_ort(by_norm, X_CHAIN)[0] - want).max() > 1.0
 
 
+@pytest.mark.parametrize("with_data,norm", [(True, "activation"), (False, "l1")])
+def test_importance_comes_from_activations_when_calibration_data_is_given(with_data, norm):
+    proto = _relu_chain_with_large_dead_filters()
+    model = load(proto)
+    calibration = [{"x": np.random.default_rng(i).standard_normal((1, 8, 6, 6)).astype(np.float32)} for i in range(4)]
+    pass_ = PrunePass(pattern="channel", ratio=3 / 8, skip="", data=calibration if with_data else None)
+
+    run_pipeline(model, [pass_])
+
+    assert pass_.summary.norm == norm and f"{norm} importance" in pass_.summary.line()
+    silenced_removed = not np.any(_weights(model)["b1"] < 0)
+    assert silenced_removed is with_data
+
+
 @pytest.mark.parametrize("head", ["conv", "gap"])
 def test_channel_pruning_shrinks_the_chain_and_is_exact_when_pruned_channels_are_dead(head):
     proto = _conv_chain(head)

@@ -232,3 +232,46 @@ def test_default_skip_in_a_transformer_keeps_only_the_last_block_output_projecti
     classifiers = [name for name, why in pass_.summary.skipped.items() if why == "final classifier (default skip)"]
     assert len(classifiers) == 1 and classifiers[0].endswith("/down_matmul"), pass_.summary.skipped
     assert len(pass_.summary.sparsity) == 11  # 2 blocks x 6 MatMuls by a weight, less the last one
+
+
+def _constant_channels(consumer: str):
+    """x [4, 8] -> MatMul up (8 -> 12) -> Add b1 -> Relu -> consumer -> y; the ``_DEAD`` channels are a constant 3.
+
+    ``consumer`` "matmul": MatMul down then Add(b2, .); "gemm": Gemm with
+    alpha 2 and beta 0.5 (the bias shift is scaled by alpha / beta).
+    """
+    rng = np.random.default_rng(5)
+    w1 = rng.standard_normal((8, 12)).astype(np.float32)
+    b1 = rng.standard_normal(12).astype(np.float32)
+    w1[:, list(_DEAD)], b1[list(_DEAD)] = 0.0, 3.0
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
+             numpy_helper.from_array(rng.standard_normal((12, 5)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "b2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="up"), helper.make_node("Add", ["h0", "b1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"])]
+    if consumer == "matmul":
+        nodes += [helper.make_node("MatMul", ["r", "w2"], ["o"], name="down"), helper.make_node("Add", ["b2", "o"], ["y"])]
+    else:
+        nodes.append(helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="down", alpha=2.0, beta=0.5))
+    return _model(nodes, inits, [4, 8], [4, 5])
+
+
+@pytest.mark.parametrize("consumer", ["matmul", "gemm"])
+def test_removed_constant_channels_move_into_the_consumer_bias(consumer):
+    proto = _constant_channels(consumer)
+    calibration = [{"x": np.random.default_rng(20 + i).standard_normal((4, 8)).astype(np.float32)} for i in range(3)]
+    feeds = {"x": np.random.default_rng(30).standard_normal((4, 8)).astype(np.float32)}
+    by_activation, by_norm = load(proto), load(proto)
+    pass_ = PrunePass(pattern="channel", ratio=1 / 3, skip="", data=calibration)
+
+    run_pipeline(by_activation, [pass_])
+    run_pipeline(by_norm, [PrunePass(pattern="channel", ratio=1 / 3, skip="", norm="l1")])
+
+    # Both remove the four constant channels (zero spread; zero weight norm), only the first keeps their 3 * w2 rows.
+    assert _weights(by_activation)["w1"].shape == _weights(by_norm)["w1"].shape == (8, 8)
+    assert pass_.summary.compensated == ["down"]
+    assert not np.allclose(_weights(by_activation)["b2"], _weights(by_norm)["b2"])
+    check_full(by_activation)
+    want = run_ort(proto, feeds)[0]
+    np.testing.assert_allclose(run_ort(by_activation, feeds)[0], want, rtol=1e-5, atol=1e-4)
+    assert np.abs(run_ort(by_norm, feeds)[0] - want).max() > 1.0
