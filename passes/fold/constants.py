@@ -25,7 +25,8 @@ Left alone, each logged at DEBUG:
   Folding it would undo the compression and gain nothing, since onnxruntime
   folds it itself when a session opens;
 - nodes with an output that is a graph output (an initializer cannot be one
-  without also becoming an input in older IR versions);
+  without also becoming an input in older IR versions), and nodes with an
+  omitted optional output (``""``, as in ``"", Y_h = LSTM(...)``);
 - string tensors, and nodes neither evaluator can run;
 - growth: nodes whose outputs would take more than
   ``max(max_output_bytes, max_growth * input bytes)``. ConstantOfShape, Tile,
@@ -124,6 +125,7 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             return False
         if not all(output.name for output in node.outputs):
             # An unnamed (omitted optional) output cannot become an initializer.
+            logger.debug("fold-constants: %s has an omitted optional output; left", node.name or node.op_type)
             return False
         arrays = _static_shape_result(node, opset)
         if arrays is None:

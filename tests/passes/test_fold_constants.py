@@ -284,6 +284,28 @@ def test_leaves_nodes_reading_an_initializer_that_is_also_a_graph_input():
     assert_valid_and_equal(original, result.model, {"x": X, "a": C3})
 
 
+def test_leaves_a_node_with_an_omitted_optional_output(caplog):
+    # Unique's second output is omitted (""); the evaluator returns only the
+    # named ones, so folding would have to realign them. Seen in onnx's LSTM,
+    # GRU, RNN and Attention node tests (tests/passes/test_fold_backend_sweep.py).
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[3] x) => (float[3] y) <float[4] c = {1.0, 2.0, 1.0, 3.0}> {
+          u, "", inverse, counts = Unique <sorted = 1> (c)
+          y = Add(x, u)
+        }
+        """
+    )
+    caplog.set_level("DEBUG", logger="passes.fold.constants")
+    original, result = _fold(model)
+
+    assert result.modified is False
+    assert _ops(result.model.graph) == ["Unique", "Add"]
+    assert "omitted optional output" in caplog.text
+    assert_valid_and_equal(original, result.model, {"x": X[0]})
+
+
 def test_leaves_a_constant_node_whose_output_is_a_graph_output():
     #   c1, c2 -> Mul -> m (folds) ; m, c3 -> Add -> k (graph output: stays) ; x + k -> y
     model = parse(
