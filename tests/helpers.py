@@ -11,6 +11,8 @@ __all__ = [
     "assert_valid_and_equal",
     "run_through_pipeline",
     "check_full",
+    "initializer_arrays",
+    "one_input_model",
     "parse",
     "to_proto",
 ]
@@ -61,6 +63,23 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity of two arrays, flattened, in float64."""
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def initializer_arrays(model: ir.Model) -> dict[str, np.ndarray]:
+    """The model's initializers by name, as numpy arrays."""
+    return {name: value.const_value.numpy() for name, value in model.graph.initializers.items() if value.const_value is not None}
+
+
+def one_input_model(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], x_shape: list, y_shape: list, opset: int = 17) -> onnx.ModelProto:
+    """A float model with input ``x`` and output ``y`` of the given shapes (IR version 8)."""
+    graph = onnx.helper.make_graph(
+        nodes,
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, y_shape)],
+        initializers,
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=8)
 
 
 def check_full(model: ir.Model | onnx.ModelProto | Path) -> None:

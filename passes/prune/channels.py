@@ -19,7 +19,11 @@ channels to the layers that consume them:
                     features),
                   one Concat along the channel axis (the channels become a
                     segment of its output, at an offset)
-             -> consumers (Conv group 1, or Gemm or MatMul reading the channels as features)
+             -> consumers (a Conv, grouped or not, or a Gemm or MatMul reading the channels as features)
+
+A grouped conv, as producer or consumer, is kept consistent: every group
+loses the same number of channels (its own least important ones), so the
+group count stays and each group's filters read or write fewer channels.
 
 A MatMul's channels are the last axis of its output (``[..., N]`` for a
 ``[K, N]`` weight), as in a transformer's feed-forward block: MatMul -> Add
@@ -34,15 +38,26 @@ Channel-wise nodes never mix channels, which is what lets the kept channels
 keep their meaning through them. Through a Concat, the consumers' input
 channels are cut once for all its segments (``prune_concat_consumers``),
 since several chains may feed one Concat. Anything else on the way (a
-residual Add, a grouped conv, a Reshape, a graph output) leaves the chain
-alone, and the reason is reported.
+residual Add, a Reshape, a graph output) leaves the chain alone, and the
+reason is reported.
 
 Which channels go is importance.py's choice.
 """
 
 from __future__ import annotations
 
-__all__ = ["Chain", "bias_value", "blocks", "find_chains", "input_axis", "output_axis", "prune_chain", "prune_concat_consumers"]
+__all__ = [
+    "Chain",
+    "bias_value",
+    "blocks",
+    "dense_input_weight",
+    "find_chains",
+    "grouped_keep",
+    "input_axis",
+    "output_axis",
+    "prune_chain",
+    "prune_concat_consumers",
+]
 
 import math
 from dataclasses import dataclass, field
@@ -72,6 +87,7 @@ class Chain:
     consumers: list[ir.Node] = field(default_factory=list)
     output: ir.Value | None = None  # the tensor the consumers read
     axis: int = 1  # channel axis of the tensors along the chain: 1 (NCHW or 2-D features), or -1 after a MatMul
+    groups: int = 1  # contiguous channel groups that must each lose as many channels (a grouped conv producer or consumer)
     block: int = 1  # consumer input features per channel (H*W after Flatten of a feature map)
     concat: tuple[ir.Node, int] | None = None  # the Concat the channels join, and at which input
     segments: list[int] = field(default_factory=list)  # channel counts of that Concat's inputs
@@ -93,7 +109,7 @@ def _follow(producer: ir.Node) -> Chain | str:
     refusal = _producer_refusal(producer)
     if refusal:
         return refusal
-    chain = Chain(producer, axis=-1 if producer.op_type == "MatMul" else 1)
+    chain = Chain(producer, axis=-1 if producer.op_type == "MatMul" else 1, groups=producer.attributes.get_int("group", 1))
     value, flattened, pooled_globally, spatial = producer.outputs[0], False, False, False
     if producer.op_type in ("Gemm", "MatMul"):
         flattened = True  # its channels are features on the last axis
@@ -151,7 +167,6 @@ def _producer_refusal(producer: ir.Node) -> str:
     if producer.op_type == "Conv" and group != 1:
         if weight is not None and weight.const_value is not None and weight.const_value.shape[1] == 1 and weight.const_value.shape[0] == group:
             return "depthwise conv (its channels are cut with the layer before it)"
-        return "grouped conv"
     if producer.op_type == "ConvTranspose" and group != 1:
         return "grouped ConvTranspose"
     if producer.op_type == "Gemm" and producer.attributes.get_int("transA", 0):
@@ -183,7 +198,7 @@ def _channelwise_cuts(user: ir.Node, value: ir.Value, flattened: bool) -> list[t
         if group == 1:
             return None  # a consumer
         if not _const(weight) or weight.const_value.shape[0] != group or weight.const_value.shape[1] != 1:  # type: ignore[union-attr]
-            return f"channels reach grouped conv {label} (only depthwise convs with one filter per channel are followed)"
+            return None  # a grouped consumer
         cuts = [(1, 0)] + ([(2, 0)] if len(user.inputs) > 2 and user.inputs[2] is not None else [])
     elif _binary_with_constant(user, value):
         index = 1 - list(user.inputs).index(value)  # the constant's side: a bias is often first (Add(b, x@W) in torch exports)
@@ -302,10 +317,10 @@ def _channel_count(value: ir.Value | None) -> int | None:
 def _consumers(chain: Chain, value: ir.Value, users: list[ir.Node], flattened: bool, spatial: bool) -> Chain | str:
     """``chain`` completed with ``users`` as its consumers, or why they cannot all be (``chain`` is then unchanged)."""
     channels = sum(chain.segments) if chain.concat else chain.producer.inputs[1].const_value.shape[output_axis(chain.producer)]  # type: ignore[union-attr]
-    block = chain.block
+    block, groups = chain.block, chain.groups
     for user in users:
         label = f"{user.op_type} {user.name or ''}".rstrip()
-        conv_ok = user.op_type == "Conv" and not flattened and user.attributes.get_int("group", 1) == 1
+        conv_ok = user.op_type == "Conv" and not flattened
         gemm_ok = user.op_type == "Gemm" and flattened and not user.attributes.get_int("transA", 0)
         matmul_ok = user.op_type == "MatMul" and flattened
         if not (conv_ok or gemm_ok or matmul_ok):
@@ -317,14 +332,21 @@ def _consumers(chain: Chain, value: ir.Value, users: list[ir.Node], flattened: b
             return f"{label} has no private constant weight"
         if matmul_ok and len(weight.const_value.shape) != 2:  # type: ignore[union-attr]
             return f"{label} has a weight that is not 2-D"
-        features = weight.const_value.shape[input_axis(user)]  # type: ignore[union-attr]
+        user_groups = user.attributes.get_int("group", 1) if conv_ok else 1
+        if user_groups != 1:
+            if chain.concat is not None:
+                return f"channels reach grouped conv {label} after a Concat"
+            if groups not in (1, user_groups):
+                return f"channels reach grouped conv {label}, grouped differently from the layers around it"
+            groups = user_groups
+        features = weight.const_value.shape[input_axis(user)] * user_groups  # type: ignore[union-attr]
         user_block = features // channels if spatial else 1
         if features != channels * user_block or (block != 1 and user_block != block):
             return f"{label} reads {features} features, not a block per channel of {channels}"
         block = user_block
     if not users:
         return "channels are not used"
-    chain.consumers, chain.output, chain.block = users, value, block
+    chain.consumers, chain.output, chain.block, chain.groups = users, value, block, groups
     return chain
 
 
@@ -384,7 +406,11 @@ def prune_chain(chain: Chain, keep: np.ndarray) -> None:
             node.attributes["group"] = ir.AttrInt64("group", len(keep))
     if chain.concat is None:
         for user in chain.consumers:
-            _take(user.inputs[1], blocks(keep, chain.block), input_axis(user))
+            groups = user.attributes.get_int("group", 1) if user.op_type == "Conv" else 1
+            if groups == 1:
+                _take(user.inputs[1], blocks(keep, chain.block), input_axis(user))
+            else:
+                _take_by_group(user.inputs[1], keep, groups)
     # Shapes recorded on the chain's tensors no longer hold; onnxruntime infers them.
     for node in [producer, *(node for node, _ in chain.channelwise), *chain.passthrough]:
         for output in node.outputs:
@@ -414,6 +440,42 @@ def prune_concat_consumers(chains: list[tuple[Chain, np.ndarray]]) -> None:
 def blocks(channels: np.ndarray, block: int) -> np.ndarray:
     """Input feature indices of the given channels when each channel is ``block`` consecutive features."""
     return (np.asarray(channels)[:, None] * block + np.arange(block)[None, :]).ravel()
+
+
+def grouped_keep(scores: np.ndarray, kept: int, groups: int) -> np.ndarray:
+    """The ``kept`` best channels by ``scores`` (sorted indices), as many from each of ``groups`` contiguous groups."""
+    if groups == 1:
+        return np.sort(np.argsort(-scores, kind="stable")[:kept])
+    size = len(scores) // groups
+    per_group = max(1, int(round(kept / groups)))
+    chosen = [start + np.argsort(-scores[start : start + size], kind="stable")[:per_group] for start in range(0, len(scores), size)]
+    return np.sort(np.concatenate(chosen))
+
+
+def _take_by_group(weight: ir.Value | None, keep: np.ndarray, groups: int) -> None:
+    """Cuts a grouped conv's weight [out, in/groups, ...] to the kept input channels, each group's filters to its own."""
+    assert weight is not None and weight.const_value is not None
+    array = weight.const_value.numpy()
+    per_in, per_out = array.shape[1], array.shape[0] // groups
+    parts = [array[g * per_out : (g + 1) * per_out][:, keep[(keep >= g * per_in) & (keep < (g + 1) * per_in)] - g * per_in] for g in range(groups)]
+    cut = np.ascontiguousarray(np.concatenate(parts, axis=0))
+    weight.const_value = ir.Tensor(cut, name=weight.name)
+    weight.shape = ir.Shape(cut.shape)
+
+
+def dense_input_weight(node: ir.Node) -> np.ndarray:
+    """A consumer's weight as [input channels, outputs, rest] in float64; a grouped conv's is block-diagonal (zero across groups)."""
+    weight = node.inputs[1].const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
+    moved = np.moveaxis(weight, input_axis(node), 0)
+    moved = moved.reshape(moved.shape[0], moved.shape[1], -1)
+    groups = node.attributes.get_int("group", 1) if node.op_type == "Conv" else 1
+    if groups == 1:
+        return moved
+    per_in, per_out = moved.shape[0], moved.shape[1] // groups
+    dense = np.zeros((per_in * groups, moved.shape[1], moved.shape[2]))
+    for g in range(groups):
+        dense[g * per_in : (g + 1) * per_in, g * per_out : (g + 1) * per_out] = moved[:, g * per_out : (g + 1) * per_out]
+    return dense
 
 
 def _take(value: ir.Value | None, keep: np.ndarray, axis: int) -> None:

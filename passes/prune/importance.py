@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from passes.prune.channels import Chain, bias_value, blocks, input_axis, output_axis
+from passes.prune.channels import Chain, bias_value, blocks, dense_input_weight, output_axis
 
 
 @dataclass
@@ -89,8 +89,7 @@ def activation_importance(chain: Chain, stats: FeatureStats) -> np.ndarray:
     """
     reach = np.zeros_like(stats.std)
     for user in chain.consumers:
-        weight = user.inputs[1].const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
-        reach += (np.moveaxis(weight, input_axis(user), 0).reshape(weight.shape[input_axis(user)], -1) ** 2).sum(axis=1)
+        reach += (dense_input_weight(user) ** 2).sum(axis=(1, 2))
     per_channel = (stats.std * np.sqrt(reach)).reshape(-1, chain.block).sum(axis=1)
     offset = _offset(chain)
     return per_channel[offset : offset + _channels(chain)]
@@ -109,7 +108,7 @@ def compensate_means(chain: Chain, keep: np.ndarray, stats: FeatureStats) -> lis
     compensated = []
     for user in chain.consumers:
         bias = bias_value(user)
-        rows = _rows_by_input(user)  # [inputs, outputs], a Conv's kernel summed
+        rows = dense_input_weight(user).sum(axis=2)  # [inputs, outputs], a Conv's kernel summed
         if bias is None or bias.const_value is None or tuple(bias.const_value.shape.numpy()) != (rows.shape[1],):
             continue
         if any(reader is not _bias_reader(user) for reader, _ in bias.uses()):
@@ -122,13 +121,6 @@ def compensate_means(chain: Chain, keep: np.ndarray, stats: FeatureStats) -> lis
         bias.const_value = ir.Tensor((old.astype(np.float64) + shift).astype(old.dtype), name=bias.name)
         compensated.append(user)
     return compensated
-
-
-def _rows_by_input(node: ir.Node) -> np.ndarray:
-    """The consumer's weight as [input features, outputs] in float64; a Conv's kernel is summed over its window."""
-    weight = node.inputs[1].const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
-    moved = np.moveaxis(weight, input_axis(node), 0)
-    return moved.reshape(moved.shape[0], moved.shape[1], -1).sum(axis=2)
 
 
 def _bias_reader(node: ir.Node) -> ir.Node:

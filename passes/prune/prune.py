@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from graphopt.runtime import stream_tensors
 from passes.lift_constants import LiftConstantsPass
-from passes.prune.channels import Chain, find_chains, output_axis, prune_chain, prune_concat_consumers
+from passes.prune.channels import Chain, find_chains, grouped_keep, output_axis, prune_chain, prune_concat_consumers
 from passes.prune.compression import compression_report
 from passes.prune.importance import FeatureStats, activation_importance, compensate_means, weight_importance
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
@@ -208,8 +208,7 @@ class PrunePass(ir.passes.InPlacePass):
         keeps = []
         for chain in chains:
             scores = activation_importance(chain, stats[chain.output.name]) if stats else weight_importance(chain, self.summary.norm)  # type: ignore[union-attr]
-            kept = _kept_channels(len(scores), self.ratio, self.align)
-            keeps.append(np.sort(np.argsort(-scores, kind="stable")[:kept]))
+            keeps.append(grouped_keep(scores, _kept_channels(len(scores), self.ratio, self.align), chain.groups))
         # The unpruned model is the teacher that reconstruction fits the pruned layers to.
         # clone() shares tensors, so external data keeps its folder (a proto round trip loses it).
         teacher = model.clone() if self.reconstruct and chains else None
@@ -229,10 +228,10 @@ class PrunePass(ir.passes.InPlacePass):
         if teacher is not None and cut:
             out_keep = {chain.producer: keep for chain, keep in zip(chains, keeps)}
             samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
-            layers = layers_to_refit(model, cut, self.skip)
+            layers, not_built = layers_to_refit(model, cut, self.skip)
             done, refused = refit_in_order(model, teacher, layers, out_keep, samples, self.threads)
             self.summary.reconstructed.extend(done)
-            self.summary.not_reconstructed.update(refused)
+            self.summary.not_reconstructed.update({**not_built, **refused})
         return bool(cut)
 
     def _consumer_input_stats(self, model: ir.Model, chains: list[Chain]) -> dict[str, FeatureStats]:

@@ -57,22 +57,27 @@ _FLOAT = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 Feeds = dict[str, np.ndarray]
 
 
-def layers_to_refit(model: ir.Model, cut: list[Chain], skip: frozenset[str]) -> list[ir.Node]:
-    """The chains' consumers, and every other Conv (group 1), Gemm or MatMul whose data input the pruning changed, in graph order.
+def layers_to_refit(model: ir.Model, cut: list[Chain], skip: frozenset[str]) -> tuple[list[ir.Node], dict[str, str]]:
+    """The chains' consumers and every other layer whose data input the pruning changed, that can be refit, in graph order.
 
-    Layers named (or whose op type is named) in ``skip`` are left as they are.
+    Also returns ``{consumer: why not}`` for consumers whose refit is not
+    built (a grouped conv, a Gemm with alpha or beta other than 1, ...: see
+    :func:`_refits_outputs`). Layers named (or whose op type is named) in
+    ``skip`` are left as they are.
     """
     consumers = {user for chain in cut for user in chain.consumers}
     changed = {node for chain in cut for node in (chain.producer, *(n for n, _ in chain.channelwise))} | consumers
     tainted: set[ir.Value] = set()
-    layers = []
+    layers, refused = [], {}
     for node in model.graph:
         reads_changed = bool(node.inputs) and node.inputs[0] in tainted
-        if node in consumers or (reads_changed and _refits_outputs(node) and node.name not in skip and node.op_type not in skip):
+        if node in consumers and not _refits_outputs(node):
+            refused[_label(node)] = f"reconstruction of this {node.op_type} is not built (grouped, or scaled by alpha/beta)"
+        elif node in consumers or (reads_changed and _refits_outputs(node) and node.name not in skip and node.op_type not in skip):
             layers.append(node)
         if node in changed or any(value in tainted for value in node.inputs if value is not None):
             tainted.update(node.outputs)
-    return layers
+    return layers, refused
 
 
 def refit_in_order(

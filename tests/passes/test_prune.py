@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import check_full, run_ort, to_proto
+from helpers import check_full, initializer_arrays, run_ort, to_proto
 from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -21,10 +21,6 @@ from graphopt.errors import PipelineSpecError
 from passes.prune import PrunePass
 from passes.prune.compression import sparse_decode, sparse_encode
 from passes.prune.reconstruct import RIDGE_GRID, fit_error, tuned_fit
-
-
-def _weights(model) -> dict[str, np.ndarray]:
-    return {name: value.const_value.numpy() for name, value in model.graph.initializers.items() if value.const_value is not None}
 
 
 def _matmul_model(k: int = 16, n: int = 8, seed: int = 0):
@@ -49,7 +45,7 @@ def test_unstructured_sparsity_is_met_per_layer_within_one_percent(sparsity):
     run_pipeline(model, [pass_])
 
     assert len(pass_.summary.sparsity) == 24
-    weights = _weights(model)
+    weights = initializer_arrays(model)
     for node in model.graph:
         if (node.name or node.op_type) in pass_.summary.sparsity:
             array = weights[node.inputs[1].name]
@@ -63,7 +59,7 @@ def test_global_scope_meets_the_overall_target_with_uneven_layers():
 
     run_pipeline(model, [pass_])
 
-    weights = _weights(model)
+    weights = initializer_arrays(model)
     pruned = [weights[node.inputs[1].name] for node in model.graph if (node.name or node.op_type) in pass_.summary.sparsity]
     zeros = sum(int((w == 0).sum()) for w in pruned)
     assert abs(zeros / sum(w.size for w in pruned) - 0.7) <= 0.01
@@ -72,7 +68,7 @@ def test_global_scope_meets_the_overall_target_with_uneven_layers():
 
 def test_default_skip_leaves_first_conv_and_classifier_untouched():
     zoo = model_zoo.build("cnn_bn")
-    before = _weights(load(zoo.model))
+    before = initializer_arrays(load(zoo.model))
     model = load(zoo.model)
     pass_ = PrunePass(sparsity=0.5)
 
@@ -80,7 +76,7 @@ def test_default_skip_leaves_first_conv_and_classifier_untouched():
 
     reasons = set(pass_.summary.skipped.values())
     assert reasons == {"first conv (default skip)", "final classifier (default skip)"}
-    after = _weights(model)
+    after = initializer_arrays(model)
     untouched = [node.inputs[1].name for node in model.graph if (node.name or node.op_type) in pass_.summary.skipped]
     for name in untouched:
         np.testing.assert_array_equal(after[name], before[name])
@@ -104,7 +100,7 @@ def test_pruned_graph_computes_masked_weights_exactly_and_stays_within_the_bound
 
     run_pipeline(model, [PrunePass(sparsity=0.5, skip="")])
 
-    pruned = _weights(model)["w"]
+    pruned = initializer_arrays(model)["w"]
     assert (pruned == 0).sum() == 64 and np.all((pruned == 0) | (pruned == weight))
     kept_small = np.abs(weight[pruned != 0]).min() >= np.abs(weight[pruned == 0]).max()
     assert kept_small  # the zeroed weights are the smallest in magnitude
@@ -121,7 +117,7 @@ def test_two_of_four_keeps_two_in_every_group_of_four_input_channels(name):
 
     run_pipeline(model, [pass_])
 
-    weights = _weights(model)
+    weights = initializer_arrays(model)
     checked = 0
     for node in model.graph:
         label = node.name or node.op_type
@@ -207,7 +203,7 @@ def test_reconstruction_lowers_the_output_error_of_pruning():
         model = load(proto)
         pass_ = PrunePass(sparsity=0.6, skip="mix", reconstruct=reconstruct, data=calibration)
         run_pipeline(model, [pass_])
-        weight = _weights(model)["w"]
+        weight = initializer_arrays(model)["w"]
         assert abs(float((weight == 0).mean()) - 0.6) <= 0.01  # the mask survives the refit
         got = run_ort(model, held_out)[0]
         errors[reconstruct] = float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
@@ -236,8 +232,7 @@ def _conv_chain(head: str, dead_channels=(1, 4, 6), seed: int = 0):
     Flatten -> Gemm fc (8 -> 5); "residual": Add(c1, x) -> Conv c2 (the Add blocks pruning);
     "reshape": Reshape -> Conv c2 (a Reshape we cannot follow); "depthwise": Relu ->
     Mul by a per-channel constant -> depthwise Conv (group 8) -> BatchNormalization
-    (zero shift, so dead channels stay zero) -> Conv c2 (8 -> 4); "grouped": a
-    group-2 Conv (4 inputs per group) -> Conv c2; "concat": Relu -> Concat(r, x) on
+    (zero shift, so dead channels stay zero) -> Conv c2 (8 -> 4); "concat": Relu -> Concat(r, x) on
     channels -> Conv c2 (16 -> 4); "flatten": Relu -> Flatten of the whole map -> Gemm
     fc (8*6*6 -> 5).
     """
@@ -281,11 +276,6 @@ def _conv_chain(head: str, dead_channels=(1, 4, 6), seed: int = 0):
                   helper.make_node("Gemm", ["f", "w2"], ["y"], name="fc", transB=1)]
         inits.append(numpy_helper.from_array(rng.standard_normal((5, 8 * 36)).astype(np.float32), "w2"))
         out_shape = [1, 5]
-    elif head == "grouped":
-        nodes += [helper.make_node("Conv", ["c1", "wg"], ["g"], name="grouped", group=2, pads=[1, 1, 1, 1]),
-                  helper.make_node("Conv", ["g", "w2"], ["y"], name="c2")]
-        inits += [numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), "wg"),
-                  numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2")]
     elif head == "residual":
         nodes += [helper.make_node("Add", ["c1", "x"], ["s"]), helper.make_node("Conv", ["s", "w2"], ["y"], name="c2")]
         inits.append(numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2"))
@@ -310,7 +300,7 @@ def test_channel_pruning_cuts_concat_segments_and_flattened_feature_blocks(head,
     run_pipeline(model, [pass_])
 
     assert pass_.summary.channels["c1"] == (8, 5)
-    assert _weights(model)["w2"].shape == want  # the other Concat input keeps its 8 channels
+    assert initializer_arrays(model)["w2"].shape == want  # the other Concat input keeps its 8 channels
     check_full(model)
     np.testing.assert_allclose(run_ort(model, X_CHAIN)[0], run_ort(proto, X_CHAIN)[0], rtol=1e-5, atol=1e-5)
 
@@ -322,7 +312,7 @@ def test_channel_pruning_cuts_depthwise_convs_batchnorm_and_per_channel_constant
 
     result = run_pipeline(model, [pass_])
 
-    weights = _weights(model)
+    weights = initializer_arrays(model)
     assert result.modified is True and pass_.summary.channels["c1"] == (8, 5)
     assert weights["w1"].shape == (5, 8, 3, 3) and weights["wd"].shape == (5, 1, 3, 3)
     assert weights["scale"].shape == (5, 1, 1) and weights["g"].shape == (5,) and weights["w2"].shape == (4, 5, 1, 1)
@@ -349,7 +339,7 @@ def _relu_chain_with_large_dead_filters(dead=(1, 4, 6)):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def test_activation_importance_removes_channels_that_relu_silences_despite_large_weights():
+def test_activation_importance_removes_channels_that_relu_silences_despite_largeinitializer_arrays():
     proto = _relu_chain_with_large_dead_filters()
     by_activation, by_norm = load(proto), load(proto)
     calibration = [{"x": np.random.default_rng(i).standard_normal((1, 8, 6, 6)).astype(np.float32)} for i in range(4)]
@@ -357,7 +347,7 @@ def test_activation_importance_removes_channels_that_relu_silences_despite_large
     run_pipeline(by_activation, [PrunePass(pattern="channel", ratio=3 / 8, skip="", norm="activation", data=calibration)])
     run_pipeline(by_norm, [PrunePass(pattern="channel", ratio=3 / 8, skip="", norm="l1")])
 
-    kept_bias = _weights(by_activation)["b1"]
+    kept_bias = initializer_arrays(by_activation)["b1"]
     assert kept_bias.shape == (5,) and not np.any(kept_bias < 0)  # the three silenced channels went
     want = run_ort(proto, X_CHAIN)[0]
     np.testing.assert_allclose(run_ort(by_activation, X_CHAIN)[0], want, rtol=1e-5, atol=1e-4)
@@ -375,7 +365,7 @@ def test_importance_comes_from_activations_when_calibration_data_is_given(with_d
     run_pipeline(model, [pass_])
 
     assert pass_.summary.norm == norm and f"{norm} importance" in pass_.summary.line()
-    silenced_removed = not np.any(_weights(model)["b1"] < 0)
+    silenced_removed = not np.any(initializer_arrays(model)["b1"] < 0)
     assert silenced_removed is with_data
 
 
@@ -387,7 +377,7 @@ def test_channel_pruning_shrinks_the_chain_and_is_exact_when_pruned_channels_are
 
     result = run_pipeline(model, [pass_])
 
-    weights = _weights(model)
+    weights = initializer_arrays(model)
     assert result.modified is True and pass_.summary.channels["c1"] == (8, 5)
     assert weights["w1"].shape == (5, 8, 3, 3)
     assert weights["w2"].shape == ((4, 5, 1, 1) if head == "conv" else (5, 5))
@@ -428,8 +418,8 @@ def test_channel_counts_are_rounded_to_the_alignment(align, want):
 
 
 @pytest.mark.parametrize(
-    "head,reason", [("residual", "channels reach Add"), ("reshape", "channels reach Reshape"), ("grouped", "channels reach grouped conv Conv grouped")]
-)
+    "head,reason", [("residual", "channels reach Add"), ("reshape", "channels reach Reshape")]
+)  # grouped convs are followed: tests/passes/test_prune_grouped.py
 def test_channels_joined_by_an_add_or_a_reshape_are_left_alone(head, reason):
     proto = _conv_chain(head)
     model = load(proto)
@@ -439,7 +429,7 @@ def test_channels_joined_by_an_add_or_a_reshape_are_left_alone(head, reason):
 
     assert result.modified is False
     assert pass_.summary.skipped["c1"].startswith(reason)
-    assert _weights(model)["w1"].shape == (8, 8, 3, 3)
+    assert initializer_arrays(model)["w1"].shape == (8, 8, 3, 3)
 
 
 def test_reconstruction_after_channel_pruning_refits_the_consumers():
@@ -517,5 +507,5 @@ def test_reconstruction_keeps_plain_pruning_when_the_layer_inputs_are_all_zero()
 
     check_full(model)
     # The pruned half stays zero; the refit may zero the rest too, as nothing reaches them.
-    assert float((_weights(model)["w"] == 0).mean()) >= 0.5 - 0.01
+    assert float((initializer_arrays(model)["w"] == 0).mean()) >= 0.5 - 0.01
     assert np.array_equal(run_ort(model, calibration[0])[0], np.zeros((4, 8), np.float32))

@@ -9,24 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import check_full, run_ort
-from onnx import TensorProto, helper, numpy_helper
+from helpers import check_full, initializer_arrays, one_input_model, run_ort
+from onnx import helper, numpy_helper
 
 from graphopt import load, run_pipeline
 from model_zoo.encoder import build_encoder
 from passes.prune import PrunePass
 
 _DEAD = (1, 4, 6, 9)  # of 12 hidden channels: ratio 1/3 removes exactly these
-
-
-def _weights(model) -> dict[str, np.ndarray]:
-    return {value.name: value.const_value.numpy() for value in model.graph.initializers.values()}
-
-
-def _model(nodes, inits, x_shape, y_shape):
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def _feed_forward(activation: str = "gelu", dead=_DEAD, seed: int = 0):
@@ -58,7 +48,7 @@ def _feed_forward(activation: str = "gelu", dead=_DEAD, seed: int = 0):
     if activation == "leaky":
         inits.append(numpy_helper.from_array(rng.standard_normal((12, 8)).astype(np.float32), "w3"))
         nodes += [helper.make_node("MatMul", ["sig", "w3"], ["side"], name="side"), helper.make_node("Add", ["z", "side"], ["y"])]
-    return _model(nodes, inits, [2, 5, 8], [2, 5, 8])
+    return one_input_model(nodes, inits, [2, 5, 8], [2, 5, 8])
 
 
 X = {"x": np.random.default_rng(7).standard_normal((2, 5, 8)).astype(np.float32)}
@@ -72,7 +62,7 @@ def test_feed_forward_hidden_channels_shrink_through_bias_and_activation_exactly
 
     result = run_pipeline(model, [pass_])
 
-    weights = _weights(model)
+    weights = initializer_arrays(model)
     assert result.modified is True and pass_.summary.channels == {"up": (12, 8)}
     assert pass_.summary.skipped["down"] == "final classifier (default skip)"
     assert weights["w1"].shape == (8, 8) and weights["b1"].shape == (8,) and weights["w2"].shape == (8, 8)
@@ -92,7 +82,7 @@ def test_a_region_that_does_not_join_into_one_tensor_is_left_alone():
 
     assert result.modified is False
     assert pass_.summary.skipped["up"].startswith("channels reach Sigmoid")
-    assert _weights(model)["w1"].shape == (8, 12)
+    assert initializer_arrays(model)["w1"].shape == (8, 12)
 
 
 def test_rank_two_matmul_feeds_a_gemm_consumer():
@@ -103,14 +93,14 @@ def test_rank_two_matmul_feeds_a_gemm_consumer():
              helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc", transB=1)]
     inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(rng.standard_normal((3, 12)).astype(np.float32), "w2"),
              numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "b2")]
-    proto = _model(nodes, inits, [4, 6], [4, 3])
+    proto = one_input_model(nodes, inits, [4, 6], [4, 3])
     model = load(proto)
     pass_ = PrunePass(pattern="channel", ratio=1 / 3, skip="")
 
     run_pipeline(model, [pass_])
 
     assert pass_.summary.channels["up"] == (12, 8)
-    assert _weights(model)["w1"].shape == (6, 8) and _weights(model)["w2"].shape == (3, 8)
+    assert initializer_arrays(model)["w1"].shape == (6, 8) and initializer_arrays(model)["w2"].shape == (3, 8)
     check_full(model)
     feeds = {"x": rng.standard_normal((4, 6)).astype(np.float32)}
     np.testing.assert_allclose(run_ort(model, feeds)[0], run_ort(proto, feeds)[0], rtol=1e-5, atol=1e-5)
@@ -124,13 +114,13 @@ def test_silu_between_convs_is_followed_as_one_region():
              helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["s", "c"], ["a"]),  # SiLU, sigmoid first
              helper.make_node("Conv", ["a", "w2"], ["y"], name="c2")]
     inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(rng.standard_normal((4, 12, 1, 1)).astype(np.float32), "w2")]
-    proto = _model(nodes, inits, [1, 3, 6, 6], [1, 4, 6, 6])
+    proto = one_input_model(nodes, inits, [1, 3, 6, 6], [1, 4, 6, 6])
     model = load(proto)
     pass_ = PrunePass(pattern="channel", ratio=1 / 3, skip="")
 
     run_pipeline(model, [pass_])
 
-    assert pass_.summary.channels["c1"] == (12, 8) and _weights(model)["w2"].shape == (4, 8, 1, 1)
+    assert pass_.summary.channels["c1"] == (12, 8) and initializer_arrays(model)["w2"].shape == (4, 8, 1, 1)
     check_full(model)
     feeds = {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)}
     np.testing.assert_allclose(run_ort(model, feeds)[0], run_ort(proto, feeds)[0], rtol=1e-5, atol=1e-5)
@@ -147,13 +137,13 @@ def test_conv_transpose_loses_output_channels_on_its_second_weight_axis():
     bt[list(_DEAD)] = 0.0
     inits = [numpy_helper.from_array(wt, "wt"), numpy_helper.from_array(bt, "bt"),
              numpy_helper.from_array(rng.standard_normal((4, 12, 1, 1)).astype(np.float32), "w2")]
-    proto = _model(nodes, inits, [1, 5, 4, 4], [1, 4, 6, 6])
+    proto = one_input_model(nodes, inits, [1, 5, 4, 4], [1, 4, 6, 6])
     model = load(proto)
     pass_ = PrunePass(pattern="channel", ratio=1 / 3, skip="")
 
     run_pipeline(model, [pass_])
 
-    weights = _weights(model)
+    weights = initializer_arrays(model)
     assert pass_.summary.channels["up"] == (12, 8)
     assert weights["wt"].shape == (5, 8, 3, 3) and weights["bt"].shape == (8,) and weights["w2"].shape == (4, 8, 1, 1)
     check_full(model)
@@ -172,14 +162,14 @@ def test_activation_importance_reads_the_last_axis_after_a_matmul():
              helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"], name="down")]
     inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
              numpy_helper.from_array(rng.standard_normal((12, 8)).astype(np.float32), "w2")]
-    proto = _model(nodes, inits, [2, 5, 8], [2, 5, 8])
+    proto = one_input_model(nodes, inits, [2, 5, 8], [2, 5, 8])
     calibration = [{"x": np.random.default_rng(10 + i).standard_normal((2, 5, 8)).astype(np.float32)} for i in range(4)]
     by_activation, by_norm = load(proto), load(proto)
 
     run_pipeline(by_activation, [PrunePass(pattern="channel", ratio=1 / 3, skip="", norm="activation", data=calibration)])
     run_pipeline(by_norm, [PrunePass(pattern="channel", ratio=1 / 3, skip="", norm="l1")])
 
-    assert _weights(by_activation)["b1"].shape == (8,) and not np.any(_weights(by_activation)["b1"] < 0)
+    assert initializer_arrays(by_activation)["b1"].shape == (8,) and not np.any(initializer_arrays(by_activation)["b1"] < 0)
     want = run_ort(proto, X)[0]
     np.testing.assert_allclose(run_ort(by_activation, X)[0], want, rtol=1e-5, atol=1e-4)
     assert np.abs(run_ort(by_norm, X)[0] - want).max() > 1.0  # the weight norm keeps the silenced channels
@@ -253,7 +243,7 @@ def _constant_channels(consumer: str):
         nodes += [helper.make_node("MatMul", ["r", "w2"], ["o"], name="down"), helper.make_node("Add", ["b2", "o"], ["y"])]
     else:
         nodes.append(helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="down", alpha=2.0, beta=0.5))
-    return _model(nodes, inits, [4, 8], [4, 5])
+    return one_input_model(nodes, inits, [4, 8], [4, 5])
 
 
 @pytest.mark.parametrize("consumer", ["matmul", "gemm"])
@@ -268,9 +258,9 @@ def test_removed_constant_channels_move_into_the_consumer_bias(consumer):
     run_pipeline(by_norm, [PrunePass(pattern="channel", ratio=1 / 3, skip="", norm="l1")])
 
     # Both remove the four constant channels (zero spread; zero weight norm), only the first keeps their 3 * w2 rows.
-    assert _weights(by_activation)["w1"].shape == _weights(by_norm)["w1"].shape == (8, 8)
+    assert initializer_arrays(by_activation)["w1"].shape == initializer_arrays(by_norm)["w1"].shape == (8, 8)
     assert pass_.summary.compensated == ["down"]
-    assert not np.allclose(_weights(by_activation)["b2"], _weights(by_norm)["b2"])
+    assert not np.allclose(initializer_arrays(by_activation)["b2"], initializer_arrays(by_norm)["b2"])
     check_full(by_activation)
     want = run_ort(proto, feeds)[0]
     np.testing.assert_allclose(run_ort(by_activation, feeds)[0], want, rtol=1e-5, atol=1e-4)
