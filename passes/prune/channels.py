@@ -1,8 +1,9 @@
 """Structured channel pruning: remove whole output channels and shrink every tensor that carries them.
 
-A *chain* starts at a Conv or ConvTranspose (group 1), a Gemm, or a MatMul
-by a constant 2-D weight, whose output channels can go, and follows the
-channels to the layers that consume them:
+A *chain* starts at a Conv (grouped or not; a depthwise conv's channels are
+cut with the layer before it), a ConvTranspose (group 1), a Gemm, or a
+MatMul by a constant 2-D weight, whose output channels can go, and follows
+the channels to the layers that consume them:
 
     producer -> any sequence of
                   channel-wise nodes: BatchNormalization, a depthwise Conv
