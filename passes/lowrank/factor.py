@@ -48,6 +48,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from passes.prune import reconstruct
+
 # Ridge on G relative to the mean of its diagonal: keeps the Cholesky factor
 # well conditioned when inputs are collinear (dead or duplicated features),
 # while the data-aware error still tracks the true one closely.
@@ -82,9 +84,8 @@ def svd_factors(weight: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def damping(gram: np.ndarray) -> float:
-    """DAMPING times the mean of the Gram matrix's diagonal (1 when that is 0: inputs all zero)."""
-    scale = float(np.mean(np.diag(gram)))
-    return DAMPING * scale if scale > 0 else 1.0
+    """DAMPING times the mean of the Gram matrix's diagonal (1 when that is 0: inputs all zero), prune's rule."""
+    return reconstruct.damping(gram, DAMPING)
 
 
 def whitening(gram: np.ndarray) -> np.ndarray:
