@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -296,10 +297,13 @@ def conv_patches(node: ir.Node, array: np.ndarray) -> np.ndarray:
     span_h, span_w = dilations[0] * (kh - 1) + 1, dilations[1] * (kw - 1) + 1
     windows = np.lib.stride_tricks.sliding_window_view(x, (span_h, span_w), axis=(2, 3))
     windows = windows[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]  # N, C, Ho, Wo, kh, kw
-    rows = windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
-    if rows.shape[0] > MAX_PATCHES:
-        rows = rows[np.random.default_rng(0).choice(rows.shape[0], MAX_PATCHES, replace=False)]
-    return rows
+    positions = (windows.shape[0], windows.shape[2], windows.shape[3])
+    if math.prod(positions) <= MAX_PATCHES:
+        return windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+    # Draw the positions first and copy only their windows: all rows of a 3x3 conv over 64 channels at 1024x1024 take 4.8 GB.
+    pick = np.random.default_rng(0).choice(math.prod(positions), MAX_PATCHES, replace=False)
+    n, h, w = np.unravel_index(pick, positions)
+    return windows[n, :, h, w].reshape(MAX_PATCHES, x.shape[1] * kh * kw)
 
 
 def refit(gram: np.ndarray, original: np.ndarray, bias: np.ndarray | None, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

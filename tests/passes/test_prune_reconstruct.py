@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphopt import load, run_pipeline
 from model_zoo import digits
 from passes.prune import PrunePass, refit_channels
-from passes.prune.reconstruct import RELATIVE_DAMPING, fit_error, ridge_solve, tuned_fit
+from passes.prune.reconstruct import MAX_PATCHES, RELATIVE_DAMPING, conv_patches, fit_error, ridge_solve, tuned_fit
 
 
 def _grams(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -252,3 +252,25 @@ def test_reconstruction_keeps_the_trained_digits_cnn_accurate_from_64_calibratio
     # rel L2 0.205); on all 64, 0.9865 (0.169). The float model: 0.9966.
     assert digits.accuracy(model, images[64:], labels[64:]) >= 0.98
     assert error < 0.19, error
+
+
+@pytest.mark.parametrize("strides,dilations", [([1, 1], [1, 1]), ([2, 1], [1, 2])])
+def test_conv_patches_subsample_draws_the_same_rows_as_cutting_all_of_them(strides, dilations):
+    # conv_patches copies only the drawn windows; the rows must be those of the full im2col at the same draw.
+    node = helper.make_node("Conv", ["x", "w"], ["y"], strides=strides, dilations=dilations, pads=[1, 0, 1, 2])
+    model = load(helper.make_model(helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 70, 60])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.zeros((4, 3, 3, 3), np.float32), "w")]), opset_imports=[helper.make_opsetid("", 17)]))
+    x = np.random.default_rng(0).standard_normal((2, 3, 70, 60))
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 2)))
+    span_h, span_w = dilations[0] * 2 + 1, dilations[1] * 2 + 1
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (span_h, span_w), axis=(2, 3))
+    windows = windows[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]
+    every_row = windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, 27)
+    assert every_row.shape[0] > MAX_PATCHES
+
+    rows = conv_patches(next(iter(model.graph)), x)
+
+    drawn = np.random.default_rng(0).choice(every_row.shape[0], MAX_PATCHES, replace=False)
+    np.testing.assert_array_equal(rows, every_row[drawn])
