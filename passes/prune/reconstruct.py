@@ -68,14 +68,18 @@ logger = logging.getLogger(__name__)
 RELATIVE_DAMPING = 1e-2
 
 
-def input_gram(model: ir.Model, nodes: Sequence[ir.Node], feeds: Iterable[Feeds], threads: int | None) -> dict[ir.Node, np.ndarray]:
-    """``X^T X`` of each node's first input over all samples, by node.
+def input_gram(
+    model: ir.Model, nodes: Sequence[ir.Node], feeds: Iterable[Feeds], threads: int | None, dtype: type = np.float64
+) -> dict[ir.Node, np.ndarray]:
+    """``X^T X`` of each node's first input over all samples, by node, accumulated in ``dtype``.
 
     Rows are all leading dims for MatMul/Gemm, and input patches (im2col,
     at most ``MAX_PATCHES`` a sample, drawn with a fixed seed) for Conv.
     Rows get a trailing column of ones, so G[-1, -1] counts the rows and
     G[:-1, -1] sums the inputs (what a bias needs). Keyed by the node, not
-    its name: names may be empty or repeated.
+    its name: names may be empty or repeated. float32 halves the time of
+    the products (GPTQ's second moments, as GPTQ itself keeps them); the
+    refits solve least squares with them and keep float64.
     """
     names = [node.inputs[0].name or "" for node in nodes if node.inputs[0] is not None]
     grams: dict[ir.Node, np.ndarray] = {}
@@ -84,7 +88,7 @@ def input_gram(model: ir.Model, nodes: Sequence[ir.Node], feeds: Iterable[Feeds]
             array = tensors.get(node.inputs[0].name or "") if node.inputs[0] is not None else None
             if array is None:
                 continue
-            rows = _rows(node, array)
+            rows = _rows(node, array, dtype)
             grams[node] = grams.get(node, 0) + rows.T @ rows
     return grams
 
@@ -278,22 +282,22 @@ def damping(gram: np.ndarray, relative: float = RELATIVE_DAMPING) -> float:
     return relative * scale if scale > 0 else 1.0
 
 
-def _rows(node: ir.Node, array: np.ndarray) -> np.ndarray:
-    rows = conv_patches(node, array) if node.op_type == "Conv" else np.asarray(array, np.float64).reshape(-1, array.shape[-1])
-    return np.hstack([rows, np.ones((rows.shape[0], 1))])
+def _rows(node: ir.Node, array: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    rows = conv_patches(node, array, dtype) if node.op_type == "Conv" else np.asarray(array, dtype).reshape(-1, array.shape[-1])
+    return np.hstack([rows, np.ones((rows.shape[0], 1), dtype)])
 
 
 MAX_PATCHES = 2048
 
 
-def conv_patches(node: ir.Node, array: np.ndarray) -> np.ndarray:
+def conv_patches(node: ir.Node, array: np.ndarray, dtype: type = np.float64) -> np.ndarray:
     """Input patches of a 2-D Conv as rows [P, C*kh*kw] (C-major, like the weight), subsampled."""
     weight_shape = node.inputs[1].const_value.shape.numpy()  # type: ignore[union-attr]
     kh, kw = int(weight_shape[2]), int(weight_shape[3])
     strides = node.attributes.get_ints("strides", [1, 1])
     dilations = node.attributes.get_ints("dilations", [1, 1])
     pads = node.attributes.get_ints("pads", [0, 0, 0, 0])
-    x = np.pad(np.asarray(array, np.float64), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    x = np.pad(np.asarray(array, dtype), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     span_h, span_w = dilations[0] * (kh - 1) + 1, dilations[1] * (kw - 1) + 1
     windows = np.lib.stride_tricks.sliding_window_view(x, (span_h, span_w), axis=(2, 3))
     windows = windows[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]  # N, C, Ho, Wo, kh, kw

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 RELATIVE_DAMPING = 0.01
 # Columns rounded between two matrix updates of the remaining ones (GPTQ's "lazy batch").
 BLOCK = 32
-# The input second moments held at once (float64 K x K, two per layer: even and odd samples).
+# The input second moments held at once (float32 K x K, two per layer: even and odd samples).
 GRAM_BUDGET_BYTES = 512 << 20
 
 
@@ -129,8 +129,8 @@ def round_targets(
     rounded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for chunk in _chunks(served):
         nodes = [t.node for t in chunk]
-        even = input_gram(model, nodes, itertools.islice(feeds(), 0, None, 2), threads)
-        odd = input_gram(model, nodes, itertools.islice(feeds(), 1, None, 2), threads)
+        even = input_gram(model, nodes, itertools.islice(feeds(), 0, None, 2), threads, np.float32)
+        odd = input_gram(model, nodes, itertools.islice(feeds(), 1, None, 2), threads, np.float32)
         for target in chunk:
             if target.node not in even:
                 continue
@@ -204,7 +204,7 @@ def _chunks(targets: Sequence[Target]) -> Iterable[list[Target]]:
     for target in targets:
         shape = target.weight.const_value.shape  # type: ignore[union-attr]
         inputs = int(np.prod([int(d) for d in shape])) // int(shape[target.weight_axis]) + 1
-        size = 2 * 8 * inputs * inputs  # float64, the even and the odd samples' apart
+        size = 2 * 4 * inputs * inputs  # float32, the even and the odd samples' apart
         if chunk and used + size > GRAM_BUDGET_BYTES:
             yield chunk
             chunk, used = [], 0
