@@ -170,6 +170,11 @@ def synthesize_feeds(
     if unknown:
         names = ", ".join(spec.name for spec in specs)
         raise DataError(f"shape given for unknown input '{unknown[0]}'; the model's inputs are: {names}")
+    for value in model.graph.inputs:
+        # A sequence or optional input has its element's dtype and a shape, so it
+        # was drawn as a plain tensor that onnxruntime then refused with a cryptic type code.
+        if not value.is_initializer() and value.type is not None and not isinstance(value.type, ir.TensorType):
+            raise DataError(f"input '{value.name}' is a {value.type}, not a tensor: graphopt can only feed tensors")
     for spec in specs:
         if _element_type(spec.dtype) in (ir.DataType.STRING, None):
             raise DataError(f"input '{spec.name}' has dtype {spec.dtype}: cannot synthesize it; pass --data")
@@ -391,6 +396,10 @@ def _fit_sample(sample: Mapping[str, Any], label: str, specs: dict[str, InputSpe
 
 
 def _fit_array(array: np.ndarray, spec: InputSpec, label: str) -> np.ndarray:
+    if _raw_bytes(array.dtype) and spec.dtype.kind != "O" and array.dtype.itemsize == spec.dtype.itemsize:
+        # np.savez stores ml_dtypes arrays (bfloat16, float8) as raw bytes ('|V2', '|V1'),
+        # or in a form np.load refuses (float8_e5m2): raw bytes read back, and only the model knows their type.
+        array = array.view(spec.dtype)
     if array.dtype != spec.dtype:
         if not _safe_cast(array.dtype, spec.dtype):
             raise DataError(f"{label}: input '{spec.name}' has dtype {array.dtype}, expected {spec.dtype} (not a safe cast)")
@@ -399,6 +408,11 @@ def _fit_array(array: np.ndarray, spec: InputSpec, label: str) -> np.ndarray:
         shapes = f"{_format_shape(array.shape)}, expected {_format_shape(spec.shape)}"
         raise DataError(f"{label}: input '{spec.name}' has shape {shapes}")
     return array
+
+
+def _raw_bytes(dtype: np.dtype) -> bool:
+    """Unstructured void: numpy's dtype for bytes of no known type."""
+    return dtype.type is np.void and dtype.names is None
 
 
 def _safe_cast(source: np.dtype, target: np.dtype) -> bool:

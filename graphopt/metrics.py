@@ -33,6 +33,7 @@ __all__ = [
     "ComparisonResult",
     "OutputComparator",
     "compare_arrays",
+    "output_arrays",
 ]
 
 import dataclasses
@@ -156,15 +157,41 @@ class OutputComparator:
         self._top1_hits = 0
         self._top5_hits: int | None = 0
         self._classifier = True
+        self._unequal = 0  # non-numeric (string) elements that differ
 
-    def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        """Adds one sample's pair of arrays to the running statistics."""
+    def update(self, reference: Any, candidate: Any) -> None:
+        """Adds one sample's pair of outputs to the running statistics.
+
+        An output is what onnxruntime returns: a tensor, or a sequence (list),
+        map (dict) or empty optional (None) of them; see :func:`output_arrays`.
+        """
         self._samples += 1
+        if isinstance(reference, np.ndarray) and isinstance(candidate, np.ndarray):
+            self._update_tensor(reference, candidate)
+            return
+        # Sequence outputs (e.g. SplitToSequence) come back as lists, whose elements
+        # may differ in shape: np.asarray raised on them. Compared element by element.
+        self._classifier = False
+        refs, cands = output_arrays(reference), output_arrays(candidate)
+        if len(refs) != len(cands):
+            if not self._shape_error:
+                self._shape_error = f"{_elements(len(cands))} in the sequence != reference {len(refs)}"
+            return
+        for ref, cand in zip(refs, cands):
+            self._update_tensor(ref, cand)
+
+    def _update_tensor(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         reference, candidate = np.asarray(reference), np.asarray(candidate)
         if reference.shape != candidate.shape:
             self._classifier = False
             if not self._shape_error:
                 self._shape_error = f"shape {_shape(candidate.shape)} != reference {_shape(reference.shape)}"
+            return
+        if not (_numeric(reference) and _numeric(candidate)):
+            # String outputs cannot go through float64 (astype raised): they must match exactly.
+            self._classifier = False
+            self._elements += reference.size
+            self._unequal += int(np.count_nonzero(reference.astype(str) != candidate.astype(str)))
             return
         self._update_classification(reference, candidate)
         ref = reference.astype(np.float64, copy=False).ravel()
@@ -262,6 +289,8 @@ class OutputComparator:
         if self._shape_error:
             return [self._shape_error]
         failures = [f"{kind} in candidate only ({_elements(n)})" for kind, n in self._candidate_only.items() if n]
+        if self._unequal:
+            failures.append(f"{_elements(self._unequal)} of a string output differ")
         if self._reference_only:
             failures.append(f"NaN/Inf in reference only ({_elements(self._reference_only)})")
         if failures:  # the statistics below read nan or inf then; they would only repeat the cause
@@ -282,6 +311,26 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, tole
     comparator = OutputComparator(name, tolerance)
     comparator.update(reference, candidate)
     return comparator.result()
+
+
+def output_arrays(value: Any) -> list[np.ndarray]:
+    """The tensors of one output as onnxruntime returns it, in a stable order.
+
+    A tensor is itself; a sequence (list) gives its elements; a map (dict)
+    gives its sorted keys, then its values; an empty optional (None) gives none.
+    """
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        keys = sorted(value)
+        return [np.asarray(keys), *(array for key in keys for array in output_arrays(value[key]))]
+    if isinstance(value, (list, tuple)):
+        return [array for item in value for array in output_arrays(item)]
+    return [np.asarray(value)]
+
+
+def _numeric(array: np.ndarray) -> bool:
+    return array.dtype.kind in "biufc" or array.dtype.kind == "V"  # V: ml_dtypes (bfloat16, float8, int4)
 
 
 def _rel_l2(rr: float, dd: float) -> float:

@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import logging
@@ -73,6 +74,18 @@ _NUMPY_NATIVE_DTYPES = frozenset(
     getattr(ir.DataType, name)
     for name in ("FLOAT", "DOUBLE", "FLOAT16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "BOOL")
 )
+
+# Whole-byte element types numpy knows only through ml_dtypes. onnxruntime's
+# Python API neither takes nor returns them as arrays ("Numpy_type 4 can't be
+# converted to MLDataType"), but takes and gives raw bytes through OrtValues.
+# (4-, 2-bit types are packed several to a byte by onnxruntime, one per byte by ml_dtypes.)
+_BYTE_TYPES = {
+    dtype.numpy(): dtype
+    for dtype in ir.DataType
+    if dtype.name.startswith(("BFLOAT", "FLOAT8"))
+}
+
+_PACKED_TYPES = frozenset(f"tensor({name})" for name in ("int4", "uint4", "int2", "uint2", "float4e2m1"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +267,9 @@ class ModelRunner:
                 node produces.
         """
         options = session_options(optimization=optimization, threads=threads, prepack=prepack)
+        # Fatal only: a failing kernel also logged its error to stderr (twice, in colour)
+        # before run() raised it, so the CLI's one-line error came after three lines.
+        options.log_severity_level = 4
         if profile_prefix is not None:
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
         status = resolve_providers([provider])[0]
@@ -271,6 +287,17 @@ class ModelRunner:
         self.output_names: list[str] = [arg.name for arg in self._session.get_outputs()]
         self.model_output_names: list[str] = self.output_names[: len(self.output_names) - self._exposed]
         self._optional_inputs = {arg.name for arg in self._session.get_overridable_initializers()}
+        self._output_types = {arg.name: arg.type for arg in self._session.get_outputs()}
+        by_ort_name = {f"tensor({dtype.name.lower()})": np_dtype for np_dtype, dtype in _BYTE_TYPES.items()}
+        self._byte_outputs = {arg.name: by_ort_name[arg.type] for arg in self._session.get_outputs() if arg.type in by_ort_name}
+
+    def _run_byte_outputs(self, names: list[str], feeds: Mapping[str, np.ndarray]) -> list[Any]:
+        """Runs through OrtValues, reading bfloat16 and float8 outputs as bytes (see _BYTE_TYPES)."""
+        assert self._session is not None
+        values = {name: _ort_feed(name, array) for name, array in feeds.items()}
+        ort_values = {name: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for name, v in values.items()}
+        results = self._session.run_with_ort_values(names, ort_values)
+        return [_from_bytes(value, self._byte_outputs[name]) if name in self._byte_outputs else value.numpy() for name, value in zip(names, results)]
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Runs once and returns the outputs by name.
@@ -289,7 +316,15 @@ class ModelRunner:
         self._check_feed_names(feeds)
         names = self.output_names if outputs is None else list(outputs)
         try:
-            values = self._session.run(names, dict(feeds))
+            packed = [name for name in names if self._output_types.get(name) in _PACKED_TYPES]
+            if packed:
+                raise UnsupportedModelError(f"onnxruntime's Python API cannot return {self._output_types[packed[0]]} output '{packed[0]}'")
+            if any(name in self._byte_outputs for name in names):
+                values = self._run_byte_outputs(names, feeds)
+            else:
+                values = self._session.run(names, {name: _ort_feed(name, array) for name, array in feeds.items()})
+        except GraphoptError:
+            raise
         except InvalidArgument as exc:
             raise GraphoptError(f"onnxruntime rejected the feeds for {self.label}: {_ort_message(exc)}") from exc
         except Exception as exc:  # kernels fail with several unrelated types
@@ -343,6 +378,23 @@ class ModelRunner:
         extra = [name for name in feeds if name not in self.input_names and name not in self._optional_inputs]
         if extra:
             raise GraphoptError(f"unexpected {_names('input', extra)} for {self.label} (model inputs: {listed})")
+
+
+def _ort_feed(name: str, array: Any) -> Any:
+    """The array, or an OrtValue holding its bytes when onnxruntime cannot take its ml_dtypes type."""
+    dtype = getattr(array, "dtype", None)
+    if dtype is None or dtype not in _BYTE_TYPES:
+        if dtype is not None and dtype.kind == "V" and dtype.type is not np.void:  # int4, float4: packed in onnxruntime
+            raise UnsupportedModelError(f"onnxruntime's Python API cannot take {dtype} input '{name}'")
+        return array
+    raw = np.ascontiguousarray(array).view(np.uint8 if dtype.itemsize == 1 else np.uint16)
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, int(_BYTE_TYPES[dtype]))
+
+
+def _from_bytes(value: ort.OrtValue, dtype: np.dtype) -> np.ndarray:
+    size = value.tensor_size_in_bytes()
+    raw = ctypes.string_at(value.data_ptr(), size) if size else b""
+    return np.frombuffer(raw, dtype=dtype).reshape(value.shape())
 
 
 def _serialize_lending_weights(model: ir.Model) -> tuple[bytes, list[str], list[np.ndarray]]:

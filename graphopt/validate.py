@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from graphopt import io, stats, summary
 from graphopt.data import LABELS_KEY, Feeds, feed_stream, parse_shape_overrides
-from graphopt.errors import DataError, GraphoptError
+from graphopt.errors import DataError, GraphoptError, first_line
 from graphopt.localize import (
     DEFAULT_CHUNK_SIZE,
     LayerReport,
@@ -40,7 +40,7 @@ from graphopt.localize import (
     tensor_pairs,
     update_layers,
 )
-from graphopt.metrics import OutputComparator, Tolerance
+from graphopt.metrics import OutputComparator, Tolerance, output_arrays
 from graphopt.report import FidelityReport, ModelFacts
 from graphopt.runtime import ModelRunner, ProviderStatus, measure_latency, resolve_providers
 from graphopt.support import check_supported
@@ -163,7 +163,14 @@ def validate(
                 )
             )
         task = TaskScore(metric)
-        worst, first = _compare_stream(report, stream, pairs, cpu_reference, noise, tolerance, pool, task)
+        try:
+            worst, first = _compare_stream(report, stream, pairs, cpu_reference, noise, tolerance, pool, task)
+        except GraphoptError as exc:
+            if data is not None or type(exc) is not GraphoptError:
+                raise
+            # Random feeds break ops whose inputs carry parameters (shapes, scales,
+            # divisors, indices): onnxruntime's message alone does not say that real data would do.
+            raise GraphoptError(f"{first_line(exc)} (on synthesized feeds: pass --data with real inputs)") from exc
         report.task = task.result()
         if layer_runners is not None:
             ref_layers, cand_layers = layer_runners.result()
@@ -271,9 +278,17 @@ def _localize_worst(
     return LayerReport(provider=provider, samples=1, layers=layers)
 
 
-def _relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+def _relative_error(reference: Any, candidate: Any) -> float:
+    # Sequence, map and optional outputs are lists, dicts or None, not arrays: their tensors are
+    # compared in turn. Strings have no distance: equal or infinitely far.
+    if not (isinstance(reference, np.ndarray) and isinstance(candidate, np.ndarray)):
+        refs, cands = output_arrays(reference), output_arrays(candidate)
+        errors = [_relative_error(r, c) for r, c in zip(refs, cands)]
+        return float("inf") if len(refs) != len(cands) else max(errors, default=0.0)
     if reference.shape != candidate.shape:
         return float("inf")
+    if reference.dtype.kind in "OUS" or candidate.dtype.kind in "OUS":
+        return 0.0 if np.array_equal(reference.astype(str), candidate.astype(str)) else float("inf")
     ref = np.asarray(reference, dtype=np.float64)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf outputs: the error is simply huge
         diff = np.linalg.norm(np.nan_to_num(np.asarray(candidate, dtype=np.float64) - ref, nan=1e30))

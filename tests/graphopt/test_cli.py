@@ -287,3 +287,52 @@ def test_console_script_runs(model_path, tmp_path):
 
     assert completed.returncode == 0, completed.stderr
     assert completed.stderr == ""  # no progress bar when stderr is not a terminal
+
+
+_SPLIT_TO_SEQUENCE = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[5] x) => (seq(float) parts) {
+  parts = SplitToSequence <axis = 0> (x, sizes)
+  sizes = Constant <value = int64[2] {2, 3}> ()
+}
+"""
+
+
+@pytest.mark.parametrize("kind", ["strings", "sequence"])
+def test_validate_passes_identical_models_when_outputs_are_strings_or_sequences(tmp_path, capsys, kind):
+    # Found by tests/graphopt/test_cli_node_sweep.py: string outputs raised ValueError in the
+    # metrics (cast to float64), sequence outputs (lists of unequal arrays) raised in validate.
+    path, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    if kind == "strings":
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("StringConcat", ["x", "x"], ["y"])],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.STRING, [2])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.STRING, [2])],
+        )
+        onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)]), path)
+        np.savez(data, x=np.array(["ab", "c"]))
+    else:
+        onnx.save(onnx.parser.parse_model(_SPLIT_TO_SEQUENCE), path)
+        np.savez(data, x=np.arange(5, dtype=np.float32))
+
+    code = main(["validate", str(path), str(path), "--data", str(data)])
+
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "PASS" in captured.out.upper()
+
+
+def test_validate_failing_on_synthesized_feeds_says_so_in_exactly_one_line(tmp_path, capfd):
+    # Random integer divisors hit zero. onnxruntime logged the kernel error to stderr
+    # (twice) before graphopt's own line, and the line did not say real data would help.
+    path = tmp_path / "mod.onnx"
+    text = '<ir_version: 8, opset_import: ["" : 17]> g (int32[8] a, int32[8] b) => (int32[8] y) { y = Mod(a, b) }'
+    onnx.save(onnx.parser.parse_model(text), path)
+
+    code = main(["validate", str(path), str(path)])
+
+    err = capfd.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("graphopt: error: onnxruntime failed running mod.onnx")
+    assert err.rstrip().endswith("(on synthesized feeds: pass --data with real inputs)")

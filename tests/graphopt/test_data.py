@@ -457,3 +457,37 @@ def test_load_raises_data_error_when_an_item_is_not_a_dict():
 def test_load_raises_data_error_when_source_type_is_unsupported():
     with pytest.raises(DataError, match="cannot read feeds from a int"):
         load_feeds(5)
+
+
+def test_synthesize_raises_data_error_naming_the_type_when_an_input_is_a_sequence():
+    # A sequence input has its element's dtype, so it was drawn as a tensor that
+    # onnxruntime then refused with "expected to be of type: 4 but received a tensor".
+    graph = helper.make_graph(
+        [helper.make_node("SequenceLength", ["s"], ["n"])],
+        "g",
+        [helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("n", TensorProto.INT64, [])],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+    with pytest.raises(DataError, match=r"input 's' is a Sequence\(Tensor\(FLOAT\)\), not a tensor"):
+        synthesize_feeds(model, count=1)
+
+
+def test_raw_byte_arrays_are_read_as_the_inputs_ml_dtype_when_npz_stored_bfloat16(tmp_path):
+    # np.savez writes ml_dtypes arrays as raw bytes ('|V2'); reading them back failed as "not a safe cast".
+    import ml_dtypes
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = np.array([1.5, -2.0, 0.25], dtype=ml_dtypes.bfloat16)
+    np.savez(tmp_path / "d.npz", x=x)
+
+    (sample,) = load_feeds(tmp_path / "d.npz", model=model)
+
+    assert sample["x"].dtype == x.dtype and np.array_equal(sample["x"], x)

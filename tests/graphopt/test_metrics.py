@@ -325,3 +325,24 @@ def test_violations_are_counted_when_some_differences_exceed_atol_but_not_all():
     result = compare_arrays("y", reference, candidate, Tolerance(atol=1e-4, rtol=0.0))
 
     assert result.violations == 2 and result.passed is False
+
+
+def test_string_outputs_are_compared_exactly_when_dtype_is_not_numeric():
+    # Found by tests/graphopt/test_cli_node_sweep.py (StringConcat): astype(float64) raised ValueError.
+    same = compare_arrays("s", np.array(["ab", "c"], dtype=object), np.array(["ab", "c"], dtype=object), Tolerance())
+    differ = compare_arrays("s", np.array(["ab", "c"], dtype=object), np.array(["ab", "d"], dtype=object), LOOSE)
+
+    assert same.passed and same.elements == 2 and same.max_abs == 0.0
+    assert not differ.passed and differ.reason == "1 element of a string output differ"
+
+
+def test_sequence_outputs_are_compared_element_by_element_when_shapes_differ_inside():
+    # onnxruntime returns a sequence output as a list of arrays of any shapes: np.asarray raised on it.
+    reference = [np.array([1.0, 2.0]), np.array([3.0])]
+    close = compare_arrays("seq", reference, [np.array([1.0, 2.0]), np.array([3.5])], LOOSE)
+    shorter = compare_arrays("seq", reference, [np.array([1.0, 2.0])], LOOSE)
+    empty_optional = compare_arrays("opt", None, None, Tolerance())
+
+    assert close.passed and close.elements == 3 and close.max_abs == 0.5 and close.top1 is None
+    assert not shorter.passed and "1 element in the sequence != reference 2" in shorter.reason
+    assert empty_optional.passed and empty_optional.elements == 0

@@ -12,7 +12,7 @@ import pytest
 
 import graphopt
 from graphopt import runtime
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, UnsupportedModelError
 from graphopt.runtime import (
     ModelRunner,
     ProviderStatus,
@@ -386,3 +386,37 @@ def test_stream_tensors_yields_intermediates_and_graph_inputs_per_sample():
     np.testing.assert_allclose(streamed[1]["h"], 2 * EXPECTED_H, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(streamed[1]["x"], X * 2)
     assert [value.name for value in model.graph.outputs] == ["y"]
+
+
+def _cast_model(source: int, target: int) -> onnx.ModelProto:
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["same"]), onnx.helper.make_node("Cast", ["x"], ["y"], to=target)],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", source, [3])],
+        [onnx.helper.make_tensor_value_info("same", source, [3]), onnx.helper.make_tensor_value_info("y", target, [3])],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)], ir_version=10)
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float8_e4m3fn", "float8_e5m2"])
+def test_runner_feeds_and_returns_ml_dtypes_arrays_when_inputs_are_bfloat16_or_float8(name):
+    # onnxruntime's Python API takes and returns these only as OrtValues: run() failed with
+    # "Numpy_type 4 can't be converted to MLDataType" (found by test_cli_node_sweep.py).
+    import ml_dtypes
+
+    dtype = np.dtype(getattr(ml_dtypes, name))
+    x = np.array([1.5, -2.0, 0.25], dtype=dtype)
+    model = ir.serde.deserialize_model(_cast_model(ir.DataType.from_numpy(dtype), onnx.TensorProto.FLOAT))
+
+    with ModelRunner(model) as runner:
+        out = runner.run({"x": x})
+
+    assert out["same"].dtype == dtype and np.array_equal(out["same"], x)
+    assert out["y"].dtype == np.float32 and np.array_equal(out["y"], x.astype(np.float32))
+
+
+def test_runner_refuses_in_one_line_when_an_output_is_int4():
+    model = ir.serde.deserialize_model(_cast_model(onnx.TensorProto.FLOAT, onnx.TensorProto.INT4))
+
+    with ModelRunner(model) as runner, pytest.raises(UnsupportedModelError, match="cannot return tensor\\(int4\\) output 'y'"):
+        runner.run({"x": np.ones(3, np.float32)}, ["y"])
