@@ -27,7 +27,8 @@ Left alone, each logged at DEBUG:
 - nodes with an output that is a graph output (an initializer cannot be one
   without also becoming an input in older IR versions), and nodes with an
   omitted optional output (``""``, as in ``"", Y_h = LSTM(...)``);
-- string tensors, and nodes neither evaluator can run;
+- string tensors, sequences, maps and optionals (an initializer is a
+  tensor), and nodes neither evaluator can run;
 - growth: nodes whose outputs would take more than
   ``max(max_output_bytes, max_growth * input bytes)``. ConstantOfShape, Tile,
   Expand and Range are sized before being evaluated, so a 10^12-element
@@ -126,6 +127,10 @@ class FoldConstantsPass(ir.passes.InPlacePass):
         if not all(output.name for output in node.outputs):
             # An unnamed (omitted optional) output cannot become an initializer.
             logger.debug("fold-constants: %s has an omitted optional output; left", node.name or node.op_type)
+            return False
+        if any(output.type is not None and not isinstance(output.type, ir.TensorType) for output in node.outputs):
+            # Initializers are tensors; a sequence or optional output cannot become one.
+            logger.debug("fold-constants: %s writes a sequence or optional; left", node.name or node.op_type)
             return False
         arrays = _static_shape_result(node, opset)
         if arrays is None:
@@ -265,6 +270,10 @@ def _evaluate(node: ir.Node, inputs: Sequence[np.ndarray | None], opset: int) ->
     # covers most of those, so it is the fallback.
     try:
         results = onnx.reference.ReferenceEvaluator(proto).run(None, feeds)
+        if not all(isinstance(r, (np.ndarray, np.generic)) for r in results):
+            # A sequence (list), map or empty optional: np.asarray would stack it into a tensor of another type.
+            logger.debug("fold-constants: %s gives a sequence, map or optional; left", node.op_type)
+            return None
         return [np.asarray(r) for r in results]
     except Exception as exc:  # the evaluator raises many types; any means "cannot run here"
         logger.debug("fold-constants: reference evaluator failed on %s (%s); trying onnxruntime", node.op_type, exc)

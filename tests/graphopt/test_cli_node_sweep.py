@@ -139,17 +139,17 @@ def _assert_same(expected: list, actual: list) -> None:
             assert repr(got) == repr(want)
 
 
-# Known pass bugs (passes/ is not this file's to fix): the case is kept so a fix shows up.
-_KNOWN_PASS_BUGS = {
-    "test_if_opt": "fold turns SequenceConstruct in an If branch into a tensor initializer: the result is invalid",
-}
+# Known pass bugs, kept as strict xfails so a fix shows up. test_if_opt (fold made a
+# SequenceConstruct in an If branch a tensor initializer) is fixed and stays selected.
+_KNOWN_PASS_BUGS: dict[str, str] = {}
+_REGRESSIONS = ("test_if_opt",)
 
 
 @pytest.mark.parametrize(
     "name",
     [
         pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=_KNOWN_PASS_BUGS[name])) if name in _KNOWN_PASS_BUGS else name
-        for name in sorted({*_selected(), *_KNOWN_PASS_BUGS})
+        for name in sorted({*_selected(), *_KNOWN_PASS_BUGS, *_REGRESSIONS})
     ],
 )
 def test_cli_keeps_its_exit_code_promise_on_backend_node_case(name: str, tmp_path: Path, capsys):

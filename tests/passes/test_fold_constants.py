@@ -8,7 +8,9 @@ import onnx_ir as ir
 import pytest
 from helpers import (
     assert_valid_and_equal,
+    check_full,
     parse,
+    run_ort,
     to_proto,
 )
 
@@ -304,6 +306,33 @@ def test_leaves_a_node_with_an_omitted_optional_output(caplog):
     assert _ops(result.model.graph) == ["Unique", "Add"]
     assert "omitted optional output" in caplog.text
     assert_valid_and_equal(original, result.model, {"x": X[0]})
+
+
+def test_leaves_a_sequence_built_from_constants_inside_an_if_branch():
+    # Found by the CLI sweep (onnx's test_if_opt): the evaluator returns a list, which became
+    # a float[1, 3] initializer where the branch's output is a sequence; onnxruntime refused the model.
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (bool cond, float[3] x) => (seq(float[3]) y) <float[3] c = {1.0, 2.0, 3.0}> {
+          y = If (cond) <
+            then_branch = t () => (seq(float[3]) s) { q = SequenceConstruct (c)  s = Identity (q) },
+            else_branch = e () => (seq(float[3]) s2) { s2 = SequenceConstruct (x) }
+          >
+        }
+        """
+    )
+    original, result = _fold(model)
+
+    assert result.modified is False
+    then_branch = next(iter(result.model.graph)).attributes["then_branch"].as_graph()
+    assert [node.op_type for node in then_branch] == ["SequenceConstruct", "Identity"]
+    check_full(result.model)
+    for cond in (True, False):
+        feeds = {"cond": np.array(cond), "x": X[0]}
+        want, got = run_ort(original, feeds)[0], run_ort(result.model, feeds)[0]
+        assert len(want) == len(got) == 1
+        np.testing.assert_array_equal(got[0], want[0])
 
 
 def test_leaves_a_constant_node_whose_output_is_a_graph_output():
