@@ -55,6 +55,7 @@ _REGRESSIONS = (
     "test_celu_bfloat16",
     "test_sequence_insert_at_back",  # sequence inputs were synthesized as tensors
     "test_cast_FLOAT_to_INT4",  # int4 outputs: a clear refusal
+    "test_if_opt",  # fold made a SequenceConstruct in an If branch a tensor initializer
 )
 
 
@@ -139,10 +140,8 @@ def _assert_same(expected: list, actual: list) -> None:
             assert repr(got) == repr(want)
 
 
-# Known pass bugs, kept as strict xfails so a fix shows up. test_if_opt (fold made a
-# SequenceConstruct in an If branch a tensor initializer) is fixed and stays selected.
+# Known pass bugs, kept as strict xfails so a fix shows up (none open).
 _KNOWN_PASS_BUGS: dict[str, str] = {}
-_REGRESSIONS = ("test_if_opt",)
 
 
 @pytest.mark.parametrize(
