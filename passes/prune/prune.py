@@ -289,7 +289,11 @@ class PrunePass(ir.passes.InPlacePass):
                 self.summary.skipped[label] = "skip option"
             elif node in default_skips:
                 self.summary.skipped[label] = default_skips[node]
-            elif weight is None or weight.const_value is None or weight.is_graph_input() or weight.const_value.dtype not in _FLOAT:
+            elif weight is not None and weight.is_graph_input():
+                self.summary.skipped[label] = "weight is a graph input (callers may override it)"
+            elif weight is None or weight.const_value is None:
+                self.summary.skipped[label] = "no constant weight (it is computed, as attention's operands are)"
+            elif weight.const_value.dtype not in _FLOAT:
                 self.summary.skipped[label] = "weight is not a float initializer"
             elif any(user is not node for user, _ in weight.uses()):
                 self.summary.skipped[label] = "weight shared with other nodes"
