@@ -51,16 +51,17 @@ __all__ = [
     "Chain",
     "bias_value",
     "blocks",
-    "dense_input_weight",
     "find_chains",
     "grouped_keep",
     "input_axis",
     "output_axis",
     "prune_chain",
     "prune_concat_consumers",
+    "vector_bias",
 ]
 
 import math
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,6 +93,16 @@ class Chain:
     block: int = 1  # consumer input features per channel (H*W after Flatten of a feature map)
     concat: tuple[ir.Node, int] | None = None  # the Concat the channels join, and at which input
     segments: list[int] = field(default_factory=list)  # channel counts of that Concat's inputs
+
+    @property
+    def channels(self) -> int:
+        """The producer's output channels."""
+        return self.producer.inputs[1].const_value.shape[output_axis(self.producer)]  # type: ignore[union-attr]
+
+    @property
+    def offset(self) -> int:
+        """Where the producer's channels start among the consumers' input channels (its Concat segment)."""
+        return sum(self.segments[: self.concat[1]]) if self.concat else 0
 
 
 def find_chains(graph: ir.Graph, candidates: list[ir.Node]) -> tuple[list[Chain], dict[str, str]]:
@@ -138,7 +149,7 @@ def _follow(producer: ir.Node) -> Chain | str:
             return f"per-channel constants of {user.op_type} after a Concat"
         if cuts is not None:
             chain.channelwise.append((user, cuts))
-        elif _is_unary(user, value):
+        elif _is_unary(user, (value,)):
             chain.passthrough.append(user)
         elif user.op_type in _POOLS and not flattened:
             chain.passthrough.append(user)
@@ -165,9 +176,8 @@ def _producer_refusal(producer: ir.Node) -> str:
     """Why ``producer``'s output channels cannot start a chain; "" when they can."""
     group = producer.attributes.get_int("group", 1)
     weight = producer.inputs[1] if len(producer.inputs) > 1 else None
-    if producer.op_type == "Conv" and group != 1:
-        if weight is not None and weight.const_value is not None and weight.const_value.shape[1] == 1 and weight.const_value.shape[0] == group:
-            return "depthwise conv (its channels are cut with the layer before it)"
+    if _is_depthwise(producer):
+        return "depthwise conv (its channels are cut with the layer before it)"
     if producer.op_type == "ConvTranspose" and group != 1:
         return "grouped ConvTranspose"
     if producer.op_type == "Gemm" and producer.attributes.get_int("transA", 0):
@@ -183,9 +193,18 @@ def _producer_refusal(producer: ir.Node) -> str:
     return ""
 
 
-def _is_unary(node: ir.Node, value: ir.Value) -> bool:
-    """Whether ``node`` is an elementwise op on ``value`` alone (other inputs constant)."""
-    return node.op_type in _UNARY and node.inputs[0] is value and all(_const(v) for v in node.inputs[1:] if v is not None)
+def _is_depthwise(node: ir.Node) -> bool:
+    """A Conv with one constant filter per channel (group = channels): channel-wise, it never mixes channels."""
+    group = node.attributes.get_int("group", 1)
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    if node.op_type != "Conv" or group == 1 or not _const(weight):
+        return False
+    return weight.const_value.shape[0] == group and weight.const_value.shape[1] == 1  # type: ignore[union-attr]
+
+
+def _is_unary(node: ir.Node, carried: Container[ir.Value]) -> bool:
+    """Whether ``node`` is an elementwise op on a ``carried`` tensor alone (other inputs constant)."""
+    return node.op_type in _UNARY and node.inputs[0] in carried and all(_const(v) for v in node.inputs[1:] if v is not None)
 
 
 def _channelwise_cuts(user: ir.Node, value: ir.Value, flattened: bool) -> list[tuple[int, int]] | str | None:
@@ -193,13 +212,7 @@ def _channelwise_cuts(user: ir.Node, value: ir.Value, flattened: bool) -> list[t
     label = f"{user.op_type} {user.name or ''}".rstrip()
     if user.op_type == "BatchNormalization" and user.inputs[0] is value and not flattened:
         cuts = [(index, 0) for index in range(1, 5)]
-    elif user.op_type == "Conv" and user.inputs[0] is value and not flattened:
-        weight = user.inputs[1]
-        group = user.attributes.get_int("group", 1)
-        if group == 1:
-            return None  # a consumer
-        if not _const(weight) or weight.const_value.shape[0] != group or weight.const_value.shape[1] != 1:  # type: ignore[union-attr]
-            return None  # a grouped consumer
+    elif _is_depthwise(user) and user.inputs[0] is value and not flattened:  # other Convs are consumers
         cuts = [(1, 0)] + ([(2, 0)] if len(user.inputs) > 2 and user.inputs[2] is not None else [])
     elif _binary_with_constant(user, value):
         index = 1 - list(user.inputs).index(value)  # the constant's side: a bias is often first (Add(b, x@W) in torch exports)
@@ -274,8 +287,7 @@ def _region_cuts(node: ir.Node, carried: set[ir.Value], flattened: bool) -> list
     if node.domain not in _ONNX_DOMAINS or len(node.outputs) != 1:
         return None
     if node.op_type in _UNARY:
-        ok = node.inputs[0] in carried and all(_const(v) for v in node.inputs[1:] if v is not None)
-        return [] if ok else None
+        return [] if _is_unary(node, carried) else None
     if node.op_type not in _ARITHMETIC or len(node.inputs) != 2:
         return None
     inside = [value in carried for value in node.inputs]
@@ -317,7 +329,7 @@ def _channel_count(value: ir.Value | None) -> int | None:
 
 def _consumers(chain: Chain, value: ir.Value, users: list[ir.Node], flattened: bool, spatial: bool) -> Chain | str:
     """``chain`` completed with ``users`` as its consumers, or why they cannot all be (``chain`` is then unchanged)."""
-    channels = sum(chain.segments) if chain.concat else chain.producer.inputs[1].const_value.shape[output_axis(chain.producer)]  # type: ignore[union-attr]
+    channels = sum(chain.segments) if chain.concat else chain.channels
     block, groups = chain.block, chain.groups
     for user in users:
         label = f"{user.op_type} {user.name or ''}".rstrip()
@@ -371,6 +383,19 @@ def bias_value(node: ir.Node) -> ir.Value | None:
     if other is None or other.const_value is None or other.is_graph_input() or len(other.const_value.shape) != 1:
         return None
     return other if all(user is add for user, _ in other.uses()) else None
+
+
+def vector_bias(node: ir.Node) -> ir.Value | None:
+    """``node``'s bias (see :func:`bias_value`) when it is a constant [N] vector, N its outputs, that only it reads; else None.
+
+    Such a bias can be rewritten for this layer alone: by a refit, or by the
+    mean shift of removed input channels.
+    """
+    value = bias_value(node)
+    weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if value is None or weight is None or not _const(value) or len({user for user, _ in value.uses()}) != 1:
+        return None
+    return value if tuple(value.const_value.shape.numpy()) == (weight.shape[output_axis(node)],) else None  # type: ignore[union-attr]
 
 
 def _const(value: ir.Value | None) -> bool:
@@ -462,21 +487,6 @@ def _take_by_group(weight: ir.Value | None, keep: np.ndarray, groups: int) -> No
     cut = np.ascontiguousarray(np.concatenate(parts, axis=0))
     weight.const_value = ir.Tensor(cut, name=weight.name)
     weight.shape = ir.Shape(cut.shape)
-
-
-def dense_input_weight(node: ir.Node) -> np.ndarray:
-    """A consumer's weight as [input channels, outputs, rest] in float64; a grouped conv's is block-diagonal (zero across groups)."""
-    weight = node.inputs[1].const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
-    moved = np.moveaxis(weight, input_axis(node), 0)
-    moved = moved.reshape(moved.shape[0], moved.shape[1], -1)
-    groups = node.attributes.get_int("group", 1) if node.op_type == "Conv" else 1
-    if groups == 1:
-        return moved
-    per_in, per_out = moved.shape[0], moved.shape[1] // groups
-    dense = np.zeros((per_in * groups, moved.shape[1], moved.shape[2]))
-    for g in range(groups):
-        dense[g * per_in : (g + 1) * per_in, g * per_out : (g + 1) * per_out] = moved[:, g * per_out : (g + 1) * per_out]
-    return dense
 
 
 def _take(value: ir.Value | None, keep: np.ndarray, axis: int) -> None:

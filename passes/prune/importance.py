@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from passes.prune.channels import Chain, bias_value, blocks, dense_input_weight, output_axis
+from passes.prune.channels import Chain, blocks, input_axis, output_axis, vector_bias
 
 
 @dataclass
@@ -89,43 +89,32 @@ def activation_importance(chain: Chain, stats: FeatureStats) -> np.ndarray:
     """
     reach = np.zeros_like(stats.std)
     for user in chain.consumers:
-        reach += (dense_input_weight(user) ** 2).sum(axis=(1, 2))
+        reach += (_dense_input_weight(user) ** 2).sum(axis=(1, 2))
     per_channel = (stats.std * np.sqrt(reach)).reshape(-1, chain.block).sum(axis=1)
-    offset = _offset(chain)
-    return per_channel[offset : offset + _channels(chain)]
+    return per_channel[chain.offset : chain.offset + chain.channels]
 
 
 def compensate_means(chain: Chain, keep: np.ndarray, stats: FeatureStats) -> list[ir.Node]:
     """Adds the removed channels' mean contribution to each consumer's bias; returns the consumers that have one to take it.
 
     Call before the chain is cut (the consumer weights of removed channels
-    are read). A consumer without a private [N] bias is left as it is. For a
+    are read). A consumer without a private [N] bias (:func:`~passes.prune.channels.vector_bias`) is left as it is. For a
     Conv consumer the shift is exact away from the borders its padding
     reaches, where part of the kernel reads zeros.
     """
-    removed = np.setdiff1d(np.arange(_channels(chain)), keep)
-    features = blocks(removed + _offset(chain), chain.block)
+    removed = np.setdiff1d(np.arange(chain.channels), keep)
+    features = blocks(removed + chain.offset, chain.block)
     compensated = []
     for user in chain.consumers:
-        bias = bias_value(user)
-        rows = dense_input_weight(user).sum(axis=2)  # [inputs, outputs], a Conv's kernel summed
-        if bias is None or bias.const_value is None or tuple(bias.const_value.shape.numpy()) != (rows.shape[1],):
+        bias, scale = vector_bias(user), _bias_scale(user)
+        if bias is None or scale is None:
             continue
-        if any(reader is not _bias_reader(user) for reader, _ in bias.uses()):
-            continue
-        scale = _bias_scale(user)
-        if scale is None:
-            continue
+        rows = _dense_input_weight(user).sum(axis=2)  # [inputs, outputs], a Conv's kernel summed
         shift = stats.mean[features] @ rows[features] * scale
-        old = bias.const_value.numpy()
+        old = bias.const_value.numpy()  # type: ignore[union-attr]
         bias.const_value = ir.Tensor((old.astype(np.float64) + shift).astype(old.dtype), name=bias.name)
         compensated.append(user)
     return compensated
-
-
-def _bias_reader(node: ir.Node) -> ir.Node:
-    """The node that reads ``node``'s bias: itself, or the Add after a MatMul."""
-    return node if node.op_type != "MatMul" else next(iter(node.outputs[0].uses()))[0]
 
 
 def _bias_scale(node: ir.Node) -> float | None:
@@ -136,9 +125,16 @@ def _bias_scale(node: ir.Node) -> float | None:
     return None if beta == 0 else node.attributes.get_float("alpha", 1.0) / beta
 
 
-def _offset(chain: Chain) -> int:
-    return sum(chain.segments[: chain.concat[1]]) if chain.concat else 0
-
-
-def _channels(chain: Chain) -> int:
-    return chain.producer.inputs[1].const_value.shape[output_axis(chain.producer)]  # type: ignore[union-attr]
+def _dense_input_weight(node: ir.Node) -> np.ndarray:
+    """A consumer's weight as [input channels, outputs, rest] in float64; a grouped conv's is block-diagonal (zero across groups)."""
+    weight = node.inputs[1].const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
+    moved = np.moveaxis(weight, input_axis(node), 0)
+    moved = moved.reshape(moved.shape[0], moved.shape[1], -1)
+    groups = node.attributes.get_int("group", 1) if node.op_type == "Conv" else 1
+    if groups == 1:
+        return moved
+    per_in, per_out = moved.shape[0], moved.shape[1] // groups
+    dense = np.zeros((per_in * groups, moved.shape[1], moved.shape[2]))
+    for g in range(groups):
+        dense[g * per_in : (g + 1) * per_in, g * per_out : (g + 1) * per_out] = moved[:, g * per_out : (g + 1) * per_out]
+    return dense

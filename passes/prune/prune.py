@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from graphopt.runtime import stream_tensors
 from passes.lift_constants import LiftConstantsPass
-from passes.prune.channels import Chain, find_chains, grouped_keep, output_axis, prune_chain, prune_concat_consumers
+from passes.prune.channels import Chain, find_chains, grouped_keep, prune_chain, prune_concat_consumers
 from passes.prune.compression import compression_report
 from passes.prune.importance import FeatureStats, activation_importance, compensate_means, weight_importance
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
@@ -214,7 +214,7 @@ class PrunePass(ir.passes.InPlacePass):
         teacher = model.clone() if self.reconstruct and chains else None
         cut: list[Chain] = []
         for chain, keep in zip(chains, keeps):
-            channels = chain.producer.inputs[1].const_value.shape[output_axis(chain.producer)]  # type: ignore[union-attr]
+            channels = chain.channels
             label = chain.producer.name or chain.producer.op_type
             if len(keep) < channels:
                 if stats:

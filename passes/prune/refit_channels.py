@@ -46,7 +46,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.runtime import ModelRunner, stream_tensors
-from passes.prune.channels import Chain, bias_value, input_axis
+from passes.prune.channels import Chain, bias_value, input_axis, vector_bias
 from passes.prune.reconstruct import cross_grams, fit_toward, independent_prefix, tuned_strength
 from passes.qdq.samples import Samples
 
@@ -238,14 +238,8 @@ def _label(node: ir.Node) -> str:
 
 def _vector_bias(node: ir.Node) -> np.ndarray | None:
     """The node's constant [N] bias, or None (absent, or a broadcast one that stays as it is)."""
-    value = bias_value(node)
-    weight = node.inputs[1].const_value  # type: ignore[union-attr]
-    if value is None or value.const_value is None or weight is None:
-        return None
-    outputs = weight.shape[0] if node.op_type == "Conv" or node.attributes.get_int("transB", 0) else weight.shape[-1]
-    if tuple(value.const_value.shape.numpy()) != (outputs,):
-        return None
-    return value.const_value.numpy()
+    value = vector_bias(node)
+    return None if value is None else value.const_value.numpy()  # type: ignore[union-attr]
 
 
 def _with_bias_row(weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
