@@ -19,6 +19,16 @@ from passes.prune import PrunePass
 _DEAD = (1, 4, 6, 9)  # of 12 hidden channels: ratio 1/3 removes exactly these
 
 
+def _two_linears(rng: np.random.Generator, outputs: int, dead, dead_bias: float) -> list:
+    """w1 [8, 12] and b1 [12], the ``dead`` channels' weights zero and their bias ``dead_bias``; w2 [12, outputs] and b2."""
+    w1 = rng.standard_normal((8, 12)).astype(np.float32)
+    b1 = rng.standard_normal(12).astype(np.float32)
+    w1[:, list(dead)], b1[list(dead)] = 0.0, dead_bias
+    return [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
+            numpy_helper.from_array(rng.standard_normal((12, outputs)).astype(np.float32), "w2"),
+            numpy_helper.from_array(rng.standard_normal(outputs).astype(np.float32), "b2")]
+
+
 def _feed_forward(activation: str = "gelu", dead=_DEAD, seed: int = 0):
     """x [2, 5, 8] -> MatMul up (8 -> 12) -> Add(b1, .) -> activation -> MatMul down (12 -> 8) -> Add b2.
 
@@ -28,12 +38,7 @@ def _feed_forward(activation: str = "gelu", dead=_DEAD, seed: int = 0):
     so it does not join into one tensor.
     """
     rng = np.random.default_rng(seed)
-    w1 = rng.standard_normal((8, 12)).astype(np.float32)
-    b1 = rng.standard_normal(12).astype(np.float32)
-    w1[:, list(dead)], b1[list(dead)] = 0.0, 0.0
-    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
-             numpy_helper.from_array(rng.standard_normal((12, 8)).astype(np.float32), "w2"),
-             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b2")]
+    inits = _two_linears(rng, outputs=8, dead=dead, dead_bias=0.0)
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="up"), helper.make_node("Add", ["b1", "h0"], ["h"])]
     if activation == "gelu":
         inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("sqrt2", 2**0.5), ("one", 1.0), ("half", 0.5))]
@@ -231,13 +236,7 @@ def _constant_channels(consumer: str):
     ``consumer`` "matmul": MatMul down then Add(b2, .); "gemm": Gemm with
     alpha 2 and beta 0.5 (the bias shift is scaled by alpha / beta).
     """
-    rng = np.random.default_rng(5)
-    w1 = rng.standard_normal((8, 12)).astype(np.float32)
-    b1 = rng.standard_normal(12).astype(np.float32)
-    w1[:, list(_DEAD)], b1[list(_DEAD)] = 0.0, 3.0
-    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
-             numpy_helper.from_array(rng.standard_normal((12, 5)).astype(np.float32), "w2"),
-             numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "b2")]
+    inits = _two_linears(np.random.default_rng(5), outputs=5, dead=_DEAD, dead_bias=3.0)
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="up"), helper.make_node("Add", ["h0", "b1"], ["h"]),
              helper.make_node("Relu", ["h"], ["r"])]
     if consumer == "matmul":
