@@ -85,6 +85,7 @@ _BYTE_TYPES = {
     if dtype.name.startswith(("BFLOAT", "FLOAT8"))
 }
 
+_BYTE_TYPES_BY_ORT_NAME = {f"tensor({dtype.name.lower()})": np_dtype for np_dtype, dtype in _BYTE_TYPES.items()}  # as onnxruntime names output types
 _PACKED_TYPES = frozenset(f"tensor({name})" for name in ("int4", "uint4", "int2", "uint2", "float4e2m1"))
 
 
@@ -288,8 +289,7 @@ class ModelRunner:
         self.model_output_names: list[str] = self.output_names[: len(self.output_names) - self._exposed]
         self._optional_inputs = {arg.name for arg in self._session.get_overridable_initializers()}
         self._output_types = {arg.name: arg.type for arg in self._session.get_outputs()}
-        by_ort_name = {f"tensor({dtype.name.lower()})": np_dtype for np_dtype, dtype in _BYTE_TYPES.items()}
-        self._byte_outputs = {arg.name: by_ort_name[arg.type] for arg in self._session.get_outputs() if arg.type in by_ort_name}
+        self._byte_outputs = {arg.name: _BYTE_TYPES_BY_ORT_NAME[arg.type] for arg in self._session.get_outputs() if arg.type in _BYTE_TYPES_BY_ORT_NAME}
 
     def _run_byte_outputs(self, names: list[str], feeds: Mapping[str, np.ndarray]) -> list[Any]:
         """Runs through OrtValues, reading bfloat16 and float8 outputs as bytes (see _BYTE_TYPES)."""
