@@ -28,6 +28,7 @@ from __future__ import annotations
 __all__ = ["LowRankPass", "LowRankSummary"]
 
 import dataclasses
+import itertools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.data import Feeds
 from graphopt.runtime import ModelRunner, stream_tensors
 from passes.lift_constants import LiftConstantsPass
 from passes.lowrank import allocate, factor, speed
@@ -60,6 +62,8 @@ class LowRankSummary:
     decomposed: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     fidelity: dict[str, Any] = field(default_factory=dict)  # with target_cosine: what the allocation reached
+    # With target_cosine or scope=global: each layer's output drift (1 - cosine) factored alone at its middle rung.
+    sensitivity: dict[str, float] = field(default_factory=dict)
     reconstructed: list[str] = field(default_factory=list)  # last factors refit (reconstruct)
     not_reconstructed: dict[str, str] = field(default_factory=dict)
 
@@ -76,6 +80,8 @@ class LowRankSummary:
             parts.append(f"{len(self.skipped)} skipped ({'; '.join(reasons[:4])}{'; ...' if len(reasons) > 4 else ''})")
         if self.reconstructed or self.not_reconstructed:
             parts.append(f"{len(self.reconstructed)} refit to the original outputs")
+        if self.sensitivity and not self.fidelity:
+            parts.append(f"ranks spread across layers by the output drift measured on each ({len(self.sensitivity)} layers)")
         if self.fidelity:
             parts.append(f"output cosine {self.fidelity['cosine']:.5f} on held-back samples (target {self.fidelity['target_cosine']:g})")
         return ", ".join(parts)
@@ -86,7 +92,13 @@ class LowRankPass(ir.passes.InPlacePass):
 
     Options (keyword-only):
         ratio: Share of each layer's weight parameters the factors keep
-            (2-D: r = floor(ratio k n / (k + n)), at least 1).
+            (2-D: r = floor(ratio k n / (k + n)), at least 1); with
+            ``scope=global``, of all the layers' together.
+        scope: ``layer`` (each layer keeps ``ratio``) or ``global``: the
+            layers together keep ``ratio`` of their weight parameters, ranks
+            spread by allocate.py, cheapest measured output drift per saved
+            parameter first; a layer may stay whole while another loses
+            more. Costs one calibration run per layer.
         energy: If given, instead of ``ratio``: the smallest rank whose squared
             singular values hold this share of the total (per channel mode for
             Tucker; of the whitened weight when ``data_aware``).
@@ -129,6 +141,7 @@ class LowRankPass(ir.passes.InPlacePass):
         ratio: float = 0.5,
         energy: float | None = None,
         rank: int | None = None,
+        scope: str = "layer",
         min_gain: float = 0.1,
         conv: str = "tucker",
         data_aware: bool = False,
@@ -151,6 +164,10 @@ class LowRankPass(ir.passes.InPlacePass):
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         if energy is not None and rank is not None:
             raise ValueError("give at most one of energy and rank")
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        if scope == "global" and (energy is not None or rank is not None):
+            raise ValueError("scope=global spreads a share of the parameters (ratio); energy and rank are per layer")
         if not min_gain < 1:
             raise ValueError(f"min_gain must be below 1, got {min_gain!r}")
         if conv not in _CONV_MODES:
@@ -163,6 +180,8 @@ class LowRankPass(ir.passes.InPlacePass):
         if not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive integer, got {samples!r}")
         self.ratio, self.energy, self.rank, self.min_gain, self.conv = ratio, energy, rank, min_gain, conv
+        self.scope = scope
+        self._ranks: dict[str, tuple[int, ...]] | None = None  # scope=global: the ranks the budget gives
         self.sequential = bool(sequential)
         self.data_aware, self.data, self.samples, self.seed, self.threads = bool(data_aware), data, samples, seed, threads
         self.skip = frozenset(part.strip() for part in str(skip or "").split(",") if part.strip())
@@ -182,6 +201,9 @@ class LowRankPass(ir.passes.InPlacePass):
         # clone() shares tensors, so external data keeps its folder (a proto round trip loses it).
         teacher = model.clone() if self.reconstruct else None
         self._factored_outputs = []
+        self._ranks = None
+        if self.target_cosine is None and self.scope == "global":
+            self._ranks = self._spread(model, layers)
         if self.target_cosine is not None:
             modified = self._allocate(model, layers)
         elif self.data_aware and self.sequential:
@@ -204,19 +226,15 @@ class LowRankPass(ir.passes.InPlacePass):
         """Factors the layers at the ranks that keep the most steps of allocate.plan within ``target_cosine``."""
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=True)
         fits = self._grams(model, layers, samples) if self.data_aware else {}
-        ladders = [allocate.ladder(label(layer.node), self._rungs(layer, fits.get(label(layer.node))), layer.params) for layer in layers]
+        # The drift is measured on calibration samples: the held-back ones judge the result.
+        probes = list(itertools.islice(samples.calibration(), _PROBE_SAMPLES))
+        ladders = self._measured_ladders(model, layers, fits, probes)
         steps = allocate.plan(ladders, {label(layer.node): layer.params for layer in layers})
-        with ModelRunner(model, threads=self.threads) as runner:
-            expected = [runner.run({k: v for k, v in feeds.items() if k in runner.input_names}) for feeds in samples.held_back]
+        expected = _outputs(model, samples.held_back, self.threads)
         cosines = {0: 1.0}
 
         def meets(count: int) -> bool:
-            trial = model.clone()
-            kept, self.summary = self.summary, LowRankSummary()
-            try:
-                self._factor_at(trial, allocate.allocation(steps[:count]), fits)
-            finally:
-                self.summary = kept
+            trial = self._trial(model, allocate.allocation(steps[:count]), fits)
             cosines[count] = held_back_fidelity(trial, samples.held_back, expected, self.threads)[0]
             logger.info("lowrank: %d of %d rank steps -> held-back cosine %.5f", count, len(steps), cosines[count])
             return cosines[count] >= self.target_cosine  # type: ignore[operator]
@@ -227,8 +245,48 @@ class LowRankPass(ir.passes.InPlacePass):
             if label(layer.node) not in ranks:
                 self.summary.skipped.setdefault(label(layer.node), f"kept whole to reach cosine {self.target_cosine:g}")
         self.summary.fidelity = {"target_cosine": self.target_cosine, "cosine": cosines[best], "steps": best, "of": len(steps)}
-        self._factored_outputs = []  # the trials' factors were in copies
         return self._factor_at(model, ranks, fits)
+
+    def _spread(self, model: ir.Model, layers: list[Layer]) -> dict[str, tuple[int, ...]]:
+        """scope=global: the ranks at which the layers together keep ``ratio`` of their parameters, cheapest drift first."""
+        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
+        fits = self._grams(model, layers, samples) if self.data_aware else {}
+        ladders = self._measured_ladders(model, layers, fits, list(itertools.islice(samples.calibration(), _PROBE_SAMPLES)))
+        dense = {label(layer.node): layer.params for layer in layers}
+        steps = allocate.plan(ladders, dense)
+        ranks = allocate.allocation(steps[: allocate.steps_within(steps, dense, self.ratio * sum(dense.values()))])
+        for name in dense:
+            if name not in ranks:
+                self.summary.skipped[name] = "kept whole: scope=global spends the parameter budget on layers that drift less"
+        return ranks
+
+    def _measured_ladders(self, model: ir.Model, layers: list[Layer], fits: dict[str, factor.Fit], probes: list[Feeds]) -> list[list[allocate.Step]]:
+        """Each layer's ladder, its predicted errors rescaled to the output drift measured with it alone factored (allocate.py)."""
+        expected = _outputs(model, probes, self.threads)
+        ladders = []
+        for layer in layers:
+            name = label(layer.node)
+            rungs = self._rungs(layer, fits.get(name))
+            reference = allocate.reference_rung(rungs, layer.params)
+            if reference is not None:
+                trial = self._trial(model, {name: reference[0]}, fits)
+                drift = max(1.0 - held_back_fidelity(trial, probes, expected, self.threads)[0], 0.0)
+                self.summary.sensitivity[name] = drift
+                rungs = allocate.rescaled(rungs, reference, drift)
+            ladders.append(allocate.ladder(name, rungs, layer.params))
+        logger.info("lowrank: output drift measured for %d layers", len(self.summary.sensitivity))
+        return ladders
+
+    def _trial(self, model: ir.Model, ranks: dict[str, tuple[int, ...]], fits: dict[str, factor.Fit]) -> ir.Model:
+        """A copy of ``model`` with the layers in ``ranks`` factored at them: no timing, nothing recorded."""
+        trial = model.clone()
+        kept = self.summary, self._shapes, self._factored_outputs
+        self.summary, self._shapes, self._factored_outputs = LowRankSummary(), {}, []
+        try:
+            self._factor_at(trial, ranks, fits)
+        finally:
+            self.summary, self._shapes, self._factored_outputs = kept
+        return trial
 
     def _factor_sequentially(self, model: ir.Model, layers: list[Layer]) -> bool:
         """Factors the layers sequential.py can fit in graph order on the partly factored model; the others plainly, first."""
@@ -291,6 +349,10 @@ class LowRankPass(ir.passes.InPlacePass):
     def _try_factor(self, layer: Layer, fitted: factor.Fit | None, chain: Chain, ranks: list[int] | None = None) -> bool:
         """Factors one layer (at ``ranks`` if given) if that saves ``min_gain`` of its parameters; returns whether it did."""
         name = label(layer.node)
+        if ranks is None and self._ranks is not None:
+            if name not in self._ranks:
+                return False  # scope=global left it whole (the reason is in summary.skipped)
+            ranks = list(self._ranks[name])
         if layer.kind == "tucker":
             ranks = ranks or self._tucker_ranks(layer.kernel)
             r_out, r_in = ranks
@@ -381,6 +443,13 @@ class LowRankPass(ir.passes.InPlacePass):
 
 
 FACTORS_KEY = "graphopt.lowrank"
+_PROBE_SAMPLES = 4  # calibration samples a layer's output drift is measured on
+
+
+def _outputs(model: ir.Model, samples: list[Feeds], threads: int | None) -> list[dict[str, np.ndarray]]:
+    """The model's outputs on each sample (the reference a trial is compared with)."""
+    with ModelRunner(model, threads=threads) as runner:
+        return [runner.run({k: v for k, v in feeds.items() if k in runner.input_names}) for feeds in samples]
 
 
 def _record_factors(model: ir.Model, decomposed: dict[str, dict[str, Any]]) -> None:

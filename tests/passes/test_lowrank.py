@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 import model_zoo
 from graphopt import load, run_pipeline
 from passes.lowrank import LowRankPass
-from passes.lowrank.allocate import allocation, ladder, most_steps, plan
+from passes.lowrank.allocate import Step, allocation, ladder, most_steps, plan, reference_rung, rescaled, steps_within
 from passes.lowrank.factor import data_aware_factors, energy_rank, svd_factors, tucker2, whitening
 
 FULL = 10**6  # a rank above every layer's: capped at full rank
@@ -421,6 +421,27 @@ def test_most_steps_finds_the_largest_count_that_meets():
     assert most_steps(10, lambda count: count == 0) == 0
 
 
+
+def test_reference_rung_is_the_one_nearest_half_the_parameters_that_drops_something():
+    rungs = [((30,), 900, 0.0), ((20,), 600, 0.01), ((12,), 360, 0.1), ((4,), 120, 0.5)]
+    assert reference_rung(rungs, 1000) == ((20,), 600, 0.01)  # 100 from half, 360 is 140
+    assert reference_rung([((30,), 500, 0.0), ((10,), 200, 0.3)], 1000) == ((10,), 200, 0.3)  # exact rungs calibrate nothing
+    assert reference_rung([((30,), 500, 0.0)], 1000) is None
+
+
+def test_rescaled_makes_the_reference_rung_predict_the_measured_drift():
+    rungs = [((20,), 600, 0.01), ((12,), 360, 0.1)]
+    assert rescaled(rungs, rungs[1], 0.02) == [((20,), 600, pytest.approx(0.002)), ((12,), 360, pytest.approx(0.02))]
+
+
+def test_steps_within_stops_once_the_layers_fit_the_budget():
+    dense = {"a": 100, "b": 100}
+    steps = [Step("a", (8,), 60, 0.1), Step("b", (8,), 50, 0.2), Step("a", (4,), 30, 0.3)]
+    assert steps_within(steps, dense, 200) == 0
+    assert steps_within(steps, dense, 160) == 1
+    assert steps_within(steps, dense, 111) == 2
+    assert steps_within(steps, dense, 10) == 3  # the budget cannot be met: every step
+
 def _two_layers_with_decaying_spectra():
     """x [8, 32] -> MatMul w1 (spectrum 0.8^i) -> Relu -> MatMul w2 (0.95^i): ranks matter, unevenly."""
     rng = np.random.default_rng(3)
@@ -458,6 +479,59 @@ def test_target_cosine_allocates_ranks_that_meet_it_on_samples_it_never_saw():
     # Judged on held-back calibration samples; fresh samples land close to the target.
     assert cosine(want, got) >= 0.99
 
+
+
+def _loud_and_quiet_branches():
+    """y = x w_quiet + x w_loud, same spectrum shape, w_loud 30x larger: equal relative errors, very unequal drift."""
+    rng = np.random.default_rng(5)
+
+    def weight(scale: float) -> np.ndarray:
+        u, _ = np.linalg.qr(rng.standard_normal((32, 32)))
+        v, _ = np.linalg.qr(rng.standard_normal((32, 32)))
+        return (scale * (u * 0.9 ** np.arange(32)) @ v.T).astype(np.float32)
+
+    nodes = [helper.make_node("MatMul", ["x", "w_quiet"], ["q"], name="quiet"), helper.make_node("MatMul", ["x", "w_loud"], ["l"], name="loud"),
+             helper.make_node("Add", ["q", "l"], ["y"])]
+    inits = [numpy_helper.from_array(weight(1.0), "w_quiet"), numpy_helper.from_array(weight(30.0), "w_loud")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 32])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 32])], inits)
+
+
+def test_scope_global_spends_the_parameters_where_the_output_drifts_most():
+    proto = _loud_and_quiet_branches()
+    calibration = [{"x": np.random.default_rng(i).standard_normal((8, 32)).astype(np.float32)} for i in range(8)]
+    evaluation = [{"x": np.random.default_rng(100 + i).standard_normal((8, 32)).astype(np.float32)} for i in range(4)]
+
+    def factored(scope: str):
+        model = load(proto)
+        pass_ = LowRankPass(ratio=0.4, scope=scope, check_speed=False, data=calibration)
+        run_pipeline(model, [pass_])
+        check_full(model)
+        want = np.concatenate([run_ort(proto, feeds)[0].ravel() for feeds in evaluation])
+        got = np.concatenate([run_ort(model, feeds)[0].ravel() for feeds in evaluation])
+        return pass_.summary, float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+    per_layer, per_layer_error = factored("layer")
+    spread, spread_error = factored("global")
+
+    # Both layers alike would predict the same relative error; the measured drift tells them apart.
+    assert spread.sensitivity["loud"] > 100 * spread.sensitivity["quiet"], spread.sensitivity
+    ranks = {name: entry["ranks"][0] for name, entry in spread.decomposed.items()}
+    assert ranks["quiet"] < ranks.get("loud", 32)
+    kept = sum(entry["params_after"] for entry in spread.decomposed.values()) + sum(
+        32 * 32 for name in ("quiet", "loud") if name not in spread.decomposed
+    )
+    assert kept <= 0.4 * 2 * 32 * 32  # the budget: 40% of both layers' parameters
+    assert {entry["ranks"][0] for entry in per_layer.decomposed.values()} == {6}  # floor(0.4 * 1024 / 64)
+    # Predicted errors alone would rank the layers alike: the per-layer ranks. Measured: 0.31 vs 0.49.
+    assert spread_error < 0.75 * per_layer_error, (spread_error, per_layer_error)
+    assert "ranks spread across layers" in spread.line()
+
+
+@pytest.mark.parametrize("options", [{"scope": "model"}, {"scope": "global", "energy": 0.9}, {"scope": "global", "rank": 4}])
+def test_scope_options_are_checked(options):
+    with pytest.raises(ValueError, match="scope"):
+        LowRankPass(**options)
 
 @pytest.mark.parametrize("faster", [True, False])
 def test_check_speed_keeps_a_layer_dense_unless_its_factors_were_measured_faster(monkeypatch, faster):
