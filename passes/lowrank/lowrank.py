@@ -41,12 +41,12 @@ from graphopt.data import Feeds
 from graphopt.runtime import ModelRunner, stream_tensors
 from passes.lift_constants import LiftConstantsPass
 from passes.lowrank import allocate, factor, speed
+from passes.lowrank.judge import judge
 from passes.lowrank.layers import Layer, find_layers, fits_data, label
 from passes.lowrank.refit import refit_last_factors
 from passes.lowrank.rewrite import Chain, Step, copy_attributes
 from passes.lowrank.sequential import factor_in_order
 from passes.prune.reconstruct import input_gram
-from passes.qdq.mixed import held_back_fidelity
 from passes.qdq.samples import Samples
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,10 @@ class LowRankSummary:
         if self.sensitivity and not self.fidelity:
             parts.append(f"ranks spread across layers by the output drift measured on each ({len(self.sensitivity)} layers)")
         if self.fidelity:
-            parts.append(f"output cosine {self.fidelity['cosine']:.5f} on held-back samples (target {self.fidelity['target_cosine']:g})")
+            parts.append(
+                f"output cosine {self.fidelity['cosine']:.5f} on held-back samples, at least {self.fidelity['lower_bound']:.5f} "
+                f"allowing for their spread (target {self.fidelity['target_cosine']:g})"
+            )
         return ", ".join(parts)
 
 
@@ -231,20 +234,23 @@ class LowRankPass(ir.passes.InPlacePass):
         ladders = self._measured_ladders(model, layers, fits, probes)
         steps = allocate.plan(ladders, {label(layer.node): layer.params for layer in layers})
         expected = _outputs(model, samples.held_back, self.threads)
-        cosines = {0: 1.0}
+        judged = {0: (1.0, 1.0)}
 
         def meets(count: int) -> bool:
             trial = self._trial(model, allocate.allocation(steps[:count]), fits)
-            cosines[count] = held_back_fidelity(trial, samples.held_back, expected, self.threads)[0]
-            logger.info("lowrank: %d of %d rank steps -> held-back cosine %.5f", count, len(steps), cosines[count])
-            return cosines[count] >= self.target_cosine  # type: ignore[operator]
+            # The bound, not the cosine: the most steps that meet the target are selected to sit just above it (judge.py).
+            result = judge(trial, samples.held_back, expected, self.threads)
+            judged[count] = (result.cosine, result.lower_bound)
+            logger.info("lowrank: %d of %d rank steps -> held-back cosine %.5f (bound %.5f)", count, len(steps), *judged[count])
+            return result.lower_bound >= self.target_cosine  # type: ignore[operator]
 
         best = allocate.most_steps(len(steps), meets)
         ranks = allocate.allocation(steps[:best])
         for layer in layers:
             if label(layer.node) not in ranks:
                 self.summary.skipped.setdefault(label(layer.node), f"kept whole to reach cosine {self.target_cosine:g}")
-        self.summary.fidelity = {"target_cosine": self.target_cosine, "cosine": cosines[best], "steps": best, "of": len(steps)}
+        cosine, bound = judged[best]
+        self.summary.fidelity = {"target_cosine": self.target_cosine, "cosine": cosine, "lower_bound": bound, "steps": best, "of": len(steps)}
         return self._factor_at(model, ranks, fits)
 
     def _spread(self, model: ir.Model, layers: list[Layer]) -> dict[str, tuple[int, ...]]:
@@ -270,7 +276,7 @@ class LowRankPass(ir.passes.InPlacePass):
             reference = allocate.reference_rung(rungs, layer.params)
             if reference is not None:
                 trial = self._trial(model, {name: reference[0]}, fits)
-                drift = max(1.0 - held_back_fidelity(trial, probes, expected, self.threads)[0], 0.0)
+                drift = max(1.0 - judge(trial, probes, expected, self.threads).cosine, 0.0)
                 self.summary.sensitivity[name] = drift
                 rungs = allocate.rescaled(rungs, reference, drift)
             ladders.append(allocate.ladder(name, rungs, layer.params))
