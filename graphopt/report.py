@@ -50,7 +50,7 @@ from typing import Any
 from graphopt.ledger import format_bytes
 from graphopt.localize import LayerReport
 from graphopt.metrics import ComparisonResult, Tolerance
-from graphopt.runtime import ProviderStatus
+from graphopt.providers import ProviderStatus
 
 SCHEMA = "graphopt.fidelity/1"
 

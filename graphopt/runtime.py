@@ -1,12 +1,10 @@
-"""Everything that touches onnxruntime sessions: providers, options, runners, timing.
+"""Everything that touches onnxruntime sessions: options, runners, timing.
 
 Following Polygraphy's layering, this module only runs models; comparison and
-reporting live elsewhere. Three onnxruntime behaviours shape it:
+reporting live elsewhere. These onnxruntime behaviours shape it:
 
 - Asking for a provider that is missing or cannot start does not fail: it warns
-  and silently runs on CPU. :func:`resolve_providers` therefore checks which
-  provider a tiny session really got, and reports the native loader's message
-  (written to file descriptor 2, never raised) as the reason.
+  and silently runs on CPU, so sessions ask graphopt/providers.py first.
 - Graph outputs may lack a type (onnxruntime infers it), so exposing
   intermediate tensors needs no shape inference.
 - Initializers can be handed to a session from memory
@@ -19,23 +17,13 @@ reporting live elsewhere. Three onnxruntime behaviours shape it:
 
 from __future__ import annotations
 
-__all__ = [
-    "PROVIDERS", "OPTIMIZATION_LEVELS", "ProviderStatus", "resolve_providers", "session_options",
-    "ModelRunner", "measure_latency", "stream_tensors",
-]
+__all__ = ["OPTIMIZATION_LEVELS", "session_options", "ModelRunner", "measure_latency", "stream_tensors"]
 
-import contextlib
 import ctypes
-import dataclasses
-import functools
 import logging
 import os
-import re
 import statistics
-import sys
-import tempfile
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,11 +36,12 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from graphopt import io, stats
 from graphopt.errors import GraphoptError, ModelLoadError, UnsupportedModelError
 from graphopt.graphs import iter_graphs
-from graphopt.support import model_label, probe_model, unsupported_reason
+from graphopt.ort_errors import ort_message
+from graphopt.providers import PROVIDERS, resolve_providers
+from graphopt.support import model_label, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPTIMIZATION_LEVELS = {
     "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -60,12 +49,6 @@ OPTIMIZATION_LEVELS = {
     "full": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 
-_NOT_IN_BUILD = "{ort_name} is not in this onnxruntime build (install graphopt[cuda], i.e. onnxruntime-gpu)"
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
-_NATIVE_LOG_LINE = re.compile(r"\[([EW]):onnxruntime:[^\]]*\]\s*(.*)")
-_ORT_ERROR_PREFIX = re.compile(r"^.*?\[ONNXRuntimeError\] : \d+ : \w+ : ")
-# Session-creation errors can dump whole nodes; a report line stays readable.
-_MESSAGE_LIMIT = 400
 # Weights at least this large are lent to sessions from memory, not copied
 # into the protobuf (copying 90 MB of weights cost ~0.3 s per session).
 _LEND_THRESHOLD_BYTES = 64 * 2**10
@@ -87,108 +70,6 @@ _BYTE_TYPES = {
 
 _BYTE_TYPES_BY_ORT_NAME = {f"tensor({dtype.name.lower()})": np_dtype for np_dtype, dtype in _BYTE_TYPES.items()}  # as onnxruntime names output types
 _PACKED_TYPES = frozenset(f"tensor({name})" for name in ("int4", "uint4", "int2", "uint2", "float4e2m1"))
-
-
-@dataclasses.dataclass(frozen=True)
-class ProviderStatus:
-    """Whether one execution provider can run models in this process.
-
-    Attributes:
-        name: graphopt's name for it, a key of :data:`PROVIDERS`.
-        ort_name: onnxruntime's name, e.g. ``CUDAExecutionProvider``.
-        available: True when a session really runs on it.
-        reason: Empty when available; otherwise one line saying why not.
-    """
-
-    name: str
-    ort_name: str
-    available: bool
-    reason: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def resolve_providers(names: Sequence[str]) -> list[ProviderStatus]:
-    """Checks each named provider, in order; the probe runs once per process.
-
-    Raises:
-        GraphoptError: A name is not a key of :data:`PROVIDERS`.
-    """
-    for name in names:
-        if name not in PROVIDERS:
-            raise GraphoptError(f"unknown provider {name!r}; valid: {', '.join(PROVIDERS)}")
-    return [_probe(name) for name in names]
-
-
-@functools.cache
-def _probe(name: str) -> ProviderStatus:
-    ort_name = PROVIDERS[name]
-    if ort_name not in ort.get_available_providers():
-        return ProviderStatus(name, ort_name, False, _NOT_IN_BUILD.format(ort_name=ort_name))
-    if name == "cpu":
-        return ProviderStatus(name, ort_name, True)
-    reason = _probe_session(ort_name)
-    logger.debug("provider %s: %s", name, reason or "available")
-    return ProviderStatus(name, ort_name, not reason, reason)
-
-
-def _probe_session(ort_name: str) -> str:
-    """Runs an Identity model on the provider alone; returns why it failed, or ''."""
-    options = session_options(optimization="none")
-    with _native_stderr() as native, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            session = ort.InferenceSession(probe_model(), options, providers=[ort_name])
-            used = session.get_providers()
-            if ort_name in used:
-                session.run(None, {"x": np.zeros(1, np.float32)})
-        except Exception as exc:  # onnxruntime raises its own unrelated types
-            return f"cannot start {ort_name}: {_ort_message(exc)}"
-    if ort_name in used:
-        return ""
-    detail = _native_reason("".join(native)) or next((_one_line(str(w.message)) for w in caught), "")
-    return f"{ort_name} could not start, so onnxruntime fell back to {', '.join(used)}" + (
-        f": {detail}" if detail else " (no CUDA device, driver or CUDA/cuDNN libraries)"
-    )
-
-
-@contextlib.contextmanager
-def _native_stderr() -> Iterator[list[str]]:
-    """Collects what native code writes to fd 2 in the block (appended on exit).
-
-    Only onnxruntime's C++ logger says why a provider library failed to load.
-    """
-    captured: list[str] = []
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no file descriptor 2 to borrow: run without capturing
-        yield captured
-        return
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield captured
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            text = sink.read().decode(errors="replace")
-            captured.append(text)
-            if text.strip():
-                logger.debug("onnxruntime native log during provider probe:\n%s", text)
-
-
-def _native_reason(text: str) -> str:
-    """The first error (else warning) message of onnxruntime's native log, plus its requirement hint."""
-    entries = [m.groups() for m in map(_NATIVE_LOG_LINE.search, _ANSI_ESCAPE.sub("", text).splitlines()) if m]
-    messages = [msg for level, msg in entries if level == "E"] or [msg for _, msg in entries]
-    if not messages:
-        return ""
-    reason = _ORT_ERROR_PREFIX.sub("", messages[0]).strip()
-    hints = [msg[msg.index("Require ") :].split(". ")[0] for _, msg in entries if "Require " in msg]
-    return _one_line(f"{reason} ({hints[0]})" if hints and hints[0] not in reason else reason)
 
 
 def session_options(*, optimization: str = "full", threads: int | None = None, prepack: bool = True) -> ort.SessionOptions:
@@ -326,9 +207,9 @@ class ModelRunner:
         except GraphoptError:
             raise
         except InvalidArgument as exc:
-            raise GraphoptError(f"onnxruntime rejected the feeds for {self.label}: {_ort_message(exc)}") from exc
+            raise GraphoptError(f"onnxruntime rejected the feeds for {self.label}: {ort_message(exc)}") from exc
         except Exception as exc:  # kernels fail with several unrelated types
-            raise GraphoptError(f"onnxruntime failed running {self.label}: {_ort_message(exc)}") from exc
+            raise GraphoptError(f"onnxruntime failed running {self.label}: {ort_message(exc)}") from exc
         return dict(zip(names, values))
 
     def end_profiling(self) -> str:
@@ -457,7 +338,7 @@ def _open_session(
         reason = unsupported_reason(str(exc))
         if reason is not None:
             raise UnsupportedModelError(f"onnxruntime cannot open {label}: {reason}") from exc
-        raise GraphoptError(f"onnxruntime cannot open {label}: {_ort_message(exc)}") from exc
+        raise GraphoptError(f"onnxruntime cannot open {label}: {ort_message(exc)}") from exc
     if ort_name not in session.get_providers():  # rare after a good probe, e.g. out of device memory
         raise GraphoptError(f"onnxruntime opened {label} without {ort_name}: it fell back to {session.get_providers()}")
     logger.debug("opened %s on %s", label, session.get_providers())
@@ -544,14 +425,3 @@ def _label(model: ir.Model | str | os.PathLike[str]) -> str:
 def _names(noun: str, names: Sequence[str]) -> str:
     quoted = ", ".join(repr(name) for name in names)
     return f"{noun} {quoted}" if len(names) == 1 else f"{noun}s {quoted}"
-
-
-def _ort_message(exc: BaseException) -> str:
-    # All lines are kept, joined: onnxruntime often puts the useful part (which
-    # dimension is wrong) on the second line. Its error-code prefix goes.
-    return _one_line(_ORT_ERROR_PREFIX.sub("", str(exc).strip()) or type(exc).__name__)
-
-
-def _one_line(text: str) -> str:
-    joined = " ".join(part.strip() for part in text.splitlines() if part.strip())
-    return joined if len(joined) <= _MESSAGE_LIMIT else joined[: _MESSAGE_LIMIT - 3] + "..."

@@ -42,7 +42,8 @@ from graphopt.localize import (
 )
 from graphopt.metrics import OutputComparator, Tolerance, output_arrays
 from graphopt.report import FidelityReport, ModelFacts
-from graphopt.runtime import ModelRunner, ProviderStatus, measure_latency, resolve_providers
+from graphopt.providers import ProviderStatus, resolve_providers
+from graphopt.runtime import ModelRunner, measure_latency
 from graphopt.support import check_supported
 from graphopt.task import TaskMetric, TaskScore
 

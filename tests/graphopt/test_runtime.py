@@ -11,16 +11,10 @@ import onnxruntime as ort
 import pytest
 
 import graphopt
-from graphopt import runtime
+from graphopt import providers, runtime
 from graphopt.errors import GraphoptError, UnsupportedModelError
-from graphopt.runtime import (
-    ModelRunner,
-    ProviderStatus,
-    measure_latency,
-    resolve_providers,
-    session_options,
-    stream_tensors,
-)
+from graphopt.providers import ProviderStatus, resolve_providers
+from graphopt.runtime import ModelRunner, measure_latency, session_options, stream_tensors
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((3, 4)).astype(np.float32)
@@ -230,13 +224,13 @@ def test_probe_detects_onnxruntime_silently_falling_back_to_cpu(monkeypatch):
     # A CPU build asked for CUDA warns and runs on CPU, as onnxruntime-gpu does
     # when CUDA libraries are missing; pretending CUDA is listed exercises that path.
     listed = ort.get_available_providers() + ["CUDAExecutionProvider"]
-    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: listed)
-    runtime._probe.cache_clear()
+    monkeypatch.setattr(providers.ort, "get_available_providers", lambda: listed)
+    providers._probe.cache_clear()
     try:
         [status] = resolve_providers(["cuda"])
     finally:
         monkeypatch.undo()
-        runtime._probe.cache_clear()
+        providers._probe.cache_clear()
     assert not status.available
     assert status.reason.startswith(
         "CUDAExecutionProvider could not start, so onnxruntime fell back to CPUExecutionProvider: "
@@ -255,11 +249,11 @@ def test_native_reason_extracts_the_loader_error():
         "CreateExecutionProviderFactoryInstance] Failed to create CUDAExecutionProvider. Require cuDNN 9.* and "
         "CUDA 13.*. Please install all dependencies as mentioned in the GPU requirements page.\x1b[m\n"
     )
-    assert runtime._native_reason(log) == (
+    assert providers._native_reason(log) == (
         "Failed to load library libonnxruntime_providers_cuda.so with error: libcublasLt.so.13: "
         "cannot open shared object file: No such file or directory (Require cuDNN 9.* and CUDA 13.*)"
     )
-    assert runtime._native_reason("unrelated output\n") == ""
+    assert providers._native_reason("unrelated output\n") == ""
 
 
 @pytest.mark.skipif(not CUDA.available, reason=f"no CUDA device: {CUDA.reason}")

@@ -18,7 +18,7 @@ from graphopt.bisect import bisect_pipeline
 from graphopt.cli import main
 from graphopt.errors import DataError, GraphoptError
 from graphopt.metrics import Tolerance
-from graphopt.runtime import resolve_providers
+from graphopt.providers import resolve_providers
 from graphopt.spec import PassSpec
 
 CUDA = resolve_providers(["cuda"])[0]
