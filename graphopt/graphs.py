@@ -6,7 +6,7 @@ subgraph-aware without each re-implementing the traversal.
 
 from __future__ import annotations
 
-__all__ = ["iter_graphs", "subgraphs", "bodies", "iter_nodes", "apply_to_graphs"]
+__all__ = ["iter_graphs", "subgraphs", "bodies", "iter_nodes", "iter_tensors", "apply_to_graphs"]
 
 from collections.abc import Callable, Iterator
 
@@ -37,6 +37,8 @@ def subgraphs(graph: GraphLike) -> Iterator[ir.Graph]:
     graph; this only looks at each node's attributes.
     """
     for node in graph:
+        if not node.attributes.data:  # most nodes: skip the call to bodies()
+            continue
         for body in bodies(node):
             yield body
             yield from subgraphs(body)
@@ -73,6 +75,31 @@ def iter_nodes(graph: GraphLike) -> Iterator[ir.Node]:
         yield node
         for body in bodies(node):
             yield from iter_nodes(body)
+
+
+def iter_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Yields every tensor of the model: initializers and tensor attributes, in every graph and function.
+
+    onnx_ir's own walk (``external_data._all_tensors``) goes through its
+    generic recursive node iterator, ~0.15 s on an 80k-node graph, and
+    skips functions.
+    """
+    for graph in iter_graphs(model):
+        if isinstance(graph, ir.Graph):
+            for value in graph.initializers.values():
+                if value.const_value is not None:
+                    yield value.const_value
+        for node in graph:
+            attributes = node.attributes.data
+            if not attributes:
+                continue
+            for attr in attributes.values():
+                if attr.is_ref() or attr.value is None:
+                    continue
+                if attr.type == ir.AttributeType.TENSOR:
+                    yield attr.value
+                elif attr.type == ir.AttributeType.TENSORS:
+                    yield from attr.value
 
 
 def apply_to_graphs(

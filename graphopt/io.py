@@ -26,6 +26,8 @@ __all__ = [
     "source_path",
     "stored_bytes",
     "external_data_bytes",
+    "set_base_dir",
+    "attribute_tensors_read_in",
 ]
 
 import contextlib
@@ -44,7 +46,7 @@ import onnx_ir as ir
 from graphopt import stats, untrusted
 from graphopt.errors import ModelLoadError, ModelSaveError, first_line
 from graphopt.gcpause import gc_paused
-from graphopt.graphs import iter_graphs
+from graphopt.graphs import iter_graphs, iter_tensors
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
@@ -234,7 +236,7 @@ def _load_path(path: Path) -> ir.Model:
     except Exception as exc:  # protobuf and onnx raise many unrelated types
         raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
     model = _deserialize(proto, origin=str(path))
-    ir.external_data.set_base_dir(model.graph, str(path.resolve().parent))
+    set_base_dir(model, path.resolve().parent)
     untrusted.check_model(model, path.resolve().parent)
     model.meta[_SOURCE_KEY] = str(path.resolve())
     model.meta[_HAD_EXTERNAL_KEY] = any(_external_tensors(model))
@@ -269,14 +271,16 @@ def _is_graphsurgeon_graph(source: Any) -> bool:
     return module.startswith("onnx_graphsurgeon") and type(source).__name__ == "Graph"
 
 
+def set_base_dir(model: ir.Model, base_dir: str | os.PathLike[str]) -> None:
+    """Points every external tensor of the model, in any graph or function, at data files in ``base_dir``."""
+    for tensor in iter_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.base_dir = str(base_dir)
+
+
 def _external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
-    found = []
-    for graph in iter_graphs(model):
-        if isinstance(graph, ir.Graph):
-            for value in graph.initializers.values():
-                if isinstance(value.const_value, ir.ExternalTensor):
-                    found.append(value.const_value)
-    return found
+    """Every tensor the model reads from a data file: initializers and tensor attributes, functions included."""
+    return [tensor for tensor in iter_tensors(model) if isinstance(tensor, ir.ExternalTensor)]
 
 
 def _wants_external_data(model: ir.Model) -> bool:
@@ -293,7 +297,8 @@ def _write_atomically(model: ir.Model, target: Path, data_name: str | None) -> N
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         staged = staging / target.name
-        ir.save(model, staged, external_data=data_name, size_threshold_bytes=EXTERNAL_DATA_THRESHOLD_BYTES)
+        with attribute_tensors_read_in(model):
+            ir.save(model, staged, external_data=data_name, size_threshold_bytes=EXTERNAL_DATA_THRESHOLD_BYTES)
         _fsync(staged)
         staged_data = staging / data_name if data_name else None
         if staged_data is not None and (not staged_data.exists() or staged_data.stat().st_size == 0):
@@ -304,6 +309,44 @@ def _write_atomically(model: ir.Model, target: Path, data_name: str | None) -> N
     finally:
         with _signals_deferred():  # a second Ctrl-C must not leave the folder behind
             shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def attribute_tensors_read_in(model: ir.Model) -> Iterator[None]:
+    """Within the block, tensor attributes that live in data files (a Constant's value) are in-memory tensors.
+
+    onnx_ir's save moves initializers into the new data file but writes an
+    external tensor attribute as it stands: pointing at its old file,
+    relative to the new model, where that file is not; a session opened from
+    bytes has no folder to resolve it against at all. Read in, it is
+    embedded in the protobuf. The model gets its own attributes back after.
+    """
+    lent: list[tuple[ir.Node, ir.Attr]] = []
+    for graph in iter_graphs(model):
+        for node in graph:
+            attributes = node.attributes.data
+            for attr in list(attributes.values()) if attributes else ():
+                if attr.is_ref() or attr.type not in (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS):
+                    continue
+                tensors = [attr.value] if attr.type == ir.AttributeType.TENSOR else list(attr.value)
+                if not any(isinstance(tensor, ir.ExternalTensor) for tensor in tensors):
+                    continue
+                read = [_in_memory(tensor) if isinstance(tensor, ir.ExternalTensor) else tensor for tensor in tensors]
+                lent.append((node, attr))
+                node.attributes[attr.name] = (
+                    ir.AttrTensor(attr.name, read[0], attr.doc_string)
+                    if attr.type == ir.AttributeType.TENSOR
+                    else ir.AttrTensors(attr.name, read, attr.doc_string)
+                )
+    try:
+        yield
+    finally:
+        for node, attr in lent:
+            node.attributes[attr.name] = attr
+
+
+def _in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
+    return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string)
 
 
 def _commit(model: ir.Model, staged: Path, staged_data: Path | None, target: Path, staging: Path) -> None:
@@ -356,7 +399,7 @@ def _detach_from(model: ir.Model, data_target: Path) -> None:
             if tensor.path not in replaced:
                 replaced[tensor.path] = same_file(Path(tensor.path), data_target)
             if replaced[tensor.path]:
-                value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string)
+                value.const_value = _in_memory(tensor)
 
 
 def _hard_link(source: Path, link: Path) -> Path | None:

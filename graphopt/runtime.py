@@ -283,8 +283,9 @@ def _serialize_lending_weights(model: ir.Model) -> tuple[bytes, list[str], list[
 
     Left-out weights are serialized as external-data placeholders, which
     onnxruntime fills from the arrays instead of reading a file. Subgraph
-    weights that live on disk are read into the protobuf, since external
-    data would be resolved against a model folder that bytes do not have.
+    weights and tensor attributes that live on disk are read into the
+    protobuf, since external data would be resolved against a model folder
+    that bytes do not have.
     """
     swapped: list[tuple[ir.Value, ir.TensorProtocol | None]] = []
     names, arrays = [], []
@@ -304,7 +305,8 @@ def _serialize_lending_weights(model: ir.Model) -> tuple[bytes, list[str], list[
                     value.const_value = _placeholder(tensor, name)
                 else:
                     value.const_value = ir.Tensor(tensor.numpy(), name=name)
-        return ir.to_proto(model).SerializeToString(), names, arrays
+        with io.attribute_tensors_read_in(model):
+            return ir.to_proto(model).SerializeToString(), names, arrays
     finally:
         for value, tensor in swapped:
             value.const_value = tensor

@@ -41,8 +41,8 @@ from graphopt.localize import (
     update_layers,
 )
 from graphopt.metrics import OutputComparator, Tolerance, output_arrays
-from graphopt.report import FidelityReport, ModelFacts
 from graphopt.providers import ProviderStatus, resolve_providers
+from graphopt.report import FidelityReport, ModelFacts
 from graphopt.runtime import ModelRunner, measure_latency
 from graphopt.support import check_supported
 from graphopt.task import TaskMetric, TaskScore

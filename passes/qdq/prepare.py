@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from graphopt.errors import GraphoptError, UnsupportedModelError, first_line
 from graphopt.graphs import iter_graphs
+from graphopt.io import set_base_dir
 from graphopt.pipeline import adopt_model
 from graphopt.runtime import ModelRunner
 from graphopt.summary import custom_ops, unknown_ops
@@ -91,7 +92,7 @@ def _upgrade(model: ir.Model, opset: int, version: int) -> None:
     if base is not None:
         # The protobuf round trip keeps external data as paths relative to the model's
         # folder, which onnx_ir would otherwise resolve from the working directory.
-        ir.external_data.set_base_dir(upgraded.graph, base)
+        set_base_dir(upgraded, base)
     adopt_model(model, upgraded)
     logger.info("qdq: upgraded the model from opset %d to %d", version, opset)
 

@@ -152,7 +152,11 @@ def _hard_link(tmp_path: Path) -> Path:
 
 
 def _function_constant_outside(tmp_path: Path) -> Path:
-    """A Constant inside a model-local function: onnx_ir leaves its base_dir empty, so it would read from the cwd."""
+    """A Constant inside a model-local function reading ``secret.bin``, which lies in the working directory, not beside the model.
+
+    onnx_ir's set_base_dir skips functions, which left it reading from the
+    working directory; graphopt points it at the model's folder, where there is no such file.
+    """
     folder = _folder(tmp_path)
     value = _external("value", "secret.bin")
     function = helper.make_function(
@@ -197,7 +201,7 @@ EXTERNAL_CASES: dict[str, tuple[Callable[[Path], Path], type[GraphoptError], str
     "directory": (_directory, UnsafeModelError, "not a regular file"),
     "fifo": (_fifo, UnsafeModelError, "not a regular file"),
     "hard-link": (_hard_link, UnsafeModelError, "hard links"),
-    "function-constant": (_function_constant_outside, UnsafeModelError, "outside the model's folder"),
+    "function-constant": (_function_constant_outside, ModelLoadError, "not found"),
     "subgraph-initializer": (_subgraph_initializer_outside, UnsafeModelError, "outside the model's folder"),
     "missing": (_with_location("w.bin", data=None), ModelLoadError, "not found"),
     "short-file": (_with_location("w.bin", data=W.tobytes()[:40]), ModelLoadError, "has 40 bytes, too few for 64"),

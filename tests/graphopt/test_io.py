@@ -16,6 +16,7 @@ from helpers import check_full, run_ort
 import graphopt
 from graphopt import io
 from graphopt.errors import ModelLoadError, ModelSaveError
+from graphopt.runtime import ModelRunner
 
 X = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
 
@@ -272,3 +273,46 @@ def test_write_text_atomically_replaces_whole_file_and_leaves_no_temp(tmp_path, 
 
     assert path.read_text() == "second\n"
     assert os.listdir(tmp_path) == ["ledger.json"]
+
+
+@pytest.mark.parametrize("where", ["graph", "function"])
+def test_constant_with_external_data_is_read_from_the_models_folder_and_saved_whole(tmp_path, monkeypatch, where):
+    # onnx_ir's set_base_dir skips functions (the tensor read its file from the working
+    # directory), and its save leaves any tensor attribute pointing at its old file.
+    from onnx import TensorProto, helper
+    from onnx.external_data_helper import set_external_data
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    constant = np.arange(16, dtype=np.float32).reshape(4, 4)
+    (folder / "c.bin").write_bytes(constant.tobytes())
+    value = TensorProto(name="value", data_type=TensorProto.FLOAT, dims=[4, 4], raw_data=b"")
+    set_external_data(value, "c.bin")
+    value.ClearField("raw_data")
+    value.data_location = TensorProto.EXTERNAL
+    body = [helper.make_node("Constant", [], ["c"], value=value), helper.make_node("Add", ["a", "c"], ["b"])]
+    io_values = [helper.make_tensor_value_info("a", TensorProto.FLOAT, [4, 4])], [helper.make_tensor_value_info("b", TensorProto.FLOAT, [4, 4])]
+    opsets = [helper.make_opsetid("", 17)]
+    if where == "function":
+        function = helper.make_function("local", "AddConstant", ["a"], ["b"], body, opsets)
+        graph = helper.make_graph([helper.make_node("AddConstant", ["a"], ["b"], domain="local")], "g", *io_values)
+        proto = helper.make_model(graph, opset_imports=[*opsets, helper.make_opsetid("local", 1)], functions=[function])
+    else:
+        proto = helper.make_model(helper.make_graph(body, "g", *io_values), opset_imports=opsets)
+    proto.ir_version = 8
+    onnx.save(proto, folder / "in.onnx")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    model = graphopt.load(folder / "in.onnx")
+    saved = graphopt.save(model, tmp_path / "out" / "out.onnx")
+
+    graph = next(iter(model.functions.values())) if where == "function" else model.graph
+    attribute = next(node for node in graph if node.op_type == "Constant").attributes["value"].value
+    assert isinstance(attribute, ir.ExternalTensor)  # the model keeps reading its own file
+    np.testing.assert_array_equal(attribute.numpy(), constant)
+    a = np.ones((4, 4), np.float32)
+    np.testing.assert_array_equal(run_ort(saved, {"a": a})[0], a + constant)
+    with ModelRunner(model) as runner:  # a session opened from bytes has no folder to read c.bin from
+        np.testing.assert_array_equal(runner.run({"a": a})["b"], a + constant)
