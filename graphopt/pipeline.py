@@ -25,6 +25,7 @@ from graphopt import checks, stats
 from graphopt.errors import GraphoptError, PassCheckError
 from graphopt.gcpause import gc_paused
 from graphopt.ledger import Ledger, LedgerRow
+from graphopt.progress import reporting_to
 from graphopt.registry import PassFactory, available_passes, create_pass, resolved_options
 from graphopt.spec import PassSpec, load_recipe, parse_spec
 
@@ -151,11 +152,15 @@ class _LedgeredPass(ir.passes.InPlacePass):
         return self.step.label
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.progress is not None:
-            self.progress(self.index, self.total, self.step.label)
         nodes_before, bytes_before = self._figures_before(model)
         start = time.perf_counter()
-        result = self.step.pass_(model)
+        if self.progress is None:
+            result = self.step.pass_(model)
+        else:
+            self.progress(self.index, self.total, self.step.label)
+            name = self.step.label.split("(")[0]  # the options can be long; the bar has one line
+            with reporting_to(lambda label: self.progress(self.index, self.total, label), name):  # type: ignore[misc]
+                result = self.step.pass_(model)
         seconds = time.perf_counter() - start
         if result.model is not model:
             # Keep the in-place contract of the wrapper for functional inner passes.

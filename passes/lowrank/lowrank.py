@@ -38,6 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.data import Feeds
+from graphopt.progress import report
 from graphopt.runtime import ModelRunner, stream_tensors
 from passes.lift_constants import LiftConstantsPass
 from passes.lowrank import allocate, factor, speed
@@ -235,8 +236,10 @@ class LowRankPass(ir.passes.InPlacePass):
         steps = allocate.plan(ladders, {label(layer.node): layer.params for layer in layers})
         expected = _outputs(model, samples.held_back, self.threads)
         judged = {0: (1.0, 1.0)}
+        bisections = max(1, len(steps)).bit_length()  # what most_steps takes, at most
 
         def meets(count: int) -> bool:
+            report(len(judged) - 1, bisections, "rank allocations tried")
             trial = self._trial(model, allocate.allocation(steps[:count]), fits)
             # The bound, not the cosine: the most steps that meet the target are selected to sit just above it (judge.py).
             result = judge(trial, samples.held_back, expected, self.threads)
@@ -270,7 +273,8 @@ class LowRankPass(ir.passes.InPlacePass):
         """Each layer's ladder, its predicted errors rescaled to the output drift measured with it alone factored (allocate.py)."""
         expected = _outputs(model, probes, self.threads)
         ladders = []
-        for layer in layers:
+        for index, layer in enumerate(layers):
+            report(index, len(layers), "output drift per layer")
             name = label(layer.node)
             rungs = self._rungs(layer, fits.get(name))
             reference = allocate.reference_rung(rungs, layer.params)

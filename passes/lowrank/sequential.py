@@ -30,6 +30,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.progress import report
 from graphopt.runtime import stream_tensors
 from passes.lowrank import factor
 from passes.lowrank.layers import Layer
@@ -51,6 +52,7 @@ def factor_in_order(
     pending = sorted(by_node, key=position.__getitem__)
     modified = False
     while pending:
+        report(len(by_node) - len(pending), len(by_node), "layers fitted in order")
         level = independent_prefix(pending)
         pending = pending[len(level) :]
         names = [node.inputs[0].name or "" for node in level]

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.progress import report
 from graphopt.runtime import ModelRunner, stream_tensors
 from passes.prune.channels import Chain, bias_value, input_axis, vector_bias
 from passes.prune.reconstruct import cross_grams, fit_toward, independent_prefix, tuned_strength
@@ -106,7 +107,9 @@ def refit_in_order(
         held = [feeds for index, feeds in enumerate(samples.calibration()) if index % 2]
         goal = list(teach(held, outputs))
         error = output_error(model, held, goal, threads)
+        total = len(pending)
         while pending:
+            report(total - len(pending), total, "layers refit")
             level = independent_prefix(pending)
             pending = pending[len(level) :]
             taught = teach(samples.calibration(), [node.inputs[0].name or "" for node in level])

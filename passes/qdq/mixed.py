@@ -31,6 +31,7 @@ import onnx_ir as ir
 
 from graphopt.data import Feeds
 from graphopt.metrics import OutputComparator, Tolerance
+from graphopt.progress import report
 from graphopt.runtime import ModelRunner, measure_latency
 from passes.qdq import storage
 
@@ -228,7 +229,10 @@ def _fewest_float_layers(build: Build, ranking: list[str], held_back, expected, 
     """Bisects the number of top-ranked layers kept float; all float always meets any target."""
     low, high = 0, len(ranking)  # low fails, high meets (nothing quantized = the float model)
     best = None
+    probes, tried = max(1, len(ranking)).bit_length(), 0
     while high - low > 1:
+        report(tried, probes, "float layer counts tried")
+        tried += 1
         middle = (low + high) // 2
         model, summary = build(ranking[:middle])
         cosine, snr = held_back_fidelity(model, held_back, expected, threads)

@@ -42,6 +42,7 @@ import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
 from graphopt.pipeline import adopt_model
+from graphopt.progress import report
 from passes.qdq import calibration as calib
 from passes.qdq.arithmetic import ActivationParams, activation_params
 from passes.qdq.bias_correction import input_means, output_shift
@@ -218,7 +219,9 @@ class QuantizePass(ir.passes.InPlacePass):
                 self._rounded = round_targets(model, wanted, samples.calibration, self.threads, bits=self.weight_bits, group=group)
             return self._choose(model, original, placement, samples, self._build_weight_only, kind=kind)
         names = [value.name or "" for value in placement.activations]
-        stats = calib.collect(model, names, samples.calibration, threads=self.threads)
+        stats = calib.collect(
+            model, names, samples.calibration, threads=self.threads, progress=lambda done, total: report(done, total or 0, "calibration runs")
+        )
         self.summary.nonfinite_activations = {name: s.nonfinite for name, s in stats.items() if s.nonfinite}
         self.summary.float_activations = {name: "no finite value in calibration" for name, s in stats.items() if not s.count}
         params = self._activation_params(placement, {name: s for name, s in stats.items() if s.count})

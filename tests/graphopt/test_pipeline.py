@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 from helpers import assert_same_outputs, parse, run_ort, to_proto
 
-from graphopt import PassSpec, registry, run_pipeline
+from graphopt import PassSpec, progress, registry, run_pipeline
 from graphopt.errors import PassCheckError, PipelineSpecError
 
 X = np.random.default_rng(4).standard_normal((2, 4)).astype(np.float32)
@@ -108,6 +108,43 @@ def test_progress_callback_sees_every_step_then_done():
 
     assert seen == [(0, 2, "dce"), (1, 2, "toposort"), (2, 2, "done")]
 
+
+
+class _Counting(ir.passes.InPlacePass):
+    """Reports ``units`` units of work done, one at a time, as a long pass would."""
+
+    def __init__(self, units: int) -> None:
+        super().__init__()
+        self.units = units
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        for done in range(self.units + 1):
+            progress.report(done, self.units, "units")
+        return ir.passes.PassResult(model, False)
+
+
+def test_a_pass_reports_its_own_progress_as_the_step_label(monkeypatch):
+    monkeypatch.setattr(progress, "MIN_INTERVAL_SECONDS", 0.0)
+    seen = []
+
+    run_pipeline(_model(), [_Counting(0), _Counting(3)], progress=lambda i, n, label: seen.append((i, n, label)))
+
+    inside = [entry for entry in seen if entry[0] == 1]
+    assert inside[1:] == [(1, 2, f"_Counting: units {done}/3") for done in range(4)], seen
+    assert seen[-1] == (2, 2, "done")
+
+
+def test_progress_reports_are_throttled_but_the_last_one_is_drawn(monkeypatch):
+    monkeypatch.setattr(progress, "MIN_INTERVAL_SECONDS", 3600.0)
+    seen = []
+
+    run_pipeline(_model(), [_Counting(50)], progress=lambda i, n, label: seen.append(label))
+
+    assert [label for label in seen if "units" in label] == ["_Counting: units 0/50", "_Counting: units 50/50"]
+
+
+def test_reports_outside_a_pipeline_go_nowhere():
+    progress.report(1, 2, "units")  # no pipeline, no callback: nothing to call, nothing raised
 
 def test_fixed_point_group_from_onnx_ir_pass_manager_runs_as_one_step():
     # A registry entry may be a factory returning onnx_ir's PassManager; this is how fold groups work.

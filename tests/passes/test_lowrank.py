@@ -712,3 +712,16 @@ def test_reconstruct_leaves_a_layer_whose_inputs_are_all_zero_as_factored():
     assert "did not beat" in lowrank.summary.not_reconstructed["fc/lowrank/b"]
     check_full(model)
     assert np.array_equal(run_ort(model, calibration[0])[0], np.zeros((4, 8), np.float32))
+
+
+def test_scope_global_reports_its_per_layer_measurements_to_the_progress_bar(monkeypatch):
+    from graphopt import progress
+
+    monkeypatch.setattr(progress, "MIN_INTERVAL_SECONDS", 0.0)
+    calibration = [{"x": np.random.default_rng(i).standard_normal((8, 32)).astype(np.float32)} for i in range(4)]
+    seen = []
+
+    run_pipeline(load(_loud_and_quiet_branches()), [LowRankPass(ratio=0.4, scope="global", check_speed=False, data=calibration)],
+                 progress=lambda index, total, label: seen.append(label))
+
+    assert [label for label in seen if "drift" in label] == ["LowRankPass: output drift per layer 0/2", "LowRankPass: output drift per layer 1/2"]
