@@ -67,6 +67,8 @@ _BLOCKED_OPSET = 21  # DequantizeLinear block_size and int4
 _ACTIVATION_TYPES = ("u8", "s8")
 _FALLBACKS = ("storage", "float")
 _ROUNDINGS = ("nearest", "gptq")
+# Without a fidelity target, a result whose held-back output cosine falls below this is reported with a warning.
+ADVISED_COSINE = 0.99
 
 
 class QuantizePass(ir.passes.InPlacePass):
@@ -259,6 +261,11 @@ class QuantizePass(ir.passes.InPlacePass):
             target_cosine=self.target_cosine, target_snr=self.target_snr, check_speed=self.check_speed,
             threads=self.threads, kind=kind, speed_reference=original, store_slow=self.fallback == "storage",
         )
+        cosine = summary.fidelity.get("cosine", 1.0)
+        if self.target_cosine is None and self.target_snr is None and cosine < ADVISED_COSINE:
+            # No target means no guard: say so rather than hand back a degraded model quietly.
+            summary.advice = f"below {ADVISED_COSINE:g}: target_cosine={ADVISED_COSINE:g} keeps the layers that cost it float"
+            logger.warning("qdq: output cosine %.5f on held-back calibration samples, %s", cosine, summary.advice)
         return self._adopt(model, chosen, summary, placement)
 
     def _adopt(self, model: ir.Model, chosen: ir.Model, summary: QuantizationSummary, placement: Placement) -> ir.passes.PassResult:

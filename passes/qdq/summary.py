@@ -26,6 +26,7 @@ class QuantizationSummary:
     fidelity: dict[str, float] = field(default_factory=dict)
     latency_ratio: float | None = None
     backed_off: str = ""
+    advice: str = ""  # set when the result is far from the float model and no target was given
 
     def line(self) -> str:
         """One line a person reads after the run."""
@@ -42,7 +43,7 @@ class QuantizationSummary:
         if self.weight_bytes_after:
             parts.append(f"weights {self.weight_bytes_before / self.weight_bytes_after:.1f}x smaller")
         if "cosine" in self.fidelity:
-            parts.append(f"output cosine {self.fidelity['cosine']:.5f}")
+            parts.append(f"output cosine {self.fidelity['cosine']:.5f}" + (f" ({self.advice})" if self.advice else ""))
         if self.latency_ratio is not None:
             parts.append(f"latency {self.latency_ratio:.2f}x float")
         if self.float_subgraph_nodes:

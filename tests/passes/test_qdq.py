@@ -607,3 +607,46 @@ def test_a_float16_weight_stays_float_and_the_summary_says_why():
 
     assert result.modified is False and to_proto(result.model).SerializeToString() == before
     assert list(pass_.summary.float_layers.values()) == ["weight is float16, not float32"]
+
+
+def _outlier_channel_model():
+    """y = x @ W, where x's first channel is 1000x the others but W barely reads it: per-tensor int8 x loses the rest."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 16)).astype(np.float32)
+    weight[0] = 1e-4
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,64] x) => (float[N,16] y)
+          <float[64,16] w = {{{", ".join(map(str, weight.ravel().tolist()))}}}> {{
+          y = MatMul(x, w)
+        }}
+    """
+    feeds = []
+    for _ in range(8):
+        x = rng.standard_normal((16, 64)).astype(np.float32)
+        x[:, 0] *= 1000
+        feeds.append({"x": x})
+    return parse(text), feeds
+
+
+def test_without_a_target_a_degraded_result_is_reported_not_handed_back_quietly(caplog):
+    model, feeds = _outlier_channel_model()
+    pass_ = QuantizePass(data=feeds, check_speed=False)
+
+    with caplog.at_level("WARNING", logger="passes.qdq.quantize"):
+        run_pipeline(load(model), [pass_])
+
+    assert pass_.summary.fidelity["cosine"] < 0.9, pass_.summary.fidelity  # the int8 activations lost channels 1-63
+    assert "target_cosine=0.99 keeps the layers that cost it float" in pass_.summary.line()
+    assert any("output cosine" in record.getMessage() for record in caplog.records)
+
+
+def test_a_faithful_result_or_a_given_target_brings_no_warning(caplog):
+    model, feeds = _outlier_channel_model()
+    with caplog.at_level("WARNING", logger="passes.qdq.quantize"):
+        _, _, plain = _quantize("mlp")
+        targeted = QuantizePass(data=feeds, check_speed=False, target_cosine=0.5)
+        run_pipeline(load(model), [targeted])
+    assert plain.summary.fidelity["cosine"] >= 0.99 and not plain.summary.advice
+    assert not targeted.summary.advice
+    assert not [record for record in caplog.records if "output cosine" in record.getMessage()]
