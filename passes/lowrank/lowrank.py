@@ -341,7 +341,7 @@ class LowRankPass(ir.passes.InPlacePass):
         """Factors the layers of ``model`` named in ``ranks`` at those ranks; returns whether any was."""
         chain = Chain(model.graph)
         modified = False
-        for layer in find_layers(model.graph, self.skip, self.conv, {}):
+        for layer in find_layers(model.graph, self.skip, self.conv, {}, only=frozenset(ranks)):
             name = label(layer.node)
             if name in ranks:
                 modified |= self._try_factor(layer, fits.get(name), chain, list(ranks[name]))
