@@ -203,6 +203,35 @@ def test_cli_optimize_validate_and_bisect(tmp_path, capsys, monkeypatch):
     assert main(["optimize", str(source), "-o", str(tmp_path / "ok.onnx"), "--passes", "dce", "--validate", "cpu"]) == 0
 
 
+
+def test_cli_optimize_validates_on_feeds_the_passes_did_not_fit(tmp_path):
+    # prune's reconstruction fits the synthesized seed-0 feeds; judged on those it looked lossless (rel L2 6e-5).
+    source = _save("digits_cnn", tmp_path)
+    report_path = tmp_path / "report.json"
+    spec = "prune(pattern=channel,ratio=0.3,reconstruct=true)"
+
+    main(["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "--passes", spec, "--deterministic", "--validate", "cpu", "--report", str(report_path)])
+
+    report = json.loads(report_path.read_text())
+    assert report["data"] == {"source": "synthesized (seed 1)", "samples": 8, "seed": 1}
+    [output] = report["outputs"]
+    assert output["rel_l2"] > 0.01, output  # unseen feeds show what pruning half the channels costs
+    main(["optimize", str(source), "-o", str(tmp_path / "same.onnx"), "--passes", spec, "--deterministic", "--validate", "cpu", "--seed", "0", "--report", str(report_path)])
+    assert json.loads(report_path.read_text())["outputs"][0]["rel_l2"] < 1e-3  # the fitted feeds, asked for explicitly
+
+
+def test_cli_optimize_warns_when_it_validates_on_the_calibration_data(tmp_path, capsys):
+    source = _save("digits_cnn", tmp_path)
+    data = tmp_path / "calib.npz"
+    zoo = model_zoo.build("digits_cnn")
+    np.savez(data, **zoo.feeds)
+
+    main(["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "--passes", "fold,qdq(check_speed=false)", "--calib-data", str(data), "--validate", "cpu"])
+    assert "the data the passes calibrated on" in capsys.readouterr().out
+
+    main(["optimize", str(source), "-o", str(tmp_path / "fold.onnx"), "--passes", "fold", "--calib-data", str(data), "--validate", "cpu"])
+    assert "calibrated on" not in capsys.readouterr().out  # fold takes no data: nothing was fitted to it
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
