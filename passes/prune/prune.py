@@ -62,7 +62,10 @@ class PruneSummary:
         if self.pattern == "channel":
             before = sum(b for b, _ in self.channels.values())
             after = sum(a for _, a in self.channels.values())
-            parts = [f"{len(self.channels)} layers lost {before - after} of {before} output channels (tensors shrink, {self.norm} importance)"]
+            if self.channels:
+                parts = [f"{len(self.channels)} layers lost {before - after} of {before} output channels (tensors shrink, {self.norm} importance)"]
+            else:
+                parts = ["no output channel removed"]
             if self.compensated:
                 parts.append(f"{len(self.compensated)} layers took the removed channels' mean into their bias")
             if self.skipped:

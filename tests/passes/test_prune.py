@@ -430,6 +430,7 @@ def test_channels_joined_by_an_add_or_a_reshape_are_left_alone(head, reason):
     assert result.modified is False
     assert pass_.summary.skipped["c1"].startswith(reason)
     assert initializer_arrays(model)["w1"].shape == (8, 8, 3, 3)
+    assert pass_.summary.line().startswith("no output channel removed, ")
 
 
 def test_reconstruction_after_channel_pruning_refits_the_consumers():
