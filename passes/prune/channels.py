@@ -71,7 +71,7 @@ _ONNX_DOMAINS = ("", "ai.onnx")
 # Elementwise ops whose only tensor input is the channels (Clip's bounds are constants).
 _UNARY = frozenset(
     {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "Erf", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign",
-     "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "Neg", "Abs", "Identity", "Exp", "Sqrt"}
+     "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "Neg", "Abs", "Identity", "Exp", "Sqrt", "Dropout"}
 )
 _POOLS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool"})
 _ARITHMETIC = frozenset({"Mul", "Add", "Sub", "Div"})
@@ -204,7 +204,18 @@ def _is_depthwise(node: ir.Node) -> bool:
 
 def _is_unary(node: ir.Node, carried: Container[ir.Value]) -> bool:
     """Whether ``node`` is an elementwise op on a ``carried`` tensor alone (other inputs constant)."""
-    return node.op_type in _UNARY and node.inputs[0] in carried and all(_const(v) for v in node.inputs[1:] if v is not None)
+    if node.op_type not in _UNARY or node.inputs[0] not in carried or not all(_const(v) for v in node.inputs[1:] if v is not None):
+        return False
+    return node.op_type != "Dropout" or _is_identity_dropout(node)
+
+
+def _is_identity_dropout(node: ir.Node) -> bool:
+    """A Dropout that passes its input through: not in training mode, and no one reads its mask (which would keep every channel)."""
+    mask = node.outputs[1] if len(node.outputs) > 1 else None
+    if mask is not None and (mask.is_graph_output() or any(True for _ in mask.uses())):
+        return False
+    training = node.inputs[2] if len(node.inputs) > 2 else None
+    return training is None or not bool(np.any(training.const_value.numpy()))  # type: ignore[union-attr]
 
 
 def _channelwise_cuts(user: ir.Node, value: ir.Value, flattened: bool) -> list[tuple[int, int]] | str | None:

@@ -230,7 +230,8 @@ def _conv_chain(head: str, dead_channels=(1, 4, 6), seed: int = 0):
 
     ``head`` "conv": Relu -> Conv c2 (8 -> 4); "gap": Relu -> GlobalAveragePool ->
     Flatten -> Gemm fc (8 -> 5); "residual": Add(c1, x) -> Conv c2 (the Add blocks pruning);
-    "reshape": Reshape -> Conv c2 (a Reshape we cannot follow); "depthwise": Relu ->
+    "reshape": Reshape -> Conv c2 (a Reshape we cannot follow); "dropout": Relu -> Dropout
+    (inference: the identity) -> Conv c2 (8 -> 4); "depthwise": Relu ->
     Mul by a per-channel constant -> depthwise Conv (group 8) -> BatchNormalization
     (zero shift, so dead channels stay zero) -> Conv c2 (8 -> 4); "concat": Relu -> Concat(r, x) on
     channels -> Conv c2 (16 -> 4); "flatten": Relu -> Flatten of the whole map -> Gemm
@@ -276,6 +277,11 @@ def _conv_chain(head: str, dead_channels=(1, 4, 6), seed: int = 0):
                   helper.make_node("Gemm", ["f", "w2"], ["y"], name="fc", transB=1)]
         inits.append(numpy_helper.from_array(rng.standard_normal((5, 8 * 36)).astype(np.float32), "w2"))
         out_shape = [1, 5]
+    elif head == "dropout":
+        nodes += [helper.make_node("Relu", ["c1"], ["r"]), helper.make_node("Dropout", ["r", "ratio"], ["d"]),
+                  helper.make_node("Conv", ["d", "w2"], ["y"], name="c2")]
+        inits += [numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+                  numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2")]
     elif head == "residual":
         nodes += [helper.make_node("Add", ["c1", "x"], ["s"]), helper.make_node("Conv", ["s", "w2"], ["y"], name="c2")]
         inits.append(numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2"))
@@ -432,6 +438,32 @@ def test_channels_joined_by_an_add_or_a_reshape_are_left_alone(head, reason):
     assert initializer_arrays(model)["w1"].shape == (8, 8, 3, 3)
     assert pass_.summary.line().startswith("no output channel removed, ")
 
+
+def test_channel_pruning_passes_through_an_inference_dropout():
+    proto = _conv_chain("dropout")
+    model = load(proto)
+    pass_ = PrunePass(pattern="channel", ratio=3 / 8, skip="", align=1)
+
+    run_pipeline(model, [pass_])
+
+    assert pass_.summary.channels == {"c1": (8, 5)}
+    assert initializer_arrays(model)["w2"].shape == (4, 5, 1, 1)
+    check_full(model)
+    np.testing.assert_allclose(run_ort(model, X_CHAIN)[0], run_ort(proto, X_CHAIN)[0], rtol=1e-5, atol=1e-5)  # only dead channels went
+
+
+def test_a_dropout_whose_mask_is_read_keeps_its_channels():
+    proto = _conv_chain("dropout")
+    dropout = next(node for node in proto.graph.node if node.op_type == "Dropout")
+    dropout.output.append("mask")
+    proto.graph.output.append(helper.make_tensor_value_info("mask", TensorProto.BOOL, [1, 8, 6, 6]))
+    model = load(proto)
+    pass_ = PrunePass(pattern="channel", ratio=3 / 8, skip="", align=1)
+
+    result = run_pipeline(model, [pass_])
+
+    assert result.modified is False
+    assert "Dropout" in pass_.summary.skipped["c1"]
 
 def test_reconstruction_after_channel_pruning_refits_the_consumers():
     zoo = model_zoo.build("cnn_bn")
