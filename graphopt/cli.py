@@ -31,7 +31,7 @@ import onnx_ir as ir
 from graphopt import io
 from graphopt.bisect import bisect_pipeline
 from graphopt.errors import GraphoptError, PassCheckError, first_line
-from graphopt.ledger import format_bytes
+from graphopt.ledger import LedgerRow, format_bytes
 from graphopt.metrics import Tolerance
 from graphopt.pipeline import run_pipeline
 from graphopt.progress import StepProgress
@@ -232,6 +232,9 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.ledger is not None:
         io.write_text_atomically(args.ledger, json.dumps(result.ledger.to_dicts(), indent=2) + "\n")
     if options is None:
+        lossy = _lossy_changes(pipeline, result.ledger.rows)
+        if lossy:
+            print(f"note: lossy passes changed the model ({', '.join(lossy)}); compare it with the input: add --validate cpu")
         return EXIT_OK
     print()
     report = validate(args.input, written, args.calib_data, per_layer=args.per_layer, latency=args.latency, **options)
@@ -241,6 +244,14 @@ def _optimize(args: argparse.Namespace) -> int:
     if not report.passed and args.bisect:
         report.bisection = bisect_pipeline(args.input, pipeline, lambda model: validate(args.input, model, args.calib_data, **options))
     return _finish_report(args, report)
+
+
+def _lossy_changes(pipeline: list[PassSpec], rows: list[LedgerRow]) -> list[str]:
+    """Names of the steps that changed the model with a pass whose class says ``lossy = True``."""
+    factories = available_passes()
+    return [
+        spec.name for spec, row in zip(pipeline, rows) if row.modified and getattr(factories.get(spec.name), "lossy", False)
+    ]
 
 
 def _calibration_overlap(args: argparse.Namespace) -> dict[str, object]:

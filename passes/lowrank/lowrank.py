@@ -138,6 +138,7 @@ class LowRankPass(ir.passes.InPlacePass):
     """
 
     visits_subgraphs = False
+    lossy = True  # its outputs differ from the input's: the CLI points at --validate
 
     def __init__(
         self,

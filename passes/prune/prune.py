@@ -128,6 +128,7 @@ class PrunePass(ir.passes.InPlacePass):
     """
 
     visits_subgraphs = False
+    lossy = True  # its outputs differ from the input's: the CLI points at --validate
 
     def __init__(
         self,

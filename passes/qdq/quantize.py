@@ -111,6 +111,7 @@ class QuantizePass(ir.passes.InPlacePass):
     """
 
     visits_subgraphs = False  # bodies stay float; the summary counts their nodes
+    lossy = True  # its outputs differ from the input's: the CLI points at --validate
 
     def __init__(
         self,
