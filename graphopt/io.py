@@ -26,8 +26,6 @@ __all__ = [
     "source_path",
     "stored_bytes",
     "external_data_bytes",
-    "set_base_dir",
-    "attribute_tensors_read_in",
 ]
 
 import contextlib
@@ -43,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 import onnx_ir as ir
 
-from graphopt import stats, untrusted
+from graphopt import serialization, stats, untrusted
 from graphopt.errors import ModelLoadError, ModelSaveError, first_line
 from graphopt.gcpause import gc_paused
 from graphopt.graphs import iter_graphs, iter_tensors
@@ -236,7 +234,7 @@ def _load_path(path: Path) -> ir.Model:
     except Exception as exc:  # protobuf and onnx raise many unrelated types
         raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
     model = _deserialize(proto, origin=str(path))
-    set_base_dir(model, path.resolve().parent)
+    serialization.set_base_dir(model, path.resolve().parent)
     untrusted.check_model(model, path.resolve().parent)
     model.meta[_SOURCE_KEY] = str(path.resolve())
     model.meta[_HAD_EXTERNAL_KEY] = any(_external_tensors(model))
@@ -271,13 +269,6 @@ def _is_graphsurgeon_graph(source: Any) -> bool:
     return module.startswith("onnx_graphsurgeon") and type(source).__name__ == "Graph"
 
 
-def set_base_dir(model: ir.Model, base_dir: str | os.PathLike[str]) -> None:
-    """Points every external tensor of the model, in any graph or function, at data files in ``base_dir``."""
-    for tensor in iter_tensors(model):
-        if isinstance(tensor, ir.ExternalTensor):
-            tensor.base_dir = str(base_dir)
-
-
 def _external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
     """Every tensor the model reads from a data file: initializers and tensor attributes, functions included."""
     return [tensor for tensor in iter_tensors(model) if isinstance(tensor, ir.ExternalTensor)]
@@ -297,7 +288,7 @@ def _write_atomically(model: ir.Model, target: Path, data_name: str | None) -> N
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         staged = staging / target.name
-        with attribute_tensors_read_in(model), _initializer_types_hidden(model):
+        with serialization.attribute_tensors_read_in(model), serialization.initializer_types_hidden(model):
             ir.save(model, staged, external_data=data_name, size_threshold_bytes=EXTERNAL_DATA_THRESHOLD_BYTES)
         _fsync(staged)
         staged_data = staging / data_name if data_name else None
@@ -309,70 +300,6 @@ def _write_atomically(model: ir.Model, target: Path, data_name: str | None) -> N
     finally:
         with _signals_deferred():  # a second Ctrl-C must not leave the folder behind
             shutil.rmtree(staging, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def attribute_tensors_read_in(model: ir.Model) -> Iterator[None]:
-    """Within the block, tensor attributes that live in data files (a Constant's value) are in-memory tensors.
-
-    onnx_ir's save moves initializers into the new data file but writes an
-    external tensor attribute as it stands: pointing at its old file,
-    relative to the new model, where that file is not; a session opened from
-    bytes has no folder to resolve it against at all. Read in, it is
-    embedded in the protobuf. The model gets its own attributes back after.
-    """
-    lent: list[tuple[ir.Node, ir.Attr]] = []
-    for graph in iter_graphs(model):
-        for node in graph:
-            attributes = node.attributes.data
-            for attr in list(attributes.values()) if attributes else ():
-                if attr.is_ref() or attr.type not in (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS):
-                    continue
-                tensors = [attr.value] if attr.type == ir.AttributeType.TENSOR else list(attr.value)
-                if not any(isinstance(tensor, ir.ExternalTensor) for tensor in tensors):
-                    continue
-                read = [_in_memory(tensor) if isinstance(tensor, ir.ExternalTensor) else tensor for tensor in tensors]
-                lent.append((node, attr))
-                node.attributes[attr.name] = (
-                    ir.AttrTensor(attr.name, read[0], attr.doc_string)
-                    if attr.type == ir.AttributeType.TENSOR
-                    else ir.AttrTensors(attr.name, read, attr.doc_string)
-                )
-    try:
-        yield
-    finally:
-        for node, attr in lent:
-            node.attributes[attr.name] = attr
-
-
-@contextlib.contextmanager
-def _initializer_types_hidden(model: ir.Model) -> Iterator[None]:
-    """Within the block, initializer values carry no type or shape of their own (the tensor has both).
-
-    onnx_ir's serializer writes a value_info entry for every initializer
-    with a type or shape, repeating the tensor's own dtype and dims: a load
-    and save of an unchanged model grew (by 235 bytes on the zoo attention
-    model, 11 entries).
-    """
-    hidden: list[tuple[ir.Value, ir.TypeProtocol | None, ir.Shape | None]] = []
-    for graph in iter_graphs(model, functions=False):
-        if not isinstance(graph, ir.Graph):
-            continue
-        inputs = set(graph.inputs)  # an initializer that is also an input keeps its declared type
-        for value in graph.initializers.values():
-            if value in inputs or value.metadata_props or value.doc_string or (value.type is None and value.shape is None):
-                continue
-            hidden.append((value, value.type, value.shape))
-            value.type, value.shape = None, None
-    try:
-        yield
-    finally:
-        for value, type_, shape in hidden:
-            value.type, value.shape = type_, shape
-
-
-def _in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
-    return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string)
 
 
 def _commit(model: ir.Model, staged: Path, staged_data: Path | None, target: Path, staging: Path) -> None:
@@ -425,7 +352,7 @@ def _detach_from(model: ir.Model, data_target: Path) -> None:
             if tensor.path not in replaced:
                 replaced[tensor.path] = same_file(Path(tensor.path), data_target)
             if replaced[tensor.path]:
-                value.const_value = _in_memory(tensor)
+                value.const_value = serialization.in_memory(tensor)
 
 
 def _hard_link(source: Path, link: Path) -> Path | None:

@@ -33,7 +33,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from graphopt import io, stats
+from graphopt import io, serialization, stats
 from graphopt.errors import GraphoptError, ModelLoadError, UnsupportedModelError
 from graphopt.graphs import iter_graphs
 from graphopt.ort_errors import ort_message
@@ -305,7 +305,7 @@ def _serialize_lending_weights(model: ir.Model) -> tuple[bytes, list[str], list[
                     value.const_value = _placeholder(tensor, name)
                 else:
                     value.const_value = ir.Tensor(tensor.numpy(), name=name)
-        with io.attribute_tensors_read_in(model):
+        with serialization.attribute_tensors_read_in(model):
             return ir.to_proto(model).SerializeToString(), names, arrays
     finally:
         for value, tensor in swapped:

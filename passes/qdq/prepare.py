@@ -20,9 +20,9 @@ import onnx_ir as ir
 
 from graphopt.errors import GraphoptError, UnsupportedModelError, first_line
 from graphopt.graphs import iter_graphs
-from graphopt.io import set_base_dir
 from graphopt.pipeline import adopt_model
 from graphopt.runtime import ModelRunner
+from graphopt.serialization import set_base_dir
 from graphopt.summary import custom_ops, unknown_ops
 from graphopt.support import check_supported
 from passes.fold.batchnorm import FoldBatchNormPass
