@@ -37,6 +37,7 @@ __all__ = [
     "plan",
     "reference_rung",
     "rescaled",
+    "rungs",
     "steps_within",
 ]
 
@@ -44,6 +45,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from passes.lowrank import factor
+from passes.lowrank.layers import Layer
 
 # Shares of a layer's parameters its rungs keep: fine enough that a parameter
 # budget is met closely, since no layer need stop exactly at the average share.
@@ -67,6 +71,29 @@ def dropped_energy(singular_values: np.ndarray, rank: int) -> float:
     squares = np.asarray(singular_values, np.float64) ** 2
     total = float(squares.sum())
     return float(squares[rank:].sum() / total) if total > 0 else 0.0
+
+
+def rungs(layer: Layer, fitted: factor.Fit | None, min_gain: float) -> list[Rung]:
+    """The layer's rung at each of LEVELS that saves ``min_gain`` of its parameters, predicted error from its spectrum.
+
+    Whitened (``fitted``, data-aware) or plain singular values for two
+    factors; both channel modes' for Tucker-2, their dropped shares added.
+    """
+    found = []
+    if layer.kind == "tucker":
+        out_channels, in_channels, kh, kw = layer.kernel.shape
+        out_values, in_values = factor.mode_singular_values(layer.kernel)
+        for level in LEVELS:
+            r_out, r_in = factor.tucker_ranks_for_ratio(out_channels, in_channels, kh * kw, level)
+            params = in_channels * r_in + r_out * r_in * kh * kw + r_out * out_channels
+            found.append(((r_out, r_in), params, dropped_energy(out_values, r_out) + dropped_energy(in_values, r_in)))
+    else:
+        k, n = layer.matrix.shape
+        values = factor.singular_values(layer.matrix) if fitted is None else fitted.singular_values()
+        for level in LEVELS:
+            rank = min(factor.matrix_rank_for_ratio(k, n, level), k, n)
+            found.append(((rank,), rank * (k + n), dropped_energy(values, rank)))
+    return [rung for rung in found if rung[1] <= (1 - min_gain) * layer.params]
 
 
 def ladder(layer: str, rungs: Sequence[Rung], dense_params: int) -> list[Step]:

@@ -11,7 +11,7 @@ held back 0.9826, bound 0.9808, unseen 0.9810.
 
 from __future__ import annotations
 
-__all__ = ["Judgement", "judge"]
+__all__ = ["Judgement", "judge", "reference_outputs"]
 
 import math
 from collections.abc import Sequence
@@ -56,6 +56,12 @@ def judge(model: ir.Model, samples: Sequence[Feeds], expected: Sequence[dict[str
     overall = min((_cosine(products) for products in sums.values()), default=1.0)
     spread = _SPREAD_ERRORS * float(np.std(per_sample, ddof=1)) / math.sqrt(len(per_sample)) if len(per_sample) > 1 else 0.0
     return Judgement(overall, overall - spread)
+
+
+def reference_outputs(model: ir.Model, samples: Sequence[Feeds], threads: int | None) -> list[dict[str, np.ndarray]]:
+    """The model's outputs on each sample: what :func:`judge` compares a changed copy with."""
+    with ModelRunner(model, threads=threads) as runner:
+        return [runner.run({name: array for name, array in feeds.items() if name in runner.input_names}) for feeds in samples]
 
 
 def _numeric(array: object) -> bool:

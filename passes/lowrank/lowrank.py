@@ -39,10 +39,10 @@ import onnx_ir as ir
 
 from graphopt.data import Feeds
 from graphopt.progress import report
-from graphopt.runtime import ModelRunner, stream_tensors
+from graphopt.runtime import stream_tensors
 from passes.lift_constants import LiftConstantsPass
 from passes.lowrank import allocate, factor, speed
-from passes.lowrank.judge import judge
+from passes.lowrank.judge import judge, reference_outputs
 from passes.lowrank.layers import Layer, find_layers, fits_data, label
 from passes.lowrank.refit import refit_last_factors
 from passes.lowrank.rewrite import Chain, Step, copy_attributes
@@ -235,7 +235,7 @@ class LowRankPass(ir.passes.InPlacePass):
         probes = list(itertools.islice(samples.calibration(), _PROBE_SAMPLES))
         ladders = self._measured_ladders(model, layers, fits, probes)
         steps = allocate.plan(ladders, {label(layer.node): layer.params for layer in layers})
-        expected = _outputs(model, samples.held_back, self.threads)
+        expected = reference_outputs(model, samples.held_back, self.threads)
         judged = {0: (1.0, 1.0)}
         bisections = max(1, len(steps)).bit_length()  # what most_steps takes, at most
 
@@ -272,12 +272,12 @@ class LowRankPass(ir.passes.InPlacePass):
 
     def _measured_ladders(self, model: ir.Model, layers: list[Layer], fits: dict[str, factor.Fit], probes: list[Feeds]) -> list[list[allocate.Step]]:
         """Each layer's ladder, its predicted errors rescaled to the output drift measured with it alone factored (allocate.py)."""
-        expected = _outputs(model, probes, self.threads)
+        expected = reference_outputs(model, probes, self.threads)
         ladders = []
         for index, layer in enumerate(layers):
             report(index, len(layers), "output drift per layer")
             name = label(layer.node)
-            rungs = self._rungs(layer, fits.get(name))
+            rungs = allocate.rungs(layer, fits.get(name), self.min_gain)
             reference = allocate.reference_rung(rungs, layer.params)
             if reference is not None:
                 trial = self._trial(model, {name: reference[0]}, fits)
@@ -319,24 +319,6 @@ class LowRankPass(ir.passes.InPlacePass):
         names = [layer.node.inputs[0].name or "" for layer in layers]
         tensors = next(stream_tensors(model, names, [first], threads=self.threads))
         return {label(layer.node): tuple(tensors[name].shape) for layer, name in zip(layers, names) if name in tensors}
-
-    def _rungs(self, layer: Layer, fitted: factor.Fit | None) -> list[tuple[tuple[int, ...], int, float]]:
-        """(ranks, params, predicted squared relative error) of the layer at each of allocate.LEVELS that saves min_gain."""
-        rungs = []
-        if layer.kind == "tucker":
-            out_channels, in_channels, kh, kw = layer.kernel.shape
-            out_values, in_values = factor.mode_singular_values(layer.kernel)
-            for level in allocate.LEVELS:
-                r_out, r_in = factor.tucker_ranks_for_ratio(out_channels, in_channels, kh * kw, level)
-                params = in_channels * r_in + r_out * r_in * kh * kw + r_out * out_channels
-                rungs.append(((r_out, r_in), params, allocate.dropped_energy(out_values, r_out) + allocate.dropped_energy(in_values, r_in)))
-        else:
-            k, n = layer.matrix.shape
-            values = factor.singular_values(layer.matrix) if fitted is None else fitted.singular_values()
-            for level in allocate.LEVELS:
-                rank = min(factor.matrix_rank_for_ratio(k, n, level), k, n)
-                rungs.append(((rank,), rank * (k + n), allocate.dropped_energy(values, rank)))
-        return [rung for rung in rungs if rung[1] <= (1 - self.min_gain) * layer.params]
 
     def _factor_at(self, model: ir.Model, ranks: dict[str, tuple[int, ...]], fits: dict[str, factor.Fit]) -> bool:
         """Factors the layers of ``model`` named in ``ranks`` at those ranks; returns whether any was."""
@@ -455,12 +437,6 @@ class LowRankPass(ir.passes.InPlacePass):
 
 FACTORS_KEY = "graphopt.lowrank"
 _PROBE_SAMPLES = 4  # calibration samples a layer's output drift is measured on
-
-
-def _outputs(model: ir.Model, samples: list[Feeds], threads: int | None) -> list[dict[str, np.ndarray]]:
-    """The model's outputs on each sample (the reference a trial is compared with)."""
-    with ModelRunner(model, threads=threads) as runner:
-        return [runner.run({k: v for k, v in feeds.items() if k in runner.input_names}) for feeds in samples]
 
 
 def _record_factors(model: ir.Model, decomposed: dict[str, dict[str, Any]]) -> None:
