@@ -194,8 +194,8 @@ def _compare_chunk(
         ref_runner = stack.enter_context(ModelRunner(reference, provider, extra_outputs=reference_tensors(chunk), **options))
         cand_runner = stack.enter_context(pending.result())
         for feeds in samples:
-            running = pool.submit(cand_runner.run, {k: v for k, v in feeds.items() if k in cand_runner.input_names})
-            ref_out = ref_runner.run({k: v for k, v in feeds.items() if k in ref_runner.input_names})
+            running = pool.submit(cand_runner.run, cand_runner.own(feeds))
+            ref_out = ref_runner.run(ref_runner.own(feeds))
             update_layers(ref_model, chunk, ref_out, running.result(), comparators)
     return comparators
 

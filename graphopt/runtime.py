@@ -180,6 +180,14 @@ class ModelRunner:
         results = self._session.run_with_ort_values(names, ort_values)
         return [_from_bytes(value, self._byte_outputs[name]) if name in self._byte_outputs else value.numpy() for name, value in zip(names, results)]
 
+    def own(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``feeds`` limited to this model's required inputs.
+
+        For samples made for another form of the model (labels, or inputs a
+        prepared copy no longer has); :meth:`run` refuses unexpected names.
+        """
+        return {name: array for name, array in feeds.items() if name in self.input_names}
+
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Runs once and returns the outputs by name.
 
@@ -379,7 +387,7 @@ def stream_tensors(
     exposed = [name for name in wanted if name not in graph_inputs]
     with ModelRunner(model, threads=threads, extra_outputs=exposed) as runner:
         for sample in feeds:
-            outputs = runner.run({k: v for k, v in sample.items() if k in runner.input_names}, exposed)
+            outputs = runner.run(runner.own(sample), exposed)
             yield {name: outputs[name] if name in outputs else sample[name] for name in wanted if name in outputs or name in sample}
 
 

@@ -43,7 +43,7 @@ def judge(model: ir.Model, samples: Sequence[Feeds], expected: Sequence[dict[str
     per_sample = []
     with ModelRunner(model, threads=threads) as runner:
         for feeds, reference in zip(samples, expected):
-            got = runner.run({name: array for name, array in feeds.items() if name in runner.input_names})
+            got = runner.run(runner.own(feeds))
             worst = 1.0
             for name, want in reference.items():
                 if not _numeric(want) or not _numeric(got[name]):
@@ -61,7 +61,7 @@ def judge(model: ir.Model, samples: Sequence[Feeds], expected: Sequence[dict[str
 def reference_outputs(model: ir.Model, samples: Sequence[Feeds], threads: int | None) -> list[dict[str, np.ndarray]]:
     """The model's outputs on each sample: what :func:`judge` compares a changed copy with."""
     with ModelRunner(model, threads=threads) as runner:
-        return [runner.run({name: array for name, array in feeds.items() if name in runner.input_names}) for feeds in samples]
+        return [runner.run(runner.own(feeds)) for feeds in samples]
 
 
 def _numeric(array: object) -> bool:

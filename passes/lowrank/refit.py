@@ -46,7 +46,7 @@ def refit_last_factors(
             level = independent_prefix(pending)
             pending = pending[len(level) :]
             wanted = [node.outputs[0].name or "" for node in level]
-            taught = (runner.run({k: v for k, v in feeds.items() if k in runner.input_names}, wanted) for feeds in samples.calibration())
+            taught = (runner.run(runner.own(feeds), wanted) for feeds in samples.calibration())
             grams = output_grams(model, taught, level, samples.calibration(), threads)
             for node in level:
                 if _refit(node, grams[node]):

@@ -102,7 +102,7 @@ def refit_in_order(
     with ModelRunner(teacher, threads=threads, extra_outputs=[node.inputs[0].name or "" for node in pending]) as runner:
 
         def teach(feeds: Iterable[Feeds], wanted: list[str]) -> Iterator[Feeds]:
-            return (runner.run({k: v for k, v in sample.items() if k in runner.input_names}, wanted) for sample in feeds)
+            return (runner.run(runner.own(sample), wanted) for sample in feeds)
 
         held = [feeds for index, feeds in enumerate(samples.calibration()) if index % 2]
         goal = list(teach(held, outputs))

@@ -189,7 +189,7 @@ def _kernel_times(model: ir.Model, feeds: Feeds, threads: int | None, runs: int)
     with tempfile.TemporaryDirectory(prefix="graphopt-qdq-profile-") as folder, ModelRunner(
         model, optimization="extended", threads=threads, profile_prefix=os.path.join(folder, "profile")
     ) as runner:
-        own = _own(runner, feeds)
+        own = runner.own(feeds)
         for _ in range(runs + 1):  # the first run (allocations) is dropped below
             runner.run(own)
         with open(runner.end_profiling(), encoding="utf-8") as handle:
@@ -215,9 +215,9 @@ def sensitivity(reference: ir.Model, quantized: ir.Model, feeds: Feeds, threads:
     ref_names = [n for n in names if n in in_reference]
     quant_names = [n for n in names if n in in_quantized]
     with ModelRunner(reference, threads=threads, extra_outputs=ref_names) as runner:
-        ref_out = runner.run(_own(runner, feeds))
+        ref_out = runner.run(runner.own(feeds))
     with ModelRunner(quantized, threads=threads, extra_outputs=quant_names) as runner:
-        quant_out = runner.run(_own(runner, feeds))
+        quant_out = runner.run(runner.own(feeds))
     scores = []
     for name, source, out in layers:
         added = _rel_l2(ref_out, quant_out, out) - (_rel_l2(ref_out, quant_out, source) if source else 0.0)
@@ -253,7 +253,7 @@ def held_back_fidelity(model: ir.Model, held_back: Sequence[Feeds], expected: li
     comparators: dict[str, OutputComparator] = {}
     with ModelRunner(model, threads=threads) as runner:
         for feeds, reference in zip(held_back, expected):
-            got = runner.run(_own(runner, feeds))
+            got = runner.run(runner.own(feeds))
             for name, value in reference.items():
                 comparators.setdefault(name, OutputComparator(name, _LOOSE)).update(value, got[name])
     results = [c.result() for c in comparators.values()]
@@ -289,11 +289,7 @@ class _Fed:
         self.runner = runner
 
     def run(self, feeds: Feeds) -> object:
-        return self.runner.run(_own(self.runner, feeds))
-
-
-def _own(runner: ModelRunner, feeds: Feeds) -> Feeds:
-    return {name: value for name, value in feeds.items() if name in runner.input_names}
+        return self.runner.run(self.runner.own(feeds))
 
 
 def _float_input(node: ir.Node) -> str | None:

@@ -414,3 +414,8 @@ def test_runner_refuses_in_one_line_when_an_output_is_int4():
 
     with ModelRunner(model) as runner, pytest.raises(UnsupportedModelError, match="cannot return tensor\\(int4\\) output 'y'"):
         runner.run({"x": np.ones(3, np.float32)}, ["y"])
+
+
+def test_own_keeps_only_the_models_inputs():
+    with ModelRunner(_model()) as runner:
+        assert runner.own({**FEEDS, "label": np.zeros(2)}).keys() == FEEDS.keys()
