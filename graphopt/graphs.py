@@ -6,13 +6,14 @@ subgraph-aware without each re-implementing the traversal.
 
 from __future__ import annotations
 
-__all__ = ["iter_graphs", "subgraphs", "bodies", "iter_nodes", "iter_tensors", "apply_to_graphs"]
+__all__ = ["iter_graphs", "subgraphs", "bodies", "iter_nodes", "iter_tensors", "iter_tensor_attributes", "apply_to_graphs"]
 
 from collections.abc import Callable, Iterator
 
 import onnx_ir as ir
 
 GraphLike = ir.Graph | ir.Function
+_TENSOR_ATTRIBUTES = (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS)
 
 
 def iter_graphs(model: ir.Model, *, functions: bool = True) -> Iterator[GraphLike]:
@@ -77,6 +78,18 @@ def iter_nodes(graph: GraphLike) -> Iterator[ir.Node]:
             yield from iter_nodes(body)
 
 
+def iter_tensor_attributes(model: ir.Model) -> Iterator[tuple[ir.Node, ir.Attr]]:
+    """Yields ``(node, attribute)`` for every TENSOR or TENSORS attribute set on a node, in every graph and function."""
+    for graph in iter_graphs(model):
+        for node in graph:
+            attributes = node.attributes.data
+            if not attributes:
+                continue
+            for attr in attributes.values():
+                if not attr.is_ref() and attr.value is not None and attr.type in _TENSOR_ATTRIBUTES:
+                    yield node, attr
+
+
 def iter_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
     """Yields every tensor of the model: initializers and tensor attributes, in every graph and function.
 
@@ -89,17 +102,11 @@ def iter_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
             for value in graph.initializers.values():
                 if value.const_value is not None:
                     yield value.const_value
-        for node in graph:
-            attributes = node.attributes.data
-            if not attributes:
-                continue
-            for attr in attributes.values():
-                if attr.is_ref() or attr.value is None:
-                    continue
-                if attr.type == ir.AttributeType.TENSOR:
-                    yield attr.value
-                elif attr.type == ir.AttributeType.TENSORS:
-                    yield from attr.value
+    for _, attr in iter_tensor_attributes(model):
+        if attr.type == ir.AttributeType.TENSOR:
+            yield attr.value
+        else:
+            yield from attr.value
 
 
 def apply_to_graphs(

@@ -44,7 +44,7 @@ import onnx_ir as ir
 from graphopt import serialization, stats, untrusted
 from graphopt.errors import ModelLoadError, ModelSaveError, first_line
 from graphopt.gcpause import gc_paused
-from graphopt.graphs import iter_graphs, iter_tensors
+from graphopt.graphs import iter_graphs
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
@@ -99,7 +99,7 @@ def source_path(model: ir.Model) -> Path | None:
 
 def external_data_bytes(model: ir.Model) -> int:
     """Size on disk of the distinct external data files the model reads."""
-    files = {Path(tensor.path) for tensor in _external_tensors(model)}
+    files = {Path(tensor.path) for tensor in serialization.external_tensors(model)}
     return sum(path.stat().st_size for path in files if path.exists())
 
 
@@ -146,7 +146,7 @@ def save(
     check_target(model, target, in_place=in_place)
     if external_data is None:
         external_data = _wants_external_data(model)
-    elif not external_data and _external_tensors(model):
+    elif not external_data and serialization.external_tensors(model):
         raise ModelSaveError("the model reads external data; save it with external_data=True")
     data_name = f"{target.name}.data" if external_data else None
     try:
@@ -169,7 +169,7 @@ def check_target(model: ir.Model, path: str | os.PathLike[str], *, in_place: boo
     if in_place:
         return
     target = Path(path).absolute()
-    protected = [Path(tensor.path) for tensor in _external_tensors(model)]
+    protected = [Path(tensor.path) for tensor in serialization.external_tensors(model)]
     source = source_path(model)
     if source is not None:
         protected.append(source)
@@ -237,7 +237,7 @@ def _load_path(path: Path) -> ir.Model:
     serialization.set_base_dir(model, path.resolve().parent)
     untrusted.check_model(model, path.resolve().parent)
     model.meta[_SOURCE_KEY] = str(path.resolve())
-    model.meta[_HAD_EXTERNAL_KEY] = any(_external_tensors(model))
+    model.meta[_HAD_EXTERNAL_KEY] = any(serialization.external_tensors(model))
     return model
 
 
@@ -269,13 +269,8 @@ def _is_graphsurgeon_graph(source: Any) -> bool:
     return module.startswith("onnx_graphsurgeon") and type(source).__name__ == "Graph"
 
 
-def _external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
-    """Every tensor the model reads from a data file: initializers and tensor attributes, functions included."""
-    return [tensor for tensor in iter_tensors(model) if isinstance(tensor, ir.ExternalTensor)]
-
-
 def _wants_external_data(model: ir.Model) -> bool:
-    if model.meta.get(_HAD_EXTERNAL_KEY) or _external_tensors(model):
+    if model.meta.get(_HAD_EXTERNAL_KEY) or serialization.external_tensors(model):
         return True
     return stats.param_bytes(model) > PROTO_WEIGHT_LIMIT_BYTES
 

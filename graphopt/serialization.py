@@ -16,7 +16,7 @@ found once the save is done.
 
 from __future__ import annotations
 
-__all__ = ["set_base_dir", "attribute_tensors_read_in", "initializer_types_hidden", "in_memory"]
+__all__ = ["external_tensors", "set_base_dir", "attribute_tensors_read_in", "initializer_types_hidden", "in_memory"]
 
 import contextlib
 import os
@@ -24,14 +24,18 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
-from graphopt.graphs import iter_graphs, iter_tensors
+from graphopt.graphs import iter_graphs, iter_tensor_attributes, iter_tensors
+
+
+def external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
+    """Every tensor the model reads from a data file: initializers and tensor attributes, functions included."""
+    return [tensor for tensor in iter_tensors(model) if isinstance(tensor, ir.ExternalTensor)]
 
 
 def set_base_dir(model: ir.Model, base_dir: str | os.PathLike[str]) -> None:
     """Points every external tensor of the model, in any graph or function, at data files in ``base_dir``."""
-    for tensor in iter_tensors(model):
-        if isinstance(tensor, ir.ExternalTensor):
-            tensor.base_dir = str(base_dir)
+    for tensor in external_tensors(model):
+        tensor.base_dir = str(base_dir)
 
 
 @contextlib.contextmanager
@@ -44,27 +48,24 @@ def attribute_tensors_read_in(model: ir.Model) -> Iterator[None]:
     bytes has no folder to resolve it against at all. Read in, it is
     embedded in the protobuf. The model gets its own attributes back after.
     """
-    lent: list[tuple[ir.Node, ir.Attr]] = []
-    for graph in iter_graphs(model):
-        for node in graph:
-            attributes = node.attributes.data
-            for attr in list(attributes.values()) if attributes else ():
-                if attr.is_ref() or attr.type not in (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS):
-                    continue
-                tensors = [attr.value] if attr.type == ir.AttributeType.TENSOR else list(attr.value)
-                if not any(isinstance(tensor, ir.ExternalTensor) for tensor in tensors):
-                    continue
-                read = [in_memory(tensor) if isinstance(tensor, ir.ExternalTensor) else tensor for tensor in tensors]
-                lent.append((node, attr))
-                node.attributes[attr.name] = (
-                    ir.AttrTensor(attr.name, read[0], attr.doc_string)
-                    if attr.type == ir.AttributeType.TENSOR
-                    else ir.AttrTensors(attr.name, read, attr.doc_string)
-                )
+    # Listed first: the swaps below replace attributes of the nodes being walked.
+    lent = [
+        (node, attr) for node, attr in iter_tensor_attributes(model)
+        if any(isinstance(tensor, ir.ExternalTensor) for tensor in _tensors_of(attr))
+    ]
+    swapped: list[tuple[ir.Node, ir.Attr]] = []
     try:
-        yield
-    finally:
         for node, attr in lent:
+            read = [in_memory(tensor) if isinstance(tensor, ir.ExternalTensor) else tensor for tensor in _tensors_of(attr)]
+            node.attributes[attr.name] = (
+                ir.AttrTensor(attr.name, read[0], attr.doc_string)
+                if attr.type == ir.AttributeType.TENSOR
+                else ir.AttrTensors(attr.name, read, attr.doc_string)
+            )
+            swapped.append((node, attr))
+        yield
+    finally:  # also when reading one in failed: the ones already swapped go back
+        for node, attr in swapped:
             node.attributes[attr.name] = attr
 
 
@@ -92,6 +93,10 @@ def initializer_types_hidden(model: ir.Model) -> Iterator[None]:
     finally:
         for value, type_, shape in hidden:
             value.type, value.shape = type_, shape
+
+
+def _tensors_of(attr: ir.Attr) -> list[ir.TensorProtocol]:
+    return [attr.value] if attr.type == ir.AttributeType.TENSOR else list(attr.value)
 
 
 def in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
