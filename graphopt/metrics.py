@@ -33,6 +33,7 @@ __all__ = [
     "ComparisonResult",
     "OutputComparator",
     "compare_arrays",
+    "cosine_of_sums",
     "output_arrays",
 ]
 
@@ -209,7 +210,7 @@ class OutputComparator:
     def result(self) -> ComparisonResult:
         """The statistics and verdict so far; the comparator can keep accumulating."""
         abs_sum, rr, cc, rc, dd = (float(v) for v in self._sums)
-        failures = self._failures(_cosine(rr, cc, rc), _snr_db(rr, dd))
+        failures = self._failures(cosine_of_sums(rr, cc, rc), _snr_db(rr, dd))
         nan_ref, inf_ref, nan_cand, inf_cand = (int(v) for v in self._nonfinite)
         rows = self._rows if self._classifier else 0
         return ComparisonResult(
@@ -219,7 +220,7 @@ class OutputComparator:
             max_abs=self._max_abs,
             mean_abs=abs_sum / self._counted if self._counted else 0.0,
             rel_l2=_rel_l2(rr, dd),
-            cosine=_cosine(rr, cc, rc),
+            cosine=cosine_of_sums(rr, cc, rc),
             snr_db=_snr_db(rr, dd),
             nan_reference=nan_ref,
             inf_reference=inf_ref,
@@ -341,7 +342,8 @@ def _rel_l2(rr: float, dd: float) -> float:
     return math.sqrt(dd) / math.sqrt(rr)
 
 
-def _cosine(rr: float, cc: float, rc: float) -> float:
+def cosine_of_sums(rr: float, cc: float, rc: float) -> float:
+    """Cosine from the sums r.r, c.c and r.c: 1 when both are zero, 0 when one is, clipped to [-1, 1]."""
     if rr == 0.0 and cc == 0.0:
         return 1.0
     if rr == 0.0 or cc == 0.0:

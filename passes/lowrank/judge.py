@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.data import Feeds
+from graphopt.metrics import cosine_of_sums
 from graphopt.runtime import ModelRunner
 
 _SPREAD_ERRORS = 2.0  # standard errors below the cosine: about a one-sided 97.5% bound
@@ -72,8 +73,4 @@ def _cosine(products: np.ndarray) -> float:
     dot, aa, bb = (float(x) for x in products)
     if not all(math.isfinite(x) for x in (dot, aa, bb)):
         return -1.0
-    if aa == 0 and bb == 0:
-        return 1.0  # both all zero: identical
-    if aa == 0 or bb == 0:
-        return 0.0
-    return dot / math.sqrt(aa * bb)
+    return cosine_of_sums(aa, bb, dot)
