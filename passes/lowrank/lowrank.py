@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.data import Feeds
 from graphopt.progress import report
 from graphopt.runtime import stream_tensors
 from passes.lift_constants import LiftConstantsPass
@@ -231,9 +230,7 @@ class LowRankPass(ir.passes.InPlacePass):
         """Factors the layers at the ranks that keep the most steps of allocate.plan within ``target_cosine``."""
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=True)
         fits = self._grams(model, layers, samples) if self.data_aware else {}
-        # The drift is measured on calibration samples: the held-back ones judge the result.
-        probes = list(itertools.islice(samples.calibration(), _PROBE_SAMPLES))
-        ladders = self._measured_ladders(model, layers, fits, probes)
+        ladders = self._measured_ladders(model, layers, fits, samples)
         steps = allocate.plan(ladders, {label(layer.node): layer.params for layer in layers})
         expected = reference_outputs(model, samples.held_back, self.threads)
         judged = {0: (1.0, 1.0)}
@@ -261,7 +258,7 @@ class LowRankPass(ir.passes.InPlacePass):
         """scope=global: the ranks at which the layers together keep ``ratio`` of their parameters, cheapest drift first."""
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
         fits = self._grams(model, layers, samples) if self.data_aware else {}
-        ladders = self._measured_ladders(model, layers, fits, list(itertools.islice(samples.calibration(), _PROBE_SAMPLES)))
+        ladders = self._measured_ladders(model, layers, fits, samples)
         dense = {label(layer.node): layer.params for layer in layers}
         steps = allocate.plan(ladders, dense)
         ranks = allocate.allocation(steps[: allocate.steps_within(steps, dense, self.ratio * sum(dense.values()))])
@@ -270,8 +267,12 @@ class LowRankPass(ir.passes.InPlacePass):
                 self.summary.skipped[name] = "kept whole: scope=global spends the parameter budget on layers that drift less"
         return ranks
 
-    def _measured_ladders(self, model: ir.Model, layers: list[Layer], fits: dict[str, factor.Fit], probes: list[Feeds]) -> list[list[allocate.Step]]:
-        """Each layer's ladder, its predicted errors rescaled to the output drift measured with it alone factored (allocate.py)."""
+    def _measured_ladders(self, model: ir.Model, layers: list[Layer], fits: dict[str, factor.Fit], samples: Samples) -> list[list[allocate.Step]]:
+        """Each layer's ladder, its predicted errors rescaled to the output drift measured with it alone factored (allocate.py).
+
+        The drift is measured on the first calibration samples, never on held-back ones: those judge the result.
+        """
+        probes = list(itertools.islice(samples.calibration(), _PROBE_SAMPLES))
         expected = reference_outputs(model, probes, self.threads)
         ladders = []
         for index, layer in enumerate(layers):
@@ -326,8 +327,7 @@ class LowRankPass(ir.passes.InPlacePass):
         modified = False
         for layer in find_layers(model.graph, self.skip, self.conv, {}, only=frozenset(ranks)):
             name = label(layer.node)
-            if name in ranks:
-                modified |= self._try_factor(layer, fits.get(name), chain, list(ranks[name]))
+            modified |= self._try_factor(layer, fits.get(name), chain, list(ranks[name]))
         return modified
 
     def _grams(self, model: ir.Model, layers: list[Layer], samples: Samples | None = None) -> dict[str, factor.Fit]:
