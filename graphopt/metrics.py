@@ -34,6 +34,7 @@ __all__ = [
     "OutputComparator",
     "compare_arrays",
     "cosine_of_sums",
+    "snr_of_sums",
     "output_arrays",
 ]
 
@@ -210,7 +211,7 @@ class OutputComparator:
     def result(self) -> ComparisonResult:
         """The statistics and verdict so far; the comparator can keep accumulating."""
         abs_sum, rr, cc, rc, dd = (float(v) for v in self._sums)
-        failures = self._failures(cosine_of_sums(rr, cc, rc), _snr_db(rr, dd))
+        failures = self._failures(cosine_of_sums(rr, cc, rc), snr_of_sums(rr, dd))
         nan_ref, inf_ref, nan_cand, inf_cand = (int(v) for v in self._nonfinite)
         rows = self._rows if self._classifier else 0
         return ComparisonResult(
@@ -221,7 +222,7 @@ class OutputComparator:
             mean_abs=abs_sum / self._counted if self._counted else 0.0,
             rel_l2=_rel_l2(rr, dd),
             cosine=cosine_of_sums(rr, cc, rc),
-            snr_db=_snr_db(rr, dd),
+            snr_db=snr_of_sums(rr, dd),
             nan_reference=nan_ref,
             inf_reference=inf_ref,
             nan_candidate=nan_cand,
@@ -353,7 +354,8 @@ def cosine_of_sums(rr: float, cc: float, rc: float) -> float:
     return value if math.isnan(value) else min(1.0, max(-1.0, value))  # rounding can step past +-1
 
 
-def _snr_db(rr: float, dd: float) -> float:
+def snr_of_sums(rr: float, dd: float) -> float:
+    """SNR in dB from the sums r.r and d.d (d = c - r): inf when d is zero, -inf when r is, NaN from NaN."""
     if math.isnan(rr) or math.isnan(dd):
         return math.nan
     if dd == 0.0:

@@ -39,9 +39,9 @@ import onnx_ir as ir
 
 from graphopt.progress import report
 from graphopt.runtime import stream_tensors
+from passes.held_back import judge, reference_outputs
 from passes.lift_constants import LiftConstantsPass
 from passes.lowrank import allocate, factor, speed
-from passes.lowrank.judge import judge, reference_outputs
 from passes.lowrank.layers import Layer, find_layers, fits_data, label
 from passes.lowrank.refit import refit_last_factors
 from passes.lowrank.rewrite import Chain, Step, copy_attributes
@@ -239,7 +239,7 @@ class LowRankPass(ir.passes.InPlacePass):
         def meets(count: int) -> bool:
             report(len(judged) - 1, bisections, "rank allocations tried")
             trial = self._trial(model, allocate.allocation(steps[:count]), fits)
-            # The bound, not the cosine: the most steps that meet the target are selected to sit just above it (judge.py).
+            # The bound, not the cosine: the most steps that meet the target are selected to sit just above it (passes/held_back.py).
             result = judge(trial, samples.held_back, expected, self.threads)
             judged[count] = (result.cosine, result.lower_bound)
             logger.info("lowrank: %d of %d rank steps -> held-back cosine %.5f (bound %.5f)", count, len(steps), *judged[count])

@@ -5,7 +5,10 @@ ranks the quantized layers by sensitivity, the error each adds on top of the
 error it receives, measured once on a held-back sample with every layer's
 input and output exposed, and returns the most sensitive ones to float,
 finding the fewest that meet the target by bisection (one model build and
-one onnxruntime session per probe). Then it times the result against the
+one onnxruntime session per probe). A target is met when the held-back
+figure less two standard errors of its per-sample values reaches it
+(passes/held_back.py): the fewest float layers that meet it are selected
+to sit just above it, and unseen samples land lower. Then it times the result against the
 float model (interleaved medians) and, if int8 is slower, keeps the model
 float: the result must never be slower than what the user had.
 
@@ -16,7 +19,7 @@ about 4x smaller, and a fidelity target, if any, still checked.
 
 from __future__ import annotations
 
-__all__ = ["choose", "held_back_fidelity", "sensitivity"]
+__all__ = ["choose", "sensitivity"]
 
 import json
 import logging
@@ -30,9 +33,9 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.data import Feeds
-from graphopt.metrics import OutputComparator, Tolerance
 from graphopt.progress import report
 from graphopt.runtime import ModelRunner, measure_latency
+from passes.held_back import Judgement, judge, meets
 from passes.qdq import storage
 
 logger = logging.getLogger(__name__)
@@ -46,7 +49,6 @@ LAYER_SLOWER_THAN_FLOAT = 1.1
 # The speed check spends about this long timing, within these round counts.
 SPEED_CHECK_SECONDS = 1.0
 MIN_SPEED_ROUNDS, MAX_SPEED_ROUNDS = 20, 2000
-_LOOSE = Tolerance(atol=float("inf"))
 
 
 def choose(
@@ -76,15 +78,15 @@ def choose(
     with ModelRunner(reference, threads=threads) as runner:
         expected = [runner.run(feeds) for feeds in held_back]
     model, summary = build([])
-    cosine, snr = held_back_fidelity(model, held_back, expected, threads)
-    if not _meets(cosine, snr, target_cosine, target_snr):
+    judgement = judge(model, held_back, expected, threads)
+    if not meets(judgement, target_cosine, target_snr):
         ranking = sensitivity(reference, model, held_back[0], threads)
-        model, summary, cosine, snr, kept_float = _fewest_float_layers(
+        model, summary, judgement, kept_float = _fewest_float_layers(
             build, ranking, held_back, expected, threads, target_cosine, target_snr
         )
         reason = f"sensitive: kept float to reach {_target_text(target_cosine, target_snr)}"
         summary.float_layers.update({name: reason for name in kept_float})
-    summary.fidelity = {"cosine": cosine, "snr_db": snr}
+    summary.fidelity = _fidelity(judgement)
     if check_speed and summary.quantized:
         ratio = _latency_ratio(timed, model, held_back[0], threads)
         slow = slower_layers(reference, model, summary.quantized, held_back[0], threads)
@@ -102,8 +104,7 @@ def choose(
                 if store_slow:  # measures the stored model's fidelity when it keeps the storage
                     model = _with_int8_storage(model, slow, summary, held_back, expected, threads, target_cosine, target_snr)
                 if not summary.stored:
-                    cosine, snr = held_back_fidelity(model, held_back, expected, threads)
-                    summary.fidelity = {"cosine": cosine, "snr_db": snr}
+                    summary.fidelity = _fidelity(judge(model, held_back, expected, threads))
         summary.latency_ratio = ratio
         if ratio > SLOWER_THAN_FLOAT or not summary.quantized:
             # Nothing quantized left (every layer slower) is float too: the model as given, not the prepared one.
@@ -151,14 +152,14 @@ def _with_int8_storage(
     stored = storage.store_int8(candidate, frozenset(layers))
     if not stored.layers:
         return model
-    cosine, snr = held_back_fidelity(candidate, held_back, expected, threads)
-    if not _meets(cosine, snr, target_cosine, target_snr):
-        logger.info("qdq: int8 storage of %d float layers misses the target (cosine %.5f); they stay float", len(stored.layers), cosine)
+    judgement = judge(candidate, held_back, expected, threads)
+    if not meets(judgement, target_cosine, target_snr):
+        logger.info("qdq: int8 storage of %d float layers misses the target (cosine %.5f); they stay float", len(stored.layers), judgement.cosine)
         return model
     summary.stored = stored.layers
     summary.weight_bytes_before += stored.bytes_before
     summary.weight_bytes_after += stored.bytes_after
-    summary.fidelity = {"cosine": cosine, "snr_db": snr}
+    summary.fidelity = _fidelity(judgement)
     return candidate
 
 
@@ -235,33 +236,29 @@ def _fewest_float_layers(build: Build, ranking: list[str], held_back, expected, 
         tried += 1
         middle = (low + high) // 2
         model, summary = build(ranking[:middle])
-        cosine, snr = held_back_fidelity(model, held_back, expected, threads)
-        logger.info("qdq: %d layers float -> cosine %.5f, SNR %.1f dB", middle, cosine, snr)
-        if _meets(cosine, snr, target_cosine, target_snr):
-            high, best = middle, (model, summary, cosine, snr)
+        judgement = judge(model, held_back, expected, threads)
+        logger.info(
+            "qdq: %d layers float -> cosine %.5f (bound %.5f), SNR %.1f dB (bound %.1f)",
+            middle, judgement.cosine, judgement.lower_bound, judgement.snr_db, judgement.snr_lower_bound,
+        )
+        if meets(judgement, target_cosine, target_snr):
+            high, best = middle, (model, summary, judgement)
         else:
             low = middle
     if best is None:  # only "everything float" met the target
         model, summary = build(ranking[:high])
-        cosine, snr = held_back_fidelity(model, held_back, expected, threads)
-        best = (model, summary, cosine, snr)
+        best = (model, summary, judge(model, held_back, expected, threads))
     return (*best, ranking[:high])
 
 
-def held_back_fidelity(model: ir.Model, held_back: Sequence[Feeds], expected: list[dict[str, np.ndarray]], threads: int | None) -> tuple[float, float]:
-    """Worst cosine and SNR over the outputs, accumulated over the held-back samples."""
-    comparators: dict[str, OutputComparator] = {}
-    with ModelRunner(model, threads=threads) as runner:
-        for feeds, reference in zip(held_back, expected):
-            got = runner.run(runner.own(feeds))
-            for name, value in reference.items():
-                comparators.setdefault(name, OutputComparator(name, _LOOSE)).update(value, got[name])
-    results = [c.result() for c in comparators.values()]
-    return min(r.cosine for r in results), min(r.snr_db for r in results)
-
-
-def _meets(cosine: float, snr: float, target_cosine: float | None, target_snr: float | None) -> bool:
-    return (target_cosine is None or cosine >= target_cosine) and (target_snr is None or snr >= target_snr)
+def _fidelity(judgement: Judgement) -> dict[str, float]:
+    """The summary's record of a judgement: held-back cosine and SNR, and the bounds the targets were held to."""
+    return {
+        "cosine": judgement.cosine,
+        "cosine_lower_bound": judgement.lower_bound,
+        "snr_db": judgement.snr_db,
+        "snr_db_lower_bound": judgement.snr_lower_bound,
+    }
 
 
 def _target_text(target_cosine: float | None, target_snr: float | None) -> str:

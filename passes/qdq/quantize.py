@@ -91,7 +91,8 @@ class QuantizePass(ir.passes.InPlacePass):
         samples: Synthesized calibration samples when ``data`` is None.
         seed: Seed of synthesized samples.
         target_cosine: Keep layers float until the output cosine on held-back
-            samples reaches this (needs at least 2 samples).
+            samples, less two standard errors of its per-sample values,
+            reaches this (needs at least 2 samples).
         target_snr: The same with an SNR in dB.
         rounding: ``nearest`` (default) rounds each int8 weight to its nearest
             level; ``gptq`` rounds a layer's weights so that its outputs on

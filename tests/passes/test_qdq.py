@@ -650,3 +650,21 @@ def test_a_faithful_result_or_a_given_target_brings_no_warning(caplog):
     assert plain.summary.fidelity["cosine"] >= 0.99 and not plain.summary.advice
     assert not targeted.summary.advice
     assert not [record for record in caplog.records if "output cosine" in record.getMessage()]
+
+
+def test_target_is_met_by_the_held_back_bound_not_the_held_back_cosine():
+    # The fewest float layers that meet a target sit just above it on held-back samples; unseen
+    # samples land lower. So the cosine less two standard errors must reach the target.
+    proto = _unnamed_mlp(name="")
+    loose = QuantizePass(check_speed=False, samples=16, target_cosine=0.5)  # met by full int8: same held-back samples
+    run_pipeline(load(proto), [loose])
+    cosine, bound = loose.summary.fidelity["cosine"], loose.summary.fidelity["cosine_lower_bound"]
+    assert not loose.summary.float_layers and bound < cosine < 1
+    target = (bound + cosine) / 2  # met by the cosine alone, not by its bound
+
+    pass_ = QuantizePass(check_speed=False, samples=16, target_cosine=target)
+    run_pipeline(load(proto), [pass_])
+
+    fidelity = pass_.summary.fidelity
+    assert [reason for reason in pass_.summary.float_layers.values() if reason.startswith("sensitive")], pass_.summary.line()
+    assert fidelity["cosine_lower_bound"] >= target and fidelity["cosine"] > fidelity["cosine_lower_bound"]

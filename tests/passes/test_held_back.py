@@ -1,4 +1,4 @@
-"""lowrank's judge: the output cosine over samples and its lower bound, against numpy's own arithmetic."""
+"""The held-back judge of passes with fidelity targets: output cosine and SNR over samples and their lower bounds, against numpy's own arithmetic."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import load
-from passes.lowrank.judge import judge
+from passes.held_back import Judgement, judge, meets
 
 
 def _scaled_plus(shift: np.ndarray):
@@ -28,13 +28,17 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / math.sqrt((a @ a) * (b @ b)))
 
 
+def _snr(want: np.ndarray, got: np.ndarray) -> float:
+    return 10 * math.log10(float(want @ want) / float((got - want) @ (got - want)))
+
+
 def test_identical_outputs_give_cosine_one_and_no_spread():
     samples = [{"x": np.random.default_rng(i).standard_normal(4).astype(np.float32)} for i in range(5)]
     result = judge(_scaled_plus(np.zeros(4)), samples, [{"y": s["x"]} for s in samples], threads=1)
     assert result.cosine == pytest.approx(1.0, abs=1e-12) and result.lower_bound == pytest.approx(1.0, abs=1e-12)
 
 
-def test_bound_is_the_cosine_less_two_standard_errors_of_the_per_sample_cosines():
+def test_bounds_are_the_figures_less_two_standard_errors_of_their_per_sample_values():
     shift = np.array([0.3, -0.2, 0.1, 0.5])
     samples = [{"x": np.random.default_rng(i).standard_normal(4).astype(np.float32)} for i in range(6)]
     expected = [{"y": s["x"]} for s in samples]
@@ -43,11 +47,15 @@ def test_bound_is_the_cosine_less_two_standard_errors_of_the_per_sample_cosines(
 
     want = [s["x"].astype(np.float64) for s in samples]
     got = [w + shift.astype(np.float32).astype(np.float64) for w in want]
-    overall = _cos(np.concatenate(want), np.concatenate(got))
-    per_sample = [_cos(w, g) for w, g in zip(want, got)]
-    assert result.cosine == pytest.approx(overall, abs=1e-6)
-    assert result.lower_bound == pytest.approx(overall - 2 * np.std(per_sample, ddof=1) / math.sqrt(6), abs=1e-6)
+    all_want, all_got = np.concatenate(want), np.concatenate(got)
+    cosines = [_cos(w, g) for w, g in zip(want, got)]
+    snrs = [_snr(w, g) for w, g in zip(want, got)]
+    assert result.cosine == pytest.approx(_cos(all_want, all_got), abs=1e-6)
+    assert result.lower_bound == pytest.approx(result.cosine - 2 * np.std(cosines, ddof=1) / math.sqrt(6), abs=1e-6)
     assert result.lower_bound < result.cosine < 1
+    assert result.snr_db == pytest.approx(_snr(all_want, all_got), abs=1e-4)
+    assert result.snr_lower_bound == pytest.approx(result.snr_db - 2 * np.std(snrs, ddof=1) / math.sqrt(6), abs=1e-4)
+    assert result.snr_lower_bound < result.snr_db < 60
 
 
 def test_one_sample_has_no_spread_and_nan_outputs_count_as_opposite():
@@ -56,3 +64,18 @@ def test_one_sample_has_no_spread_and_nan_outputs_count_as_opposite():
     assert one.cosine == pytest.approx(1.0) and one.lower_bound == one.cosine  # x and x + 1 point the same way
     broken = judge(_scaled_plus(np.array([np.nan, 0, 0, 0])), [sample, sample], [{"y": sample["x"]}] * 2, threads=1)
     assert broken.cosine == -1.0
+
+
+def test_exact_outputs_have_infinite_snr_and_nan_outputs_minus_infinite():
+    samples = [{"x": np.full(4, float(i + 1), np.float32)} for i in range(3)]
+    exact = judge(_scaled_plus(np.zeros(4)), samples, [{"y": s["x"]} for s in samples], threads=1)
+    assert exact.snr_db == math.inf and exact.snr_lower_bound == math.inf
+    broken = judge(_scaled_plus(np.array([np.nan, 0, 0, 0])), samples, [{"y": s["x"]} for s in samples], threads=1)
+    assert broken.snr_db == -math.inf and broken.snr_lower_bound == -math.inf
+
+
+def test_targets_are_met_by_the_bounds_not_the_figures():
+    spread = Judgement(cosine=0.995, lower_bound=0.985, snr_db=30.0, snr_lower_bound=25.0)
+    assert meets(spread, 0.98) and not meets(spread, 0.99)  # the cosine alone would meet 0.99
+    assert meets(spread, None, 24.0) and not meets(spread, None, 28.0)
+    assert meets(spread, None, None) and not meets(spread, 0.98, 28.0)
