@@ -35,6 +35,7 @@ from graphopt.ledger import LedgerRow, format_bytes
 from graphopt.metrics import Tolerance
 from graphopt.pipeline import run_pipeline
 from graphopt.progress import StepProgress
+from graphopt.quick_check import quick_check
 from graphopt.registry import available_passes, pass_options, with_calibration_data, without_timing
 from graphopt.report import FidelityReport
 from graphopt.spec import PassSpec, load_recipe, parse_spec
@@ -117,6 +118,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     optimize.add_argument("--validate", metavar="PROVIDERS", help="validate the result against the input on these providers, e.g. cpu,cuda")
     optimize.add_argument("--bisect", action="store_true", help="with --validate: on failure, name the first pass that breaks the tolerance")
+    optimize.add_argument(
+        "--no-quick-check", action="store_true",
+        help="without --validate, skip the output comparison on synthesized samples after lossy passes changed the model",
+    )
     _add_fidelity_arguments(optimize)
     optimize.set_defaults(handler=_optimize)
 
@@ -217,6 +222,11 @@ def _optimize(args: argparse.Namespace) -> int:
     io.check_target(model, output, in_place=args.in_place)  # fail before a long pipeline, not after
     before = io.stored_bytes(model) or 0
     result = run_pipeline(model, pipeline, check_each_pass=args.check_each_pass, progress=progress)
+    lossy = _lossy_changes(pipeline, result.ledger.rows)
+    # Before the save: with --in-place the input is still there to compare with.
+    checked = None
+    if lossy and options is None and not args.no_quick_check:
+        checked = quick_check(args.input, result.model, lossy, shapes=args.shape, threads=args.threads)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     written = io.save(result.model, output, external_data=external, in_place=args.in_place)
     seconds = time.perf_counter() - start
@@ -232,9 +242,8 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.ledger is not None:
         io.write_text_atomically(args.ledger, json.dumps(result.ledger.to_dicts(), indent=2) + "\n")
     if options is None:
-        lossy = _lossy_changes(pipeline, result.ledger.rows)
-        if lossy:
-            print(f"note: lossy passes changed the model ({', '.join(lossy)}); compare it with the input: add --validate cpu")
+        if checked is not None:
+            print(checked)
         return EXIT_OK
     print()
     report = validate(args.input, written, args.calib_data, per_layer=args.per_layer, latency=args.latency, **options)
@@ -246,12 +255,14 @@ def _optimize(args: argparse.Namespace) -> int:
     return _finish_report(args, report)
 
 
-def _lossy_changes(pipeline: list[PassSpec], rows: list[LedgerRow]) -> list[str]:
-    """Names of the steps that changed the model with a pass whose class says ``lossy = True``."""
+def _lossy_changes(pipeline: list[PassSpec], rows: list[LedgerRow]) -> dict[str, str]:
+    """The steps that changed the model with a pass whose class says ``lossy = True``, each with its ``fidelity_hint``."""
     factories = available_passes()
-    return [
-        spec.name for spec, row in zip(pipeline, rows) if row.modified and getattr(factories.get(spec.name), "lossy", False)
-    ]
+    return {
+        spec.name: getattr(factories[spec.name], "fidelity_hint", "")
+        for spec, row in zip(pipeline, rows)
+        if row.modified and getattr(factories.get(spec.name), "lossy", False)
+    }
 
 
 def _calibration_overlap(args: argparse.Namespace) -> dict[str, object]:

@@ -128,7 +128,8 @@ class PrunePass(ir.passes.InPlacePass):
     """
 
     visits_subgraphs = False
-    lossy = True  # its outputs differ from the input's: the CLI points at --validate
+    lossy = True  # its outputs differ from the input's: the CLI compares them (graphopt/quick_check.py)
+    fidelity_hint = "a lower ratio or sparsity, or reconstruct=true with --calib-data"  # what the CLI suggests when it moved far
 
     def __init__(
         self,

@@ -112,7 +112,8 @@ class QuantizePass(ir.passes.InPlacePass):
     """
 
     visits_subgraphs = False  # bodies stay float; the summary counts their nodes
-    lossy = True  # its outputs differ from the input's: the CLI points at --validate
+    lossy = True  # its outputs differ from the input's: the CLI compares them (graphopt/quick_check.py)
+    fidelity_hint = "target_cosine=0.99 keeps the layers that cost it float"  # what the CLI suggests when it moved far
 
     def __init__(
         self,

@@ -14,7 +14,6 @@ import onnx
 import pytest
 from helpers import assert_same_outputs, run_ort
 
-import model_zoo
 from graphopt.cli import main
 from graphopt.progress import StepProgress
 
@@ -339,15 +338,3 @@ def test_validate_failing_on_synthesized_feeds_says_so_in_exactly_one_line(tmp_p
     assert err.rstrip().endswith("(on synthesized feeds: pass --data with real inputs)")
 
 
-@pytest.mark.parametrize(
-    ("passes", "extra", "noted"),
-    [("prune(sparsity=0.5)", [], True), ("fold", [], False), ("prune(sparsity=0.5)", ["--validate", "cpu"], False)],
-)
-def test_optimize_points_at_validate_after_a_lossy_pass_changed_the_model(tmp_path, capsys, passes, extra, noted):
-    source = tmp_path / "mlp.onnx"
-    model_zoo.build("mlp").save(tmp_path)
-
-    main(["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "--passes", passes, *extra])
-
-    out = capsys.readouterr().out
-    assert ("note: lossy passes changed the model (prune); compare it with the input: add --validate cpu" in out) is noted

@@ -1,0 +1,81 @@
+"""A quick look at how far lossy passes moved a model's outputs, so that no collapse goes unnoticed.
+
+``graphopt optimize`` without ``--validate`` runs it when a lossy pass
+changed the model: the input file against the rewritten model, on
+:data:`SAMPLES` synthesized samples, onnxruntime CPU, worst output cosine.
+Some lossy settings measure nothing themselves (``lowrank(ratio=0.5)``,
+``prune(pattern=channel)`` without data): on all-MiniLM-L6-v2 the first
+hands back output cosine 0.54, and before this check nothing said so.
+
+It is a smoke test, not a validation: synthesized inputs are not the
+user's, and four samples say little about the tail; the line it prints
+says that and names ``--validate``. It never fails the run (a model whose
+synthesized inputs it cannot run is reported as not checked), and it skips
+models whose weights exceed :data:`MAX_WEIGHT_BYTES`, where two more
+onnxruntime sessions would cost real memory and minutes.
+"""
+
+from __future__ import annotations
+
+__all__ = ["quick_check", "SAMPLES", "ADVISED_COSINE", "MAX_WEIGHT_BYTES"]
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import onnx_ir as ir
+
+from graphopt import stats
+from graphopt.errors import GraphoptError, first_line
+from graphopt.ledger import format_bytes
+from graphopt.metrics import Tolerance
+from graphopt.validate import validate
+
+SAMPLES = 4
+ADVISED_COSINE = 0.99  # below it the result is reported as a warning
+MAX_WEIGHT_BYTES = 1 << 30
+
+logger = logging.getLogger(__name__)
+
+
+def quick_check(
+    original: str | os.PathLike[str],
+    rewritten: ir.Model,
+    lossy: Mapping[str, str],
+    *,
+    shapes: Mapping[str, tuple[int, ...]] | Sequence[str] | None = None,
+    threads: int | None = None,
+) -> str:
+    """One line saying how far ``rewritten``'s outputs are from the model in ``original``, for the CLI to print.
+
+    ``lossy`` maps each step that changed the model to what would keep it
+    closer (its pass's ``fidelity_hint``, may be empty). Never raises for a
+    model it cannot check: the line says why.
+    """
+    steps = ", ".join(lossy)
+    hints = "; ".join(f"{step}: {hint}" for step, hint in lossy.items() if hint)
+    if stats.param_bytes(rewritten) > MAX_WEIGHT_BYTES:
+        return f"quick check skipped: weights over {format_bytes(MAX_WEIGHT_BYTES)}; compare with the input: add --validate cpu"
+    try:
+        tolerance = Tolerance(min_cosine=ADVISED_COSINE)
+        report = validate(original, rewritten, samples=SAMPLES, shapes=shapes, threads=threads, tolerance=tolerance)
+    except GraphoptError as exc:
+        return f"quick check not run ({first_line(exc)}); compare on real data: add --validate cpu --calib-data DIR"
+    except Exception as exc:  # noqa: BLE001 - a smoke test must never cost the user the pipeline's result
+        logger.debug("quick check failed", exc_info=True)
+        return f"quick check failed ({type(exc).__name__}: {first_line(exc)}); compare with the input: add --validate cpu"
+    if not report.outputs:
+        return "quick check: no outputs to compare"
+    worst = min((result for _, result in report.outputs), key=lambda result: _order(result.cosine))
+    measured = f"output cosine {worst.cosine:.5f} ({worst.name}) against the input on {SAMPLES} synthesized samples"
+    if report.passed:
+        return f"quick check after {steps}: {measured}; for real inputs add --validate cpu --calib-data DIR"
+    return (
+        f"warning: {steps} moved the outputs far from the input's: {measured}, below {ADVISED_COSINE:g}. "
+        f"Check with real inputs (--validate cpu --calib-data DIR)" + (f"; closer: {hints}" if hints else "")
+    )
+
+
+def _order(cosine: float) -> float:
+    return -math.inf if math.isnan(cosine) else cosine

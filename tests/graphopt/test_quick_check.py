@@ -1,0 +1,117 @@
+"""The quick check ``optimize`` runs after lossy passes changed a model and no --validate was asked."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from helpers import run_ort
+
+import model_zoo
+from graphopt import load
+from graphopt import quick_check as quick_check_module
+from graphopt.cli import main
+from graphopt.data import synthesize_feeds
+
+
+def _mlp(tmp_path: Path) -> Path:
+    model_zoo.build("mlp").save(tmp_path)
+    return tmp_path / "mlp.onnx"
+
+
+def _optimize(capsys, source: Path, passes: str, *extra: str) -> str:
+    code = main(["optimize", str(source), "-o", str(source.parent / "out.onnx"), "--passes", passes, *extra])
+    assert code == 0 or "--validate" in extra  # validation may fail the lossy result: exit 1
+    return capsys.readouterr().out
+
+
+def _cosine_over(source: Path, result: Path, count: int) -> float:
+    """The worst output cosine of the two files over the feeds validate synthesizes (seed 0)."""
+    feeds = list(synthesize_feeds(load(source), count=count, seed=0))
+    want = np.concatenate([run_ort(onnx.load(source), f)[0].ravel() for f in feeds]).astype(np.float64)
+    got = np.concatenate([run_ort(onnx.load(result), f)[0].ravel() for f in feeds]).astype(np.float64)
+    return float(want @ got / math.sqrt((want @ want) * (got @ got)))
+
+
+def test_a_collapse_is_reported_with_the_measured_cosine_and_what_keeps_the_pass_closer(tmp_path, capsys):
+    source = _mlp(tmp_path)
+
+    out = _optimize(capsys, source, "lowrank(ratio=0.2,check_speed=false)")
+
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("warning: lowrank moved the outputs far from the input's: output cosine "), out
+    shown = float(re.search(r"output cosine (-?[0-9.]+) \(y\) against the input on 4 synthesized samples", line).group(1))
+    assert shown == pytest.approx(_cosine_over(source, tmp_path / "out.onnx", 4), abs=1e-5) and shown < 0.99
+    assert "closer: lowrank: target_cosine=" in line and "; changed\n" in out
+
+
+def test_a_close_result_gets_one_line_with_its_cosine(tmp_path, capsys):
+    source = _mlp(tmp_path)
+
+    out = _optimize(capsys, source, "fold,qdq")
+
+    line = out.strip().splitlines()[-1]
+    shown = float(re.search(r"^quick check after qdq: output cosine ([0-9.]+) \(y\)", line).group(1))
+    assert shown == pytest.approx(_cosine_over(source, tmp_path / "out.onnx", 4), abs=1e-5) and shown >= 0.99
+
+
+@pytest.mark.parametrize(
+    ("passes", "extra"),
+    [("fold", []), ("prune(sparsity=0.5)", ["--no-quick-check"]), ("prune(sparsity=0.5)", ["--validate", "cpu"])],
+    ids=["lossless", "opted-out", "validated-instead"],
+)
+def test_no_quick_check_without_a_lossy_change_when_opted_out_or_validated(tmp_path, capsys, passes, extra):
+    out = _optimize(capsys, _mlp(tmp_path), passes, *extra)
+    assert "quick check" not in out and "moved the outputs" not in out
+
+
+def test_a_model_its_synthesized_inputs_cannot_run_is_reported_as_not_checked(tmp_path, capsys):
+    # The Reshape's target shape is an input: random values cannot be a valid shape. The
+    # second MatMul is the one prune changes (the last layer is skipped as the classifier).
+    rng = np.random.default_rng(0)
+    first, second = (rng.standard_normal((64, 64)).astype(np.float32) for _ in range(2))
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            onnx.helper.make_node("MatMul", ["h", "w2"], ["m"]),
+            onnx.helper.make_node("Reshape", ["m", "shape"], ["y"]),
+        ],
+        "g",
+        [
+            onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64]),
+            onnx.helper.make_tensor_value_info("shape", onnx.TensorProto.INT64, [2]),
+        ],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(first, "w1"), onnx.numpy_helper.from_array(second, "w2")],
+    )
+    source = tmp_path / "reshape.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8), source)
+
+    out = _optimize(capsys, source, "prune(sparsity=0.5)")
+
+    assert out.strip().splitlines()[-1].startswith("quick check not run (onnxruntime failed running"), out
+    assert (tmp_path / "out.onnx").exists()
+
+
+def test_models_over_the_weight_limit_are_not_checked(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(quick_check_module, "MAX_WEIGHT_BYTES", 1024)
+
+    out = _optimize(capsys, _mlp(tmp_path), "prune(sparsity=0.5)")
+
+    assert out.strip().splitlines()[-1].startswith("quick check skipped: weights over "), out
+
+
+def test_an_unexpected_failure_of_the_check_still_saves_the_result(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(quick_check_module, "validate", broken)
+
+    out = _optimize(capsys, _mlp(tmp_path), "prune(sparsity=0.5)")
+
+    assert out.strip().splitlines()[-1].startswith("quick check failed (RuntimeError: boom)"), out
+    assert (tmp_path / "out.onnx").exists()
