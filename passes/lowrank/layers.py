@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.lowrank.rewrite import is_factor
+from passes.prune.layer_checks import left_constant, nonfinite_count
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +84,16 @@ def _refusal(node: ir.Node, skip: frozenset[str]) -> str | None:
     if (node.name and node.name in skip) or node.op_type in skip:
         return "skip option"
     weight = node.inputs[1] if len(node.inputs) > 1 else None
+    if left_constant(node):
+        return "the constant is the left operand (W @ x): only x @ W is factored"
     if weight is None or weight.const_value is None or weight.is_graph_input() or weight.const_value.dtype not in _FLOAT:
         return "weight is not a float initializer"
     if any(user is not node for user, _ in weight.uses()):
         return "weight shared with other nodes (the dense copy would stay)"
     if node.inputs[0] is None or any(user is node and index == 0 for user, index in weight.uses()):
         return "weight is not the second input"
+    if bad := nonfinite_count(weight.const_value.numpy()):
+        return f"weight has {bad} NaN/Inf values"
     return None
 
 

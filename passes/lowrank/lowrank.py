@@ -46,6 +46,8 @@ from passes.lowrank.layers import Layer, find_layers, fits_data, label
 from passes.lowrank.refit import refit_last_factors
 from passes.lowrank.rewrite import Chain, Step, copy_attributes
 from passes.lowrank.sequential import factor_in_order
+from passes.options import check_bool, check_int, check_names, check_number, check_threads
+from passes.prune.layer_checks import NONFINITE_INPUTS, finite
 from passes.prune.reconstruct import input_gram
 from passes.qdq.samples import Samples
 
@@ -161,35 +163,26 @@ class LowRankPass(ir.passes.InPlacePass):
         threads: int | None = 1,
     ) -> None:
         super().__init__()
-        if not 0 < ratio <= 1:
-            raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
-        if energy is not None and not 0 < energy <= 1:
-            raise ValueError(f"energy must be in (0, 1], got {energy!r}")
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        self.ratio, self.min_gain = check_number("ratio", ratio, "(0, 1]"), check_number("min_gain", min_gain, "(-inf, 1)")
+        self.energy = None if energy is None else check_number("energy", energy, "(0, 1]")
+        self.rank = None if rank is None else check_int("rank", rank, 1)
+        self.target_cosine = None if target_cosine is None else check_number("target_cosine", target_cosine, "(0, 1]")
         if energy is not None and rank is not None:
             raise ValueError("give at most one of energy and rank")
         if scope not in ("layer", "global"):
             raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
         if scope == "global" and (energy is not None or rank is not None):
             raise ValueError("scope=global spreads a share of the parameters (ratio); energy and rank are per layer")
-        if not min_gain < 1:
-            raise ValueError(f"min_gain must be below 1, got {min_gain!r}")
         if conv not in _CONV_MODES:
             raise ValueError(f"conv must be 'tucker' or 'channel', got {conv!r}")
-        if target_cosine is not None and not 0 < target_cosine <= 1:
-            raise ValueError(f"target_cosine must be in (0, 1], got {target_cosine!r}")
-        self.target_cosine, self.check_speed, self.reconstruct = target_cosine, bool(check_speed), bool(reconstruct)
+        self.scope, self.conv = scope, conv
+        self.data_aware, self.sequential = check_bool("data_aware", data_aware), check_bool("sequential", sequential)
+        self.reconstruct, self.check_speed = check_bool("reconstruct", reconstruct), check_bool("check_speed", check_speed)
+        self.data, self.samples, self.seed, self.threads = data, check_int("samples", samples, 1), check_int("seed", seed, 0), check_threads(threads)
+        self.skip = check_names("skip", skip)
         self._factored_outputs: list[str] = []
         self._shapes: dict[str, tuple[int, ...]] = {}
-        if not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be a positive integer, got {samples!r}")
-        self.ratio, self.energy, self.rank, self.min_gain, self.conv = ratio, energy, rank, min_gain, conv
-        self.scope = scope
         self._ranks: dict[str, tuple[int, ...]] | None = None  # scope=global: the ranks the budget gives
-        self.sequential = bool(sequential)
-        self.data_aware, self.data, self.samples, self.seed, self.threads = bool(data_aware), data, samples, seed, threads
-        self.skip = frozenset(part.strip() for part in str(skip or "").split(",") if part.strip())
         self.summary = LowRankSummary()
 
     def details(self) -> dict[str, Any]:
@@ -217,7 +210,7 @@ class LowRankPass(ir.passes.InPlacePass):
             fits = self._grams(model, layers) if self.data_aware else {}
             chain = Chain(model.graph)
             modified = False
-            for layer in layers:
+            for layer in self._unskipped(layers):
                 modified |= self._try_factor(layer, fits.get(label(layer.node)), chain)
         if teacher is not None and modified:
             samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
@@ -231,6 +224,7 @@ class LowRankPass(ir.passes.InPlacePass):
         """Factors the layers at the ranks that keep the most steps of allocate.plan within ``target_cosine``."""
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=True)
         fits = self._grams(model, layers, samples) if self.data_aware else {}
+        layers = self._unskipped(layers)
         ladders = self._measured_ladders(model, layers, fits, samples)
         steps = allocate.plan(ladders, {label(layer.node): layer.params for layer in layers})
         expected = reference_outputs(model, samples.held_back, self.threads)
@@ -259,6 +253,7 @@ class LowRankPass(ir.passes.InPlacePass):
         """scope=global: the ranks at which the layers together keep ``ratio`` of their parameters, cheapest drift first."""
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
         fits = self._grams(model, layers, samples) if self.data_aware else {}
+        layers = self._unskipped(layers)
         ladders = self._measured_ladders(model, layers, fits, samples)
         dense = {label(layer.node): layer.params for layer in layers}
         steps = allocate.plan(ladders, dense)
@@ -312,7 +307,9 @@ class LowRankPass(ir.passes.InPlacePass):
                 modified |= self._try_factor(layer, None, chain)
         if fit:
             samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
-            modified |= factor_in_order(model, teacher, fit, samples, self.threads, lambda layer, fitted: self._try_factor(layer, fitted, chain))
+            modified |= factor_in_order(
+                model, teacher, fit, samples, self.threads, lambda layer, fitted: self._try_factor(layer, fitted, chain), self.summary.skipped
+            )
         return modified
 
     def _input_shapes(self, model: ir.Model, layers: list[Layer]) -> dict[str, tuple[int, ...]]:
@@ -332,13 +329,20 @@ class LowRankPass(ir.passes.InPlacePass):
         return modified
 
     def _grams(self, model: ir.Model, layers: list[Layer], samples: Samples | None = None) -> dict[str, factor.Fit]:
-        """The data-aware fit of each layer on its inputs' X^T X in the unfactored model, by label."""
+        """The data-aware fit of each layer on its inputs' X^T X in the unfactored model, by label; none where X holds NaN/Inf (skipped)."""
         fit = {layer.node: layer for layer in layers if fits_data(layer)}
         if not fit:
             return {}
         samples = samples or Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
         grams = input_gram(model, list(fit), samples.calibration(), self.threads)
+        for node in [node for node, gram in grams.items() if not finite(gram)]:
+            self.summary.skipped[label(node)] = f"{NONFINITE_INPUTS} (no data-aware fit)"
+            grams.pop(node)
         return {label(node): factor.fit(fit[node].matrix, gram[:-1, :-1]) for node, gram in grams.items()}
+
+    def _unskipped(self, layers: list[Layer]) -> list[Layer]:
+        """The layers not yet left whole (by :meth:`_grams`: NaN/Inf calibration inputs)."""
+        return [layer for layer in layers if label(layer.node) not in self.summary.skipped]
 
     def _try_factor(self, layer: Layer, fitted: factor.Fit | None, chain: Chain, ranks: list[int] | None = None) -> bool:
         """Factors one layer (at ``ranks`` if given) if that saves ``min_gain`` of its parameters; returns whether it did."""

@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.runtime import ModelRunner
+from passes.prune.layer_checks import NONFINITE_INPUTS, finite
 from passes.prune.reconstruct import Grams, checked_fit, independent_prefix, output_grams, ridge_solve
 from passes.qdq.samples import Samples
 
@@ -49,7 +50,9 @@ def refit_last_factors(
             taught = (runner.run(runner.own(feeds), wanted) for feeds in samples.calibration())
             grams = output_grams(model, taught, level, samples.calibration(), threads)
             for node in level:
-                if _refit(node, grams[node]):
+                if not finite(*(part for half in grams[node] for part in half)):
+                    refused[node.name or ""] = NONFINITE_INPUTS  # a fit would write NaN weights
+                elif _refit(node, grams[node]):
                     done.append(node.name or "")
                 else:
                     refused[node.name or ""] = "a refit did not beat the factors on held-back calibration samples"

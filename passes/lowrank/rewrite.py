@@ -1,10 +1,10 @@
 """Graph surgery for ``lowrank``: replace one layer by a chain of smaller layers.
 
 The last node of each chain takes over the original output value's name
-(and type and shape), so graph outputs and validation's by-name alignment
-of intermediate tensors see the same tensor as before. New nodes are named
-``<layer>/lowrank/<part>``: that marks them as factors, which a second run
-leaves alone.
+(and type, shape, doc_string and metadata_props), so graph outputs and
+validation's by-name alignment of intermediate tensors see the same tensor
+as before. New nodes are named ``<layer>/lowrank/<part>``: that marks them
+as factors, which a second run leaves alone.
 """
 
 from __future__ import annotations
@@ -95,6 +95,9 @@ class Chain:
         self.graph.remove(node, safe=True)
         current.name = name
         current.type, current.shape = output.type, output.shape
+        # The value stands in for the old one, a graph output's description included.
+        current.doc_string = output.doc_string
+        current.metadata_props.update(output.metadata_props)
         for value in old_inputs:
             _drop_if_unused(self.graph, value)
 

@@ -33,7 +33,8 @@ import onnx_ir as ir
 from graphopt.progress import report
 from graphopt.runtime import stream_tensors
 from passes.lowrank import factor
-from passes.lowrank.layers import Layer
+from passes.lowrank.layers import Layer, label
+from passes.prune.layer_checks import NONFINITE_INPUTS, finite
 from passes.prune.reconstruct import cross_grams, fit_error, independent_prefix
 from passes.qdq.samples import Samples
 
@@ -41,11 +42,19 @@ logger = logging.getLogger(__name__)
 
 
 def factor_in_order(
-    model: ir.Model, teacher: ir.Model, layers: list[Layer], samples: Samples, threads: int | None, factor_layer: Callable[[Layer, factor.Fit], bool]
+    model: ir.Model,
+    teacher: ir.Model,
+    layers: list[Layer],
+    samples: Samples,
+    threads: int | None,
+    factor_layer: Callable[[Layer, factor.Fit], bool],
+    skipped: dict[str, str],
 ) -> bool:
     """Calls ``factor_layer(layer, fit)`` on every layer of ``model`` in graph order, each fit on the current model; returns whether any was factored.
 
     ``teacher`` is the unfactored model (a clone); ``layers`` are ``model``'s.
+    A layer whose inputs (in either model) hold NaN/Inf has no fit: it is
+    left whole, with the reason in ``skipped``.
     """
     by_node = {layer.node: layer for layer in layers}
     position = {node: index for index, node in enumerate(model.graph)}
@@ -62,6 +71,9 @@ def factor_in_order(
             layer = by_node[node]
             # The ones column (last) is for a bias, which stays as it is.
             halves = [(own[:-1, :-1], cross[:-1, :-1]) for own, cross in grams[node]]
+            if not finite(*(part for half in halves for part in half)):
+                skipped[label(node)] = f"{NONFINITE_INPUTS} (no data-aware fit)"
+                continue
             own, cross = (sum(parts) for parts in zip(*halves))
             corrects = len(halves) == 2 and _correction_generalizes(layer.matrix, *halves)
             modified |= factor_layer(layer, factor.fit(layer.matrix, own, cross if corrects else None))

@@ -62,6 +62,11 @@ class FeatureStats:
         self.squares += (centred**2).sum(axis=0)  # type: ignore[operator]
 
     @property
+    def finite(self) -> bool:
+        """Whether every value seen was finite (NaN/Inf make every score and mean meaningless)."""
+        return self.total is not None and bool(np.all(np.isfinite(self.total)) and np.all(np.isfinite(self.squares)))  # type: ignore[arg-type]
+
+    @property
     def mean(self) -> np.ndarray:
         assert self.shift is not None and self.total is not None and self.count
         return self.shift + self.total / self.count

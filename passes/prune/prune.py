@@ -27,12 +27,14 @@ import onnx_ir as ir
 
 from graphopt.runtime import stream_tensors
 from passes.lift_constants import LiftConstantsPass
+from passes.options import check_bool, check_int, check_names, check_number, check_threads
 from passes.prune.channels import Chain, find_chains, grouped_keep, prune_chain, prune_concat_consumers
 from passes.prune.compression import compression_report
 from passes.prune.importance import FeatureStats, activation_importance, compensate_means, weight_importance
+from passes.prune.layer_checks import left_constant, nonfinite_count
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
-from passes.prune.reconstruct import input_gram, refit
 from passes.prune.refit_channels import layers_to_refit, refit_in_order
+from passes.prune.refit_masked import checked_refit, half_input_grams
 from passes.qdq.samples import Samples
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,8 @@ class PruneSummary:
             parts.append(f"int8 + entropy coding {total / best:.1f}x smaller than dense")
         if self.reconstructed:
             parts.append(f"{len(self.reconstructed)} layers refit on calibration data")
+        if self.not_reconstructed:
+            parts.append(f"{len(self.not_reconstructed)} not refit ({'; '.join(sorted(set(self.not_reconstructed.values()))[:3])})")
         parts.append("zeros alone do not speed up onnxruntime CPU")
         return ", ".join(parts)
 
@@ -117,11 +121,12 @@ class PrunePass(ir.passes.InPlacePass):
             pruned (only the ops above are).
         reconstruct: Refit each pruned MatMul/Gemm's kept weights (and bias)
             so its outputs match the original layer's on calibration data
-            (see reconstruct.py); with ``channel``, every Conv/Gemm/MatMul
-            whose input the pruning changed, in graph order, each kept only if,
-            fitted on half the samples, it lowers the output error on the
-            other half; the kept ones are then refit on all samples
-            (refit_channels.py).
+            (see refit_masked.py); with ``channel``, every Conv/Gemm/MatMul
+            whose input the pruning changed, in graph order (refit_channels.py).
+            A refit is kept only if, fitted on half the samples, it lowers
+            the output error on the other half; the kept ones are then refit
+            on all samples. The others stay as pruned, with the reason in
+            ``not_reconstructed``.
         data: Calibration feeds for ``reconstruct`` (as for ``qdq``); None
             synthesizes ``samples`` feeds with ``seed``.
         threads: onnxruntime threads for the calibration run.
@@ -148,25 +153,19 @@ class PrunePass(ir.passes.InPlacePass):
         threads: int | None = 1,
     ) -> None:
         super().__init__()
-        self.n_of_m = parse_n_of_m(pattern) if pattern not in ("unstructured", "channel") else None
-        if pattern not in ("unstructured", "channel") and self.n_of_m is None:
+        named = pattern in ("unstructured", "channel")
+        self.n_of_m = parse_n_of_m(pattern) if isinstance(pattern, str) and not named else None
+        if not named and self.n_of_m is None:
             raise ValueError(f"pattern must be 'unstructured', 'channel' or N:M with 0 < N < M (e.g. 2:4), got {pattern!r}")
-        if not 0 <= ratio < 1:
-            raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
         if norm not in ("auto", "l1", "l2", "activation"):
             raise ValueError(f"norm must be 'auto', 'l1', 'l2' or 'activation', got {norm!r}")
-        if not isinstance(align, int) or align < 1:
-            raise ValueError(f"align must be a positive integer, got {align!r}")
-        self.ratio, self.norm, self.align = ratio, norm, align
-        if not 0 <= sparsity < 1:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
         if scope not in ("layer", "global"):
             raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-        if samples < 1:
-            raise ValueError(f"samples must be at least 1, got {samples!r}")
-        self.pattern, self.sparsity, self.scope = pattern, sparsity, scope
-        self.reconstruct, self.data, self.samples, self.seed, self.threads = reconstruct, data, samples, seed, threads
-        self.skip = frozenset(part.strip() for part in str(skip or "").split(",") if part.strip())
+        self.pattern, self.norm, self.scope = pattern, norm, scope
+        self.ratio, self.sparsity = check_number("ratio", ratio, "[0, 1)"), check_number("sparsity", sparsity, "[0, 1)")
+        self.align, self.samples, self.seed = check_int("align", align, 1), check_int("samples", samples, 1), check_int("seed", seed, 0)
+        self.reconstruct, self.data, self.threads = check_bool("reconstruct", reconstruct), data, check_threads(threads)
+        self.skip = check_names("skip", skip)
         self.summary = PruneSummary()
 
     def details(self) -> dict[str, Any]:
@@ -210,6 +209,10 @@ class PrunePass(ir.passes.InPlacePass):
         # Importance from the unpruned model, so the result does not depend on chain order.
         self.summary.norm = self.norm if self.norm != "auto" else ("activation" if self.data is not None else "l1")
         stats = self._consumer_input_stats(model, chains) if self.summary.norm == "activation" else {}
+        for chain, reason in [(chain, _nonfinite(chain, stats)) for chain in chains]:
+            if reason:  # NaN scores rank nothing, and a NaN mean would go into a bias
+                self.summary.skipped[chain.producer.name or chain.producer.op_type] = reason
+                chains.remove(chain)
         keeps = []
         for chain in chains:
             scores = activation_importance(chain, stats[chain.output.name]) if stats else weight_importance(chain, self.summary.norm)  # type: ignore[union-attr]
@@ -248,8 +251,8 @@ class PrunePass(ir.passes.InPlacePass):
                 feature_stats.add(tensors[name])
         return stats
 
-    def _grams(self, model: ir.Model, layers: list[tuple[ir.Node, ir.Value, int]]) -> dict[ir.Node, np.ndarray]:
-        """Input Gram matrices of the layers that can be refit, from the still unpruned model."""
+    def _grams(self, model: ir.Model, layers: list[tuple[ir.Node, ir.Value, int]]) -> dict[ir.Node, list[np.ndarray]]:
+        """Input Gram matrices of the layers that can be refit, even and odd samples apart, from the still unpruned model."""
         fit = [node for node, _, _ in layers if _refittable(node)]
         for node, _, _ in layers:
             if not _refittable(node):
@@ -257,17 +260,22 @@ class PrunePass(ir.passes.InPlacePass):
         if not fit:
             return {}
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
-        return input_gram(model, fit, samples.calibration(), self.threads)
+        return half_input_grams(model, fit, samples.calibration, self.threads)
 
-    def _refit(self, node: ir.Node, weight: ir.Value, original: np.ndarray, mask: np.ndarray, grams: dict[ir.Node, np.ndarray]) -> None:
-        gram = grams.get(node)
-        if gram is None or not _refittable(node):
+    def _refit(self, node: ir.Node, weight: ir.Value, original: np.ndarray, mask: np.ndarray, grams: dict[ir.Node, list[np.ndarray]]) -> None:
+        """Refits the pruned layer if that lowers its output error on held-out samples (refit_masked.py); else says why not."""
+        halves = grams.get(node)
+        if halves is None or not _refittable(node):
             return
         transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
         as_kn = (lambda a: a.T) if transposed else (lambda a: a)
         bias_value = _refittable_bias(node, original.shape[0] if transposed else original.shape[1])
         bias = bias_value.const_value.numpy() if bias_value is not None else None  # type: ignore[union-attr]
-        new_weight, new_bias = refit(gram, as_kn(original), bias, as_kn(mask))
+        result = checked_refit(halves, as_kn(original), bias, as_kn(mask))
+        if isinstance(result, str):
+            self.summary.not_reconstructed[node.name or node.op_type] = result
+            return
+        new_weight, new_bias = result
         weight.const_value = ir.Tensor(np.ascontiguousarray(as_kn(new_weight)), name=weight.name)
         if bias_value is not None and new_bias is not None:
             bias_value.const_value = ir.Tensor(new_bias, name=bias_value.name)
@@ -294,6 +302,8 @@ class PrunePass(ir.passes.InPlacePass):
                 self.summary.skipped[label] = "skip option"
             elif node in default_skips:
                 self.summary.skipped[label] = default_skips[node]
+            elif left_constant(node):
+                self.summary.skipped[label] = "the constant is the left operand (W @ x): only x @ W is pruned"
             elif weight is not None and weight.is_graph_input():
                 self.summary.skipped[label] = "weight is a graph input (callers may override it)"
             elif weight is None or weight.const_value is None:
@@ -302,11 +312,23 @@ class PrunePass(ir.passes.InPlacePass):
                 self.summary.skipped[label] = "weight is not a float initializer"
             elif any(user is not node for user, _ in weight.uses()):
                 self.summary.skipped[label] = "weight shared with other nodes"
+            elif bad := nonfinite_count(weight.const_value.numpy()):
+                self.summary.skipped[label] = f"weight has {bad} NaN/Inf values"
             elif (axis := _input_axis(node, weight.const_value.shape.numpy())) is None:
                 self.summary.skipped[label] = "weight layout not understood"
             else:
                 layers.append((node, weight, axis))
         return layers
+
+
+def _nonfinite(chain: Chain, stats: dict[str, FeatureStats]) -> str | None:
+    """Why NaN/Inf leave ``chain`` whole: in a consumer's weight, or in its channels on the calibration data (``stats``)."""
+    for user in chain.consumers:
+        if bad := nonfinite_count(user.inputs[1].const_value.numpy()):  # type: ignore[union-attr]
+            return f"weight of {user.name or user.op_type}, which reads its channels, has {bad} NaN/Inf values"
+    if stats and not stats[chain.output.name or ""].finite:  # type: ignore[union-attr]
+        return "its output holds NaN/Inf on the calibration data"
+    return None
 
 
 def _kept_channels(channels: int, ratio: float, align: int) -> int:

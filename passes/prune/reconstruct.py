@@ -5,13 +5,17 @@ column j is refit on its kept inputs by ridge regression against the
 original layer's outputs on calibration activations (the original model is
 the teacher):
 
-    w_j = argmin ||X_k w - X W_j||^2 + lambda ||w||^2  =  (G_kk + lambda I)^-1 (G W_j)_k
+    w_j = argmin ||X_k w - X W_j||^2 + lambda ||w - P_kj||^2  =  (G_kk + lambda I)^-1 ((G W_j)_k + lambda P_kj)
+
+(P: the pruned weight)
 
 with G = X^T X accumulated over the samples (with a column of ones when the
 layer has a bias, so the bias is refit too). Only G is kept: memory is
 K x K per layer whatever the number of samples. The inputs are the original
 model's activations, so each layer is fitted independently (closed form,
-numpy only). Unstructured masks are refit for MatMul and Gemm (transA=0).
+numpy only). Unstructured masks are refit for MatMul and Gemm (transA=0),
+shrunk toward the pruned weight and kept only where held-out samples say
+it helps (refit_masked.py).
 
 After channel pruning the layers downstream of the cuts are refit
 *sequentially*, in graph order (refit_channels.py), on the inputs the
@@ -43,7 +47,6 @@ __all__ = [
     "independent_prefix",
     "input_gram",
     "output_grams",
-    "refit",
     "ridge_solve",
     "checked_fit",
     "fit_toward",
@@ -308,38 +311,6 @@ def conv_patches(node: ir.Node, array: np.ndarray, dtype: type = np.float64) -> 
     pick = np.random.default_rng(0).choice(math.prod(positions), MAX_PATCHES, replace=False)
     n, h, w = np.unravel_index(pick, positions)
     return windows[n, :, h, w].reshape(MAX_PATCHES, x.shape[1] * kh * kw)
-
-
-def refit(gram: np.ndarray, original: np.ndarray, bias: np.ndarray | None, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Refit a [K, N] weight (columns = outputs) under ``mask``; returns the new weight and bias.
-
-    Args:
-        gram: (K+1) x (K+1) from :func:`input_gram` (last row/column: ones).
-        original: The unpruned [K, N] weight.
-        bias: The [N] bias, or None (then the ones column is not used).
-        mask: [K, N] booleans, True where a weight is kept.
-    """
-    k, n = original.shape
-    with_bias = bias is not None
-    size = k + 1 if with_bias else k
-    g = gram[:size, :size]
-    target = original.astype(np.float64)
-    if with_bias:
-        target = np.vstack([target, np.asarray(bias, dtype=np.float64)[None, :]])
-    right = g @ target  # X^T y_j for every output j
-    ridge = damping(g)
-    weight, new_bias = np.zeros((k, n)), np.zeros(n) if with_bias else None
-    for j in range(n):
-        kept = np.flatnonzero(mask[:, j])
-        index = np.append(kept, k) if with_bias else kept
-        if index.size == 0:
-            continue
-        system = g[np.ix_(index, index)] + ridge * np.eye(index.size)
-        solution = np.linalg.solve(system, right[index, j])
-        weight[kept, j] = solution[: kept.size]
-        if with_bias:
-            new_bias[j] = solution[-1]  # type: ignore[index]
-    return weight.astype(original.dtype), None if new_bias is None else new_bias.astype(np.asarray(bias).dtype)
 
 
 def independent_prefix(pending: list[ir.Node]) -> list[ir.Node]:

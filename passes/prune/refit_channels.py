@@ -48,6 +48,7 @@ import onnx_ir as ir
 from graphopt.progress import report
 from graphopt.runtime import ModelRunner, stream_tensors
 from passes.prune.channels import Chain, bias_value, input_axis, vector_bias
+from passes.prune.layer_checks import NONFINITE_INPUTS, finite
 from passes.prune.reconstruct import cross_grams, fit_toward, independent_prefix, tuned_strength
 from passes.qdq.samples import Samples
 
@@ -116,13 +117,15 @@ def refit_in_order(
             grams = cross_grams(model, taught, level, samples.calibration(), threads)
             saved = [(value, value.const_value) for node in level for value in (node.inputs[1], bias_value(node)) if value is not None]
             fits = {node: _fit_problem(node, twin[node], out_keep.get(node)) for node in level}
-            strengths = {node: tuned_strength(grams[node], fits[node].plain, fits[node].target) for node in level}
+            unusable = {node for node in level if not finite(*(part for half in grams[node] for part in half))}
+            refused.update({_label(node): NONFINITE_INPUTS for node in unusable})
+            strengths = {node: tuned_strength(grams[node], fits[node].plain, fits[node].target) for node in level if node not in unusable}
             refit = {node: (relative, fits[node]) for node, relative in strengths.items() if relative is not None}
             for node, (relative, fit) in refit.items():
                 _write(node, fit, fit_toward(grams[node][:1], fit.plain, fit.target, relative))
-            refused.update({_label(node): "a refit did not beat plain pruning on held-out calibration samples" for node in level if node not in refit})
+            refused.update({_label(node): "a refit did not beat plain pruning on held-out calibration samples" for node in strengths if node not in refit})
             after = output_error(model, held, goal, threads) if refit and held else error
-            if held and refit and after >= error:
+            if held and refit and not after < error:  # "not <": a NaN output error reverts too
                 for value, tensor in saved:
                     value.const_value = tensor
                 logger.debug("refits of %s reverted: output error %.4g -> %.4g", [_label(n) for n in refit], error, after)

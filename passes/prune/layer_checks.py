@@ -1,0 +1,38 @@
+"""Checks shared by ``prune`` and ``lowrank`` on the layers they change: which operand is the constant, and NaN/Inf.
+
+A weight holding NaN/Inf is left whole: magnitude ranks and SVD mean
+nothing on it (numpy's SVD fails with "SVD did not converge"), and a fit on
+calibration inputs holding NaN/Inf would write NaN weights.
+"""
+
+from __future__ import annotations
+
+__all__ = ["NONFINITE_INPUTS", "finite", "left_constant", "nonfinite_count"]
+
+import numpy as np
+import onnx_ir as ir
+
+NONFINITE_INPUTS = "the layer's calibration inputs hold NaN/Inf"
+
+
+def left_constant(node: ir.Node) -> bool:
+    """A MatMul or Gemm whose first operand is the constant and whose second is not (W @ x, not x @ W)."""
+    if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+        return False
+    first, second = node.inputs[0], node.inputs[1]
+    return _constant(first) and not _constant(second)
+
+
+def nonfinite_count(array: np.ndarray) -> int:
+    """How many entries of ``array`` are NaN or infinite (0 for integer arrays)."""
+    array = np.asarray(array)
+    return int(np.count_nonzero(~np.isfinite(array))) if array.dtype.kind in "fc" else 0
+
+
+def finite(*arrays: np.ndarray) -> bool:
+    """Whether every entry of every array is finite."""
+    return all(bool(np.all(np.isfinite(array))) for array in arrays)
+
+
+def _constant(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and not value.is_graph_input()
