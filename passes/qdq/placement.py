@@ -21,6 +21,10 @@ The placement follows onnxruntime's CPU fusion rules (shared/ORT_QDQ.md):
   when a standard op reads it, and only standard readers move onto the DQ.
 - A weight, bias or embedding table holding NaN/Inf stays float, with the
   reason in ``skipped``: its max-abs scale would be NaN or Inf.
+- **Bias.** A bias becomes int32 (and absorbs bias correction) only as one
+  value per output channel: a Conv's B, a MatMul's [N] Add constant, or a
+  Gemm's beta * C where C is the same on every row. Any other bias a layer
+  reads (a Gemm C of [M, 1], a computed or shared one) stays as it is.
 """
 
 from __future__ import annotations
@@ -63,6 +67,12 @@ class Target:
     bias: ir.Value | None
     # The node that reads the bias: the target itself, or the Add after a MatMul.
     bias_reader: ir.Node | None = None
+    # What ``bias`` adds to each output channel ([N], a Gemm's beta and broadcast applied):
+    # the values an int32 or corrected bias replacing it starts from.
+    bias_values: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # The node reads a bias that cannot be written per channel (a Gemm C of [M, 1],
+    # a computed or shared one): it stays as it is, and no correction replaces it.
+    keeps_bias: bool = False
 
 
 @dataclass
@@ -179,10 +189,7 @@ def _target(node: ir.Node, exclude: Collection[str], weight_only: bool, placemen
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     array = _constant_float(weight)
     if weight is None or array is None:
-        constant = weight is not None and weight.const_value is not None and not weight.is_graph_input()
-        # Constant but another type (float16, double): no int8 path from it is built.
-        why = f"weight is {weight.const_value.dtype.name.lower()}, not float32" if constant else "weight is not a float initializer"  # type: ignore[union-attr]
-        placement.skipped.append((label, why))
+        placement.skipped.append((label, _no_weight_reason(node, weight)))
         return None
     if reason := _nonfinite_reason("weight", weight, array):
         placement.skipped.append((label, reason))
@@ -199,19 +206,42 @@ def _target(node: ir.Node, exclude: Collection[str], weight_only: bool, placemen
     if axis is None:
         placement.skipped.append((label, f"weight of rank {array.ndim} has no per-channel axis"))
         return None
-    bias, reader = _bias(node, array.shape[axis])
+    bias, reader, values = _bias(node, array.shape[axis])
     if bias is not None and (reason := _nonfinite_reason("bias", bias, bias.const_value.numpy())):  # type: ignore[union-attr]
         placement.skipped.append((label, reason))
         return None
-    return Target(node, weight, axis, bias, reader)
+    keeps_bias = bias is None and node.op_type != "MatMul" and len(node.inputs) > 2 and node.inputs[2] is not None
+    if keeps_bias:
+        logger.debug("qdq: %s keeps its bias %s as it is (not one value per output channel)", label, node.inputs[2].name)  # type: ignore[union-attr]
+    return Target(node, weight, axis, bias, reader, values, keeps_bias)
 
 
-def _bias(node: ir.Node, channels: int) -> tuple[ir.Value | None, ir.Node | None]:
-    """The bias when it can become int32 (a float vector, one value per channel), and its reader.
+def _no_weight_reason(node: ir.Node, weight: ir.Value | None) -> str:
+    """Why ``node``'s input 1 is no weight qdq quantizes."""
+    if _is_constant(weight):
+        # Constant but another type (float16, double): no int8 path from it is built.
+        return f"weight is {weight.const_value.dtype.name.lower()}, not float32"  # type: ignore[union-attr]
+    if node.op_type != "Conv" and _is_constant(node.inputs[0]):
+        # W @ x: its per-channel scales would go per row of A, and onnxruntime's int8
+        # MatMul takes per-channel scales on B only (per column); qdq's weights are per channel.
+        return "constant is the left operand: not a weight layout qdq quantizes"
+    return "weight is not a float initializer"
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and not value.is_graph_input()
+
+
+def _bias(node: ir.Node, channels: int) -> tuple[ir.Value | None, ir.Node | None, np.ndarray | None]:
+    """The bias when it can become int32 (one float per output channel), its reader, and its [channels] values.
 
     A MatMul's bias is the constant of the Add that alone reads its output:
     onnxruntime fuses MatMul+Add into a Gemm before its int8 rules run, and
-    that Gemm becomes QGemm only with an int32 bias.
+    that Gemm becomes QGemm only with an int32 bias. That Add's constant
+    must be [N] already: a [1, N] one would broadcast the output to rank 2.
+    A Gemm adds beta * C broadcast to [M, N]: a C that is the same on every
+    row (scalar, [N], [1, N]) is the vector beta * C, which replaces C
+    once beta is reset to 1; a C that varies by row ([M, 1], [M, N]) is not.
     """
     reader, bias = node, None
     if node.op_type == "MatMul":
@@ -223,11 +253,15 @@ def _bias(node: ir.Node, channels: int) -> tuple[ir.Value | None, ir.Node | None
     elif len(node.inputs) > 2:
         bias = node.inputs[2]
     array = _constant_float(bias)
-    if bias is None or array is None or array.shape != (channels,) or any(user is not reader for user, _ in bias.uses()):
-        return None, None
-    if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
-        return None, None
-    return bias, reader
+    if bias is None or array is None or any(user is not reader for user, _ in bias.uses()):
+        return None, None, None
+    if node.op_type != "Gemm":
+        return (bias, reader, array) if array.shape == (channels,) else (None, None, None)
+    row = array.reshape(-1) if array.ndim < 2 or array.shape[0] == 1 else None
+    if row is None or array.ndim > 2 or row.size not in (1, channels):
+        return None, None, None
+    beta = np.float32(node.attributes.get_float("beta", 1.0))
+    return bias, reader, (beta * np.broadcast_to(row, (channels,))).astype(np.float32)
 
 
 def _constant_float(value: ir.Value | None) -> np.ndarray | None:

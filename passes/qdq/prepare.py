@@ -14,6 +14,7 @@ __all__ = ["prepare", "check_runnable", "name_unnamed_nodes", "unname"]
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable
 
 import onnx
 import onnx_ir as ir
@@ -80,13 +81,24 @@ def _upgrade(model: ir.Model, opset: int, version: int) -> None:
             f"qdq needs opset {opset} or later and the model has {version}; onnx's version converter "
             f"cannot upgrade ops it does not know: {', '.join(unknown)}"
         )
+    proto = ir.to_proto(model)
+    where = ""
     try:
-        converted = onnx.version_converter.convert_version(ir.to_proto(model), opset)
+        converted = onnx.version_converter.convert_version(proto, opset)
+        # The converter drops the model's local functions: each body is upgraded apart and put back.
+        functions = []
+        for function in proto.functions:
+            where = f" on local function {function.domain}:{function.name}"
+            functions.append(_upgrade_function(function, opset))
+    except UnsupportedModelError:
+        raise
     except Exception as exc:  # the converter raises bare RuntimeErrors and others
         raise GraphoptError(
-            f"qdq needs opset {opset} or later and the model has {version}; onnx's version converter failed: "
+            f"qdq needs opset {opset} or later and the model has {version}; onnx's version converter failed{where}: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
         ) from exc
+    del converted.functions[:]
+    converted.functions.extend(functions)
     upgraded = ir.serde.deserialize_model(converted)
     base = _external_base_dir(model)
     if base is not None:
@@ -97,9 +109,61 @@ def _upgrade(model: ir.Model, opset: int, version: int) -> None:
     logger.info("qdq: upgraded the model from opset %d to %d", version, opset)
 
 
+def _upgrade_function(function: onnx.FunctionProto, opset: int) -> onnx.FunctionProto:
+    """``function`` with its standard ops upgraded to ``opset``, through a graph holding its body.
+
+    onnx's version converter takes models only, and the checker refuses a
+    function whose ops are older than the model's opset import.
+
+    Raises:
+        UnsupportedModelError: The body references the function's attributes,
+            which the converter would silently replace by defaults.
+    """
+    imports = {entry.domain: entry.version for entry in function.opset_import}
+    version = imports.get("", imports.get("ai.onnx"))
+    if version is None or version >= opset:
+        return function
+    label = f"{function.domain}:{function.name}"
+    if _references_attributes(function.node):
+        raise UnsupportedModelError(
+            f"qdq needs opset {opset} or later and local function {label} has {version}; its body reads the "
+            "function's attributes, which onnx's version converter would lose"
+        )
+    body = onnx.helper.make_graph(
+        list(function.node), function.name,
+        [onnx.ValueInfoProto(name=name) for name in function.input],
+        [onnx.ValueInfoProto(name=name) for name in function.output],
+    )
+    converted = onnx.version_converter.convert_version(
+        onnx.helper.make_model(body, opset_imports=list(function.opset_import)), opset
+    )
+    upgraded = onnx.FunctionProto()
+    upgraded.CopyFrom(function)
+    del upgraded.node[:]
+    upgraded.node.extend(converted.graph.node)
+    del upgraded.opset_import[:]
+    upgraded.opset_import.extend(converted.opset_import)
+    logger.info("qdq: upgraded local function %s from opset %d to %d", label, version, opset)
+    return upgraded
+
+
+def _references_attributes(nodes: Iterable[onnx.NodeProto]) -> bool:
+    """Whether any node, or any node of its subgraphs, takes an attribute from the enclosing function."""
+    for node in nodes:
+        for attribute in node.attribute:
+            if attribute.ref_attr_name:
+                return True
+            bodies = [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
+            if any(_references_attributes(body.node) for body in bodies):
+                return True
+    return False
+
+
 def _external_base_dir(model: ir.Model) -> str | None:
     """The folder the model's external data paths are relative to, if it has any."""
     for graph in iter_graphs(model):
+        if not isinstance(graph, ir.Graph):  # a function: no initializers
+            continue
         for value in graph.initializers.values():
             if isinstance(value.const_value, ir.ExternalTensor):
                 return os.fspath(value.const_value.base_dir)

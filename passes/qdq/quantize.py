@@ -46,6 +46,7 @@ from graphopt.progress import report
 from passes.qdq import calibration as calib
 from passes.qdq.arithmetic import ActivationParams, activation_params
 from passes.qdq.bias_correction import input_means, output_shift
+from passes.qdq.options import check_options, exclude_names
 from passes.qdq.placement import Placement, Target, plan, representative
 from passes.qdq.prepare import check_runnable, name_unnamed_nodes, prepare, unname
 from passes.qdq.rewrite import (
@@ -67,6 +68,7 @@ _BLOCKED_OPSET = 21  # DequantizeLinear block_size and int4
 _ACTIVATION_TYPES = ("u8", "s8")
 _FALLBACKS = ("storage", "float")
 _ROUNDINGS = ("nearest", "gptq")
+_CHOICES = {"calibration": calib.METHODS, "activations": _ACTIVATION_TYPES, "rounding": _ROUNDINGS, "fallback": _FALLBACKS}
 # Without a fidelity target, a result whose held-back output cosine falls below this is reported with a warning.
 ADVISED_COSINE = 0.99
 
@@ -140,36 +142,19 @@ class QuantizePass(ir.passes.InPlacePass):
         threads: int | None = 1,
     ) -> None:
         super().__init__()
-        if calibration not in calib.METHODS:
-            raise ValueError(f"calibration must be one of {', '.join(calib.METHODS)}, got {calibration!r}")
-        if activations not in _ACTIVATION_TYPES:
-            raise ValueError(f"activations must be u8 or s8, got {activations!r}")
-        if weight_bits not in (4, 8):
-            raise ValueError(f"weight_bits must be 8 or 4, got {weight_bits!r}")
-        if block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of 2 and at least 16, got {block_size!r}")
-        if not 0 < percentile <= 100:
-            raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
-        if rounding not in _ROUNDINGS:
-            raise ValueError(f"rounding must be nearest or gptq, got {rounding!r}")
-        if fallback not in _FALLBACKS:
-            raise ValueError(f"fallback must be storage or float, got {fallback!r}")
-        if samples < 1:
-            raise ValueError(f"samples must be at least 1, got {samples!r}")
-        if target_cosine is not None and not -1 <= target_cosine <= 1:
-            raise ValueError(f"target_cosine must be in [-1, 1], got {target_cosine!r}")
+        check_options(locals(), _CHOICES)
         self.method = calibration
         self.percentile = percentile
         self.signed = activations == "s8"
         self.symmetric = symmetric
         self.reduce_range = reduce_range
-        self.weight_bits = weight_bits
+        self.weight_bits = int(weight_bits)
         self.weight_only = weight_only or weight_bits == 4  # int4 is weight-only only
-        self.block_size = block_size
-        self.exclude = frozenset(part.strip() for part in str(exclude or "").split(",") if part.strip())
+        self.block_size = int(block_size)
+        self.exclude = exclude_names(exclude)
         self.data = data
-        self.samples = samples
-        self.seed = seed
+        self.samples = int(samples)
+        self.seed = int(seed)
         self.target_cosine = target_cosine
         self.target_snr = target_snr
         self.rounding = rounding
@@ -177,7 +162,7 @@ class QuantizePass(ir.passes.InPlacePass):
         self.embeddings = embeddings
         self.check_speed = check_speed
         self.fallback = fallback
-        self.threads = threads
+        self.threads = None if threads is None else int(threads)
         self._input_means: dict[str, np.ndarray] = {}
         self._rounded: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # weight name -> GPTQ levels, scales
         self.summary = QuantizationSummary()
@@ -190,7 +175,12 @@ class QuantizePass(ir.passes.InPlacePass):
         # it back unchanged.
         given = name_unnamed_nodes(model)  # layers are told apart by name; given back if nothing changes
         original = model.clone()  # shares the tensors: cheap
-        result = self._quantize(model, original)
+        try:
+            result = self._quantize(model, original)
+        except GraphoptError:  # a refusal (opset, data, ...) leaves the model as it was given
+            adopt_model(model, original)
+            unname(model, given)
+            raise
         if not self.summary.quantized and not self.summary.stored:
             adopt_model(model, original)
             unname(model, given)
@@ -347,20 +337,20 @@ class QuantizePass(ir.passes.InPlacePass):
         )
         source = _quantized_source(node.inputs[0])
         float_input = source or (node.inputs[0].name if node.inputs[0] is not None else None)
-        bias, reader = target.bias, target.bias_reader or node
-        values = bias.const_value.numpy() if bias is not None and bias.const_value is not None else None
+        bias, reader, values = target.bias, target.bias_reader or node, target.bias_values
         mean = self._input_means.get(float_input or "")
         shift = output_shift(node, delta, mean) if mean is not None else None
-        corrected = shift is not None and (values is not None or node.op_type in ("Conv", "Gemm"))
+        # A bias that is not one value per channel stays as it is: correcting it would replace it.
+        corrected = shift is not None and not target.keeps_bias and (values is not None or node.op_type in ("Conv", "Gemm"))
         if corrected:
             values = (np.zeros(len(shift), np.float32) if values is None else values) - shift
-            if bias is None:
-                set_float_bias(maker, reader, None, values)
-                bias, values = reader.inputs[2], None
-        if bias is not None and source in scales:
-            quantize_bias_input(maker, reader, bias, scales[source], weight_scales, values)
-        elif corrected and values is not None:
-            set_float_bias(maker, reader, bias, values)
+        if (bias is not None or corrected) and source in scales:
+            if bias is None:  # a corrected layer without bias: give it one to quantize
+                set_float_bias(maker, reader, None, values)  # type: ignore[arg-type]
+                bias = reader.inputs[2]
+            quantize_bias_input(maker, reader, bias, scales[source], weight_scales, values)  # type: ignore[arg-type]
+        elif corrected:
+            set_float_bias(maker, reader, bias, values)  # type: ignore[arg-type]
         return corrected
 
     def _build_weight_only(self, float_model: ir.Model, float_layers: frozenset[str]) -> tuple[ir.Model, QuantizationSummary]:

@@ -143,9 +143,12 @@ def quantize_bias_input(
     weight_scales: np.ndarray,
     values: np.ndarray | None = None,
 ) -> None:
-    """Replaces ``node``'s float bias by int32 with scale input_scale * weight_scales.
+    """Replaces ``node``'s float bias by int32 [N] with scale input_scale * weight_scales.
 
-    ``values`` overrides the bias's own values (a corrected bias).
+    ``values`` are what the bias adds per output channel (placement's
+    ``Target.bias_values``, a Gemm's beta included, or a corrected bias);
+    None reads a [N] bias's own values. A Gemm's beta becomes 1, since the
+    values include it.
     """
     array = bias.const_value.numpy() if values is None else values  # type: ignore[union-attr]
     q, scales = quantize_bias(array, input_scale, weight_scales)
@@ -153,16 +156,26 @@ def quantize_bias_input(
     quantized = maker.initializer(f"{base}_quantized", q)
     scale = maker.initializer(f"{base}_scale", scales)
     zero = maker.initializer(f"{base}_zero_point", np.zeros(scales.shape, dtype=np.int32))
-    _dequantize_into(maker, node, bias, [quantized, scale, zero], {"axis": 0})
+    _dequantize_into(maker, node, bias, [quantized, scale, zero], {"axis": 0}, ir.Shape(q.shape))
+    _unit_beta(node)
+
+
+def _unit_beta(node: ir.Node) -> None:
+    """Drops a Gemm's beta (default 1) once its C holds beta * C."""
+    if node.op_type == "Gemm":
+        node.attributes.pop("beta", None)
 
 
 def _dequantize_into(
-    maker: NodeMaker, node: ir.Node, original: ir.Value, inputs: list[ir.Value], attributes: dict
+    maker: NodeMaker, node: ir.Node, original: ir.Value, inputs: list[ir.Value], attributes: dict, shape: ir.Shape | None = None
 ) -> None:
-    """Puts DequantizeLinear(inputs) before ``node`` in place of ``original``, which is then dropped."""
+    """Puts DequantizeLinear(inputs) before ``node`` in place of ``original``, which is then dropped.
+
+    ``shape`` is the dequantized tensor's, when it is not ``original``'s.
+    """
     base = original.name or "weight"
     dequantize = maker.node("DequantizeLinear", list(inputs), f"{base}_dequantized", attributes)
-    _set_type(dequantize.outputs[0], ir.DataType.FLOAT, original.shape)
+    _set_type(dequantize.outputs[0], ir.DataType.FLOAT, original.shape if shape is None else shape)
     maker.graph.insert_before(node, dequantize)
     for index, value in enumerate(node.inputs):
         if value is original:
@@ -184,10 +197,17 @@ def _int4() -> np.dtype:
 
 
 def set_float_bias(maker: NodeMaker, node: ir.Node, bias: ir.Value | None, values: np.ndarray) -> None:
-    """Gives ``node`` (a Conv or Gemm) the float bias ``values``, replacing ``bias`` or adding input 2."""
+    """Gives ``node`` the float bias ``values`` ([N], a Gemm's beta included), replacing ``bias`` or adding one.
+
+    With ``bias`` None, ``node`` (a Conv or Gemm) must have no input 2: the
+    caller leaves alone a bias it cannot write per channel. A Gemm's beta becomes 1.
+    """
     base = bias.name if bias is not None and bias.name else f"{node.name or node.op_type}_bias"
     value = maker.initializer(f"{base}_corrected", values.astype(np.float32))
+    _unit_beta(node)
     if bias is None:
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            raise AssertionError(f"set_float_bias would drop the bias {node.inputs[2].name} of {node.name}")
         node.resize_inputs(3)
         node.replace_input_with(2, value)
         return

@@ -1,0 +1,251 @@
+"""qdq and the biases of Gemm, MatMul + Add and Conv: every bias the float model adds is still added.
+
+A bias qdq can write per output channel (a Conv's B, a Gemm's beta * C with
+C the same on every row) becomes int32 and absorbs bias correction; any
+other (a Gemm C of [M, 1], a shared or computed bias) stays as it is.
+Dropping a bias moves each output row by beta * C, far beyond int8 rounding:
+the tolerances below (cosine >= 0.999, mean error per column below 2% of
+the outputs' spread) fail by an order of magnitude when that happens.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from helpers import check_full, cosine, to_proto
+from onnx import TensorProto
+from onnx import helper as oh
+from onnx import numpy_helper as nh
+
+from graphopt import PassSpec, load, run_pipeline
+from passes.qdq import QuantizePass
+
+M, K, N = 6, 64, 48
+MIN_COSINE = 0.999
+# Mean error of an output column, relative to the outputs' standard deviation: a lost bias gives about 1.
+MAX_MEAN_SHIFT = 0.02
+
+
+def _session(model, optimized: Path | None = None) -> ort.InferenceSession:
+    """onnxruntime as deployed: default optimizations, so the int8 kernels are what runs."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _feeds(rng: np.random.Generator, shape: tuple[int, ...], count: int = 8, mean: float = 1.5) -> list[dict[str, np.ndarray]]:
+    # Inputs far from zero on average, so bias correction has a shift to correct.
+    return [{"x": (mean + rng.standard_normal(shape)).astype(np.float32)} for _ in range(count)]
+
+
+def _gemm_model(c: np.ndarray, *, alpha=1.0, beta=1.0, trans_a=0, trans_b=0, seed=0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    weight = (rng.standard_normal((N, K) if trans_b else (K, N)) / 8).astype(np.float32)
+    gemm = oh.make_node("Gemm", ["x", "W", "C"], ["y"], alpha=alpha, beta=beta, transA=trans_a, transB=trans_b)
+    graph = oh.make_graph(
+        [gemm], "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [K, M] if trans_a else [M, K])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, [M, N])], [nh.from_array(weight, "W"), nh.from_array(c, "C")],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+def _assert_close(original: onnx.ModelProto, model, feeds: list[dict[str, np.ndarray]]) -> None:
+    want = np.concatenate([_session(original).run(None, f)[0] for f in feeds])
+    got = np.concatenate([_session(model).run(None, f)[0] for f in feeds])
+    assert got.shape == want.shape
+    assert cosine(want, got) >= MIN_COSINE
+    shift = np.abs((got - want).mean(axis=0)).max() / want.std()
+    assert shift < MAX_MEAN_SHIFT, f"an output column moved by {shift:.3f} standard deviations on average"
+
+
+def _quantize(proto: onnx.ModelProto, feeds, **options):
+    model = load(proto)
+    pass_ = QuantizePass(data=feeds, check_speed=False, **options)
+    return model, run_pipeline(model, [pass_]), pass_
+
+
+_RNG = np.random.default_rng(7)
+# C that is the same on every row: becomes an int32 [N] bias.
+_ROW_CONSTANT = {
+    "scalar": np.array(0.75, np.float32),
+    "one": np.array([0.5], np.float32),
+    "vector": _RNG.standard_normal(N).astype(np.float32),
+    "row": _RNG.standard_normal((1, N)).astype(np.float32),
+}
+# C that varies by row: stays the float C it was.
+_ROW_VARYING = {
+    "column": _RNG.standard_normal((M, 1)).astype(np.float32),
+    "full": _RNG.standard_normal((M, N)).astype(np.float32),
+}
+
+
+@pytest.mark.parametrize("correction", [True, False])
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("beta", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("shape", sorted(_ROW_CONSTANT))
+def test_gemm_bias_same_on_every_row_becomes_int32_beta_included_when_c_is_not_a_vector(tmp_path, shape, beta, trans_b, correction):
+    proto = _gemm_model(_ROW_CONSTANT[shape], beta=beta, trans_b=trans_b)
+    feeds = _feeds(np.random.default_rng(1), (M, K))
+
+    model, result, pass_ = _quantize(proto, feeds, bias_correction=correction)
+
+    assert result.modified is True
+    assert pass_.summary.quantized == ["Gemm_0"]
+    assert bool(pass_.summary.corrected) is correction
+    gemm = next(node for node in model.graph if node.op_type == "Gemm")
+    bias = gemm.inputs[2].producer()
+    assert bias.op_type == "DequantizeLinear" and bias.inputs[0].const_value.dtype.name == "INT32"
+    assert bias.inputs[0].const_value.shape == (N,)
+    assert "beta" not in gemm.attributes, "C now holds beta * C"
+    assert "C" not in model.graph.initializers, "the original C is replaced, not left unused"
+    check_full(model)
+    _assert_close(proto, model, feeds)
+    _session(model, tmp_path / "fused.onnx")
+    assert Counter(node.op_type for node in onnx.load(tmp_path / "fused.onnx").graph.node)["QGemm"] == 1
+
+
+@pytest.mark.parametrize("correction", [True, False])
+@pytest.mark.parametrize("beta", [1.0, 2.0])
+@pytest.mark.parametrize("shape", sorted(_ROW_VARYING))
+def test_gemm_bias_that_varies_by_row_stays_as_it_is_when_the_weight_is_quantized(shape, beta, correction):
+    proto = _gemm_model(_ROW_VARYING[shape], beta=beta, trans_b=1)
+    feeds = _feeds(np.random.default_rng(2), (M, K))
+
+    model, result, pass_ = _quantize(proto, feeds, bias_correction=correction)
+
+    assert result.modified is True and pass_.summary.quantized == ["Gemm_0"]
+    assert pass_.summary.corrected == [], "correcting it would replace the bias"
+    gemm = next(node for node in model.graph if node.op_type == "Gemm")
+    assert gemm.inputs[1].producer().op_type == "DequantizeLinear"
+    assert gemm.inputs[2].name == "C" and gemm.inputs[2].const_value.shape == _ROW_VARYING[shape].shape
+    assert gemm.attributes.get_float("beta", 1.0) == beta
+    np.testing.assert_array_equal(gemm.inputs[2].const_value.numpy(), _ROW_VARYING[shape])
+    check_full(model)
+    _assert_close(proto, model, feeds)
+
+
+@pytest.mark.parametrize("options", [{"alpha": 0.5}, {"trans_a": 1}, {"alpha": 2.0, "trans_a": 1, "trans_b": 1}])
+@pytest.mark.parametrize("shape", ["scalar", "row", "column"])
+def test_gemm_with_alpha_or_trans_a_stays_float_with_its_bias(shape, options):
+    c = {**_ROW_CONSTANT, **_ROW_VARYING}[shape]
+    proto = _gemm_model(c, beta=2.0, **options)
+    feeds = _feeds(np.random.default_rng(3), (K, M) if options.get("trans_a") else (M, K))
+
+    model, result, pass_ = _quantize(proto, feeds)
+
+    assert result.modified is False
+    assert pass_.summary.float_layers == {"Gemm_0": "Gemm with transA or alpha != 1"}
+    check_full(model)
+    for f in feeds:
+        np.testing.assert_array_equal(_session(model).run(None, f)[0], _session(proto).run(None, f)[0])
+
+
+@pytest.mark.parametrize("options", [{"weight_only": True}, {"weight_bits": 4}])
+@pytest.mark.parametrize("beta", [1.0, 2.0])
+@pytest.mark.parametrize("shape", ["scalar", "row", "column", "vector"])
+def test_weight_only_gemm_keeps_every_bias_shape_and_beta(shape, beta, options):
+    c = {**_ROW_CONSTANT, **_ROW_VARYING}[shape]
+    proto = _gemm_model(c, beta=beta, trans_b=1)
+    # Zero-mean inputs: weight-only has no bias correction, and rounding then shifts no column on average.
+    feeds = _feeds(np.random.default_rng(4), (M, K), mean=0.0)
+
+    model, result, pass_ = _quantize(proto, feeds, **options)
+
+    assert result.modified is True and pass_.summary.quantized == ["Gemm_0"]
+    gemm = next(node for node in model.graph if node.op_type == "Gemm")
+    assert gemm.inputs[2].name == "C" and gemm.attributes.get_float("beta", 1.0) == beta
+    check_full(model)
+    want = np.concatenate([_session(proto).run(None, f)[0] for f in feeds])
+    got = np.concatenate([_session(model).run(None, f)[0] for f in feeds])
+    # int4 blocks move outputs more than int8; a lost bias would still move a column by a standard deviation.
+    assert cosine(want, got) >= (0.99 if options.get("weight_bits") == 4 else MIN_COSINE)
+    assert np.abs((got - want).mean(axis=0)).max() / want.std() < 0.1
+
+
+def _matmul_add_1_by_n(rng: np.random.Generator) -> onnx.ModelProto:
+    """y = x @ W + B with B of shape [1, N]."""
+    weight, bias = (rng.standard_normal((K, N)) / 8).astype(np.float32), rng.standard_normal((1, N)).astype(np.float32)
+    graph = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "W"], ["h"]), oh.make_node("Add", ["h", "B"], ["y"])], "g",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, [M, K])], [oh.make_tensor_value_info("y", TensorProto.FLOAT, [M, N])],
+        [nh.from_array(weight, "W"), nh.from_array(bias, "B")],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+def test_fold_then_qdq_keeps_a_matmul_add_bias_of_shape_1_by_n():
+    # fold turns MatMul + Add(B[1, N]) into Gemm(C=[1, N]); qdq must keep that C (was: cosine 0.888).
+    rng = np.random.default_rng(5)
+    proto = _matmul_add_1_by_n(rng)
+    feeds = _feeds(rng, (M, K))
+
+    model = load(proto)
+    result = run_pipeline(model, [PassSpec("fold", {}), PassSpec("qdq", {"data": feeds, "check_speed": False})])
+
+    assert result.modified is True
+    assert [node.op_type for node in model.graph if node.op_type in ("Gemm", "MatMul", "Add")] == ["Gemm"]
+    check_full(model)
+    _assert_close(proto, model, feeds)
+
+
+def test_matmul_add_bias_of_shape_1_by_n_stays_a_float_add():
+    rng = np.random.default_rng(6)
+    proto = _matmul_add_1_by_n(rng)
+    feeds = _feeds(rng, (M, K))
+
+    model, result, pass_ = _quantize(proto, feeds)
+
+    assert result.modified is True and pass_.summary.quantized == ["MatMul_0"] and pass_.summary.corrected == []
+    add = next(node for node in model.graph if node.op_type == "Add")
+    assert add.inputs[1].name == "B" and add.inputs[1].const_value.shape == (1, N)
+    check_full(model)
+    _assert_close(proto, model, feeds)
+
+
+def _conv_model(shared_bias: bool) -> onnx.ModelProto:
+    """Two Convs reading one bias ``B``, or one Conv whose bias is a graph input ``B``.
+
+        x -> Conv(W1, B) -> Relu -> Conv(W2, B) -> y        (shared_bias)
+        x -> Conv(W1, B) -> y,  B a graph input            (otherwise)
+    """
+    rng = np.random.default_rng(8)
+    w1 = (rng.standard_normal((8, 8, 3, 3)) / 8).astype(np.float32)
+    w2 = (rng.standard_normal((8, 8, 3, 3)) / 8).astype(np.float32)
+    bias = rng.standard_normal(8).astype(np.float32)
+    inputs = [oh.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 10, 10])]
+    if shared_bias:
+        nodes = [oh.make_node("Conv", ["x", "W1", "B"], ["a"], pads=[1, 1, 1, 1]), oh.make_node("Relu", ["a"], ["r"]),
+                 oh.make_node("Conv", ["r", "W2", "B"], ["y"], pads=[1, 1, 1, 1])]
+        initializers = [nh.from_array(w1, "W1"), nh.from_array(w2, "W2"), nh.from_array(bias, "B")]
+    else:
+        nodes = [oh.make_node("Conv", ["x", "W1", "B"], ["y"], pads=[1, 1, 1, 1])]
+        initializers = [nh.from_array(w1, "W1")]
+        inputs.append(oh.make_tensor_value_info("B", TensorProto.FLOAT, [8]))
+    graph = oh.make_graph(nodes, "g", inputs, [oh.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 10, 10])], initializers)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("shared_bias", [True, False])
+def test_conv_bias_that_is_shared_or_an_input_is_kept_not_replaced_by_a_correction(shared_bias):
+    proto = _conv_model(shared_bias)
+    rng = np.random.default_rng(9)
+    feeds = _feeds(rng, (1, 8, 10, 10))
+    if not shared_bias:
+        for f in feeds:
+            f["B"] = rng.standard_normal(8).astype(np.float32)
+
+    model, result, pass_ = _quantize(proto, feeds)
+
+    assert result.modified is True and len(pass_.summary.quantized) == (2 if shared_bias else 1)
+    assert pass_.summary.corrected == []
+    assert all(node.inputs[2].name == "B" for node in model.graph if node.op_type == "Conv")
+    check_full(model)
+    _assert_close(proto, model, feeds)
