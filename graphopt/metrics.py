@@ -18,6 +18,15 @@ agree; they are left out of the statistics above (``elements`` still counts
 them). Any other position with a NaN or Inf on either side is a mismatch: it
 stays in the statistics (which then read nan or inf) and fails the comparison.
 
+Nothing compared: when the shapes differ (in any sample), or every sample's
+output is empty (a zero-sized dim, an empty sequence or optional), ``elements``
+is 0, the statistics above are NaN (never the 0 / 1 / inf of a perfect match)
+and ``top1``/``top5`` are None. Differing shapes fail. Empty outputs of equal
+shapes do not fail here: some are empty by construction (the state output of
+a kernel-size-1 CausalConvWithState, Resize's empty ``roi``), and the models
+agree on them; the caller decides whether any evidence was gathered at all
+(``graphopt.validate`` refuses when every output was empty).
+
 Classifier-shaped outputs, float ``(N, C)`` or ``(N, C, 1, 1)`` with ``C >= 2``
 in every sample, also get ``top1`` (fraction of rows whose argmax agrees) and,
 when ``C >= 5``, ``top5`` (fraction of rows whose reference argmax is among the
@@ -134,6 +143,11 @@ class ComparisonResult:
     def __bool__(self) -> bool:
         return self.passed
 
+    @property
+    def compared(self) -> bool:
+        """Whether any element was compared; when not, the statistics are NaN."""
+        return self.elements > 0
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict: non-finite floats become the strings ``"inf"``, ``"-inf"``, ``"nan"``."""
         return {key: _json_float(value) for key, value in dataclasses.asdict(self).items()}
@@ -208,21 +222,38 @@ class OutputComparator:
             squares = None
         self._accumulate(ref, cand, squares)
 
+    @property
+    def only_empty(self) -> bool:
+        """Whether every sample so far gave empty outputs of the same shape on both sides: nothing compared."""
+        return self._samples > 0 and self._elements == 0 and not self._shape_error
+
     def result(self) -> ComparisonResult:
         """The statistics and verdict so far; the comparator can keep accumulating."""
         abs_sum, rr, cc, rc, dd = (float(v) for v in self._sums)
         failures = self._failures(cosine_of_sums(rr, cc, rc), snr_of_sums(rr, dd))
         nan_ref, inf_ref, nan_cand, inf_cand = (int(v) for v in self._nonfinite)
+        # Differing shapes void the comparison: what matched in other samples is no evidence either.
+        elements = 0 if self._shape_error else self._elements
+        statistics = (
+            self._max_abs,
+            abs_sum / self._counted if self._counted else 0.0,
+            _rel_l2(rr, dd),
+            cosine_of_sums(rr, cc, rc),
+            snr_of_sums(rr, dd),
+        )
+        if elements == 0:  # no match at all: NaN, not the 0 / 1 / inf that read as a perfect one
+            statistics = (math.nan,) * len(statistics)
+        max_abs, mean_abs, rel_l2, cosine, snr_db = statistics
         rows = self._rows if self._classifier else 0
         return ComparisonResult(
             name=self.name,
             samples=self._samples,
-            elements=self._elements,
-            max_abs=self._max_abs,
-            mean_abs=abs_sum / self._counted if self._counted else 0.0,
-            rel_l2=_rel_l2(rr, dd),
-            cosine=cosine_of_sums(rr, cc, rc),
-            snr_db=snr_of_sums(rr, dd),
+            elements=elements,
+            max_abs=max_abs,
+            mean_abs=mean_abs,
+            rel_l2=rel_l2,
+            cosine=cosine,
+            snr_db=snr_db,
             nan_reference=nan_ref,
             inf_reference=inf_ref,
             nan_candidate=nan_cand,
@@ -290,6 +321,8 @@ class OutputComparator:
             return ["no samples compared"]
         if self._shape_error:
             return [self._shape_error]
+        if self._elements == 0:  # empty on both sides: the models agree, and the statistics are NaN (see the module docstring)
+            return []
         failures = [f"{kind} in candidate only ({_elements(n)})" for kind, n in self._candidate_only.items() if n]
         if self._unequal:
             failures.append(f"{_elements(self._unequal)} of a string output differ")

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from graphopt.ledger import format_bytes
-from graphopt.localize import LayerReport
+from graphopt.localize import LayerReport, LayerResult
 from graphopt.metrics import ComparisonResult, Tolerance
 from graphopt.providers import ProviderStatus
 
@@ -127,30 +127,89 @@ class FidelityReport:
 
     def to_text(self) -> str:
         """The short table printed on stdout."""
-        lines = [f"fidelity: {'PASS' if self.passed else 'FAIL'} ({self.tolerance.describe()}, {self.samples} samples, {self.data_source})"]
-        for status in self.providers:
-            if not status.available:
-                lines.append(f"provider {status.name}: unavailable ({status.reason})")
-        header = ("provider", "output", "max abs", "rel L2", "cosine", "SNR dB", "top-1", "result")
-        rows = [header] + [_row(provider, result) for provider, result in self.outputs]
-        rows += [_row(f"{provider} noise", result) for provider, result in self.noise_floor]
-        lines += _table(rows)
-        if self.noise_floor:
-            math = "TF32 (--tf32)" if self.tf32 else "full float32 (TF32 off; --tf32 allows it)"
-            lines.append(f"cuda math: {math}; 'noise' rows compare the original on CPU and on that provider")
-        lines += self._extra_lines()
-        return "\n".join(lines)
+        lines = [f"fidelity: {self._verdict()} ({self.tolerance.describe()}, {self.samples} samples, {self.data_source})"]
+        lines += self._provider_lines()
+        lines += _table([_OUTPUT_HEADER, *self._output_rows()])
+        lines += self._noise_lines() + self._warning_lines()
+        if self.per_layer is not None:
+            lines.append(self._layer_summary())
+            for layer in self.per_layer.first_divergent:
+                tensor, op, node, max_abs, cosine, _ = _layer_row(layer)
+                reason = layer.result.reason
+                measured = f"max abs {max_abs}, cosine {cosine} ({reason})" if layer.result.compared else reason
+                lines.append(f"  {tensor} <- {op} node {node!r}: {measured}")
+        return "\n".join(lines + self._summary_lines())
 
-    def _extra_lines(self) -> list[str]:
-        lines = [f"warning: {warning['message']}" for warning in self.warnings]
+    def to_markdown(self, *, plot: bool = True) -> str:
+        """A page with the tables and, with matplotlib installed, the per-layer error plot."""
+        parts = ["# graphopt fidelity report", "", f"**{self._verdict()}** against {_md(self.tolerance.describe())}", ""]
+        parts += _md_table(_OUTPUT_HEADER, self._output_rows())
+        notes = self._provider_lines() + self._noise_lines() + self._warning_lines()
+        parts += ["", *(f"- {_md(line)}" for line in notes)] if notes else []
+        if self.per_layer is not None:
+            parts += ["", "## Per-layer", "", _md(self._layer_summary())]
+            if self.per_layer.first_divergent:
+                parts += ["", *_md_table(_LAYER_HEADER, [_layer_row(layer) for layer in self.per_layer.first_divergent])]
+        parts += ["", *(f"- {_md(line)}" for line in self._summary_lines())]
+        image = self._plot() if plot else None
+        if image is not None:
+            parts += ["", f"![per-layer error](data:image/png;base64,{image})"]
+        elif plot and self.per_layer:
+            parts += ["", "(install the `plots` extra, matplotlib, for the per-layer plot)"]
+        return "\n".join(parts) + "\n"
+
+    def to_html(self) -> str:
+        """A standalone HTML page built from the report's data; every string from the models is escaped."""
+        verdict = self._verdict()
+        body = [
+            "<h1>graphopt fidelity report</h1>",
+            f'<p><strong class="{verdict.lower()}">{verdict}</strong> against {_h(self.tolerance.describe())}, '
+            f"{self.samples} samples ({_h(self.data_source)})</p>",
+            _html_table(_OUTPUT_HEADER, self._output_rows(), [not r.passed for _, r in self.outputs + self.noise_floor]),
+        ]
+        body += _html_list(self._provider_lines() + self._noise_lines() + self._warning_lines())
         if self.per_layer is not None:
             divergent = self.per_layer.first_divergent
-            lines.append(f"per-layer: {len(self.per_layer.layers)} tensors compared, {len(divergent)} first divergent shown")
-            for layer in divergent:
-                lines.append(
-                    f"  {layer.pair.candidate} <- {layer.pair.op} node {layer.pair.node!r}: "
-                    f"max abs {_num(layer.result.max_abs)}, cosine {_num(layer.result.cosine, 6)} ({layer.result.reason})"
-                )
+            body += ["<h2>Per-layer</h2>", f"<p>{_h(self._layer_summary())}</p>"]
+            if divergent:
+                body.append(_html_table(_LAYER_HEADER, [_layer_row(layer) for layer in divergent], [True] * len(divergent)))
+        body += _html_list(self._summary_lines())
+        image = self._plot()
+        if image is not None:
+            body.append(f'<img alt="per-layer error" src="data:image/png;base64,{image}">')
+        elif self.per_layer:
+            body.append("<p>(install the <code>plots</code> extra, matplotlib, for the per-layer plot)</p>")
+        head = "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>graphopt fidelity report</title>"
+        return f"{head}<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
+
+    def _verdict(self) -> str:
+        return "PASS" if self.passed else "FAIL"
+
+    def _output_rows(self) -> list[tuple[str, ...]]:
+        return [_row(provider, result) for provider, result in self.outputs] + [
+            _row(f"{provider} noise", result) for provider, result in self.noise_floor
+        ]
+
+    def _provider_lines(self) -> list[str]:
+        return [f"provider {status.name}: unavailable ({status.reason})" for status in self.providers if not status.available]
+
+    def _noise_lines(self) -> list[str]:
+        if not self.noise_floor:
+            return []
+        kind = "TF32 (--tf32)" if self.tf32 else "full float32 (TF32 off; --tf32 allows it)"
+        return [f"cuda math: {kind}; 'noise' rows compare the original on CPU and on that provider"]
+
+    def _warning_lines(self) -> list[str]:
+        return [f"warning: {warning['message']}" for warning in self.warnings]
+
+    def _layer_summary(self) -> str:
+        assert self.per_layer is not None
+        divergent = self.per_layer.first_divergent
+        return f"per-layer: {len(self.per_layer.layers)} tensors compared, {len(divergent)} first divergent shown"
+
+    def _summary_lines(self) -> list[str]:
+        """Latency, task metric, size and bisection, one line each when present."""
+        lines = []
         if self.latency is not None:
             threads = self.latency["threads"] or "default"
             lines.append(
@@ -170,34 +229,19 @@ class FidelityReport:
             lines.append(f"bisection: first pass breaking the tolerance: {self.bisection['first_failing_pass']} (step {self.bisection['step']})")
         return lines
 
-    def to_markdown(self, *, plot: bool = True) -> str:
-        """A page with the tables and, with matplotlib installed, the per-layer error plot."""
-        parts = ["# graphopt fidelity report", "", f"**{'PASS' if self.passed else 'FAIL'}** against {self.tolerance.describe()}", ""]
-        rows = [("provider", "output", "max abs", "rel L2", "cosine", "SNR dB", "top-1", "result")]
-        rows += [_row(p, r) for p, r in self.outputs] + [_row(f"{p} noise", r) for p, r in self.noise_floor]
-        parts += ["| " + " | ".join(row) + " |" for row in rows[:1]] + ["|" + "---|" * len(rows[0])]
-        parts += ["| " + " | ".join(row) + " |" for row in rows[1:]]
-        parts += ["", *(f"- {line}" for line in self._extra_lines())]
-        image = _layer_plot_png(self.per_layer) if plot and self.per_layer else None
-        if image is not None:
-            parts += ["", f"![per-layer error](data:image/png;base64,{base64.b64encode(image).decode()})"]
-        elif plot and self.per_layer:
-            parts += ["", "(install the `plots` extra, matplotlib, for the per-layer plot)"]
-        return "\n".join(parts) + "\n"
+    def _plot(self) -> str | None:
+        """The per-layer plot as base64 PNG, or None without per-layer results or matplotlib."""
+        image = _layer_plot_png(self.per_layer) if self.per_layer else None
+        return base64.b64encode(image).decode() if image is not None else None
 
-    def to_html(self) -> str:
-        """The Markdown page's content as a standalone HTML file."""
-        body = []
-        for line in self.to_markdown().splitlines():
-            if line.startswith("![per-layer error]("):
-                body.append(f'<img alt="per-layer error" src="{html.escape(line[len("![per-layer error]("):-1])}">')
-            elif line.startswith("|"):
-                body.append("<pre>" + html.escape(line) + "</pre>")
-            elif line.startswith("# "):
-                body.append(f"<h1>{html.escape(line[2:])}</h1>")
-            elif line:
-                body.append(f"<p>{html.escape(line)}</p>")
-        return "<!doctype html><meta charset='utf-8'><title>graphopt fidelity</title>\n" + "\n".join(body) + "\n"
+
+_OUTPUT_HEADER = ("provider", "output", "max abs", "rel L2", "cosine", "SNR dB", "top-1", "result")
+_LAYER_HEADER = ("tensor", "op", "node", "max abs", "cosine", "result")
+_CSS = (
+    "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+    "th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;font-family:monospace}"
+    "tr.fail td{background:#fdecea}strong.fail{color:#b00020}strong.pass{color:#1b5e20}"
+)
 
 
 def _tolerance_dict(tolerance: Tolerance) -> dict[str, Any]:
@@ -211,8 +255,23 @@ def _entry(provider: str, result: ComparisonResult) -> dict[str, Any]:
 
 def _row(provider: str, result: ComparisonResult) -> tuple[str, ...]:
     top1 = "-" if result.top1 is None else f"{result.top1:.3f}"
-    verdict = "ok" if result.passed else f"FAIL: {result.reason}"
-    return (provider, result.name, _num(result.max_abs), _num(result.rel_l2), _num(result.cosine, 6), _num(result.snr_db, 1), top1, verdict)
+    metrics = (_num(result.max_abs), _num(result.rel_l2), _num(result.cosine, 6), _num(result.snr_db, 1))
+    if not result.compared:  # no element compared: the NaN statistics are shown as absent
+        metrics = ("-",) * len(metrics)
+    return (provider, result.name, *metrics, top1, _verdict(result))
+
+
+def _layer_row(layer: LayerResult) -> tuple[str, ...]:
+    result, pair = layer.result, layer.pair
+    metrics = (_num(result.max_abs), _num(result.cosine, 6)) if result.compared else ("-", "-")
+    return (pair.candidate, pair.op, pair.node, *metrics, _verdict(result))
+
+
+def _verdict(result: ComparisonResult) -> str:
+    if not result.passed:
+        return f"FAIL: {result.reason}"
+    # Empty in every sample on both sides: the models agree, but nothing was measured.
+    return "ok" if result.compared else "ok (empty: nothing compared)"
 
 
 def _num(value: float, digits: int = 3) -> str:
@@ -221,6 +280,39 @@ def _num(value: float, digits: int = 3) -> str:
     if digits in (1, 6):
         return f"{value:.{digits}f}"
     return f"{value:.{digits}e}"
+
+
+def _h(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def _md(text: str) -> str:
+    """Text that stays literal in Markdown: no table break (|), tag (<), code span, emphasis or link.
+
+    ``_`` is left alone: CommonMark ignores it inside words, where tensor names have it.
+    """
+    text = " ".join(text.splitlines())
+    for char in "\\`*[]<|":
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def _md_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(_md(cell) for cell in header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_md(cell) for cell in row) + " |" for row in rows]
+
+
+def _html_table(header: tuple[str, ...], rows: list[tuple[str, ...]], failed: list[bool]) -> str:
+    head = "<tr>" + "".join(f"<th>{_h(cell)}</th>" for cell in header) + "</tr>"
+    body = [
+        ('<tr class="fail">' if fail else "<tr>") + "".join(f"<td>{_h(cell)}</td>" for cell in row) + "</tr>"
+        for row, fail in zip(rows, failed)
+    ]
+    return "<table>\n<thead>" + head + "</thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>"
+
+
+def _html_list(lines: list[str]) -> list[str]:
+    return ["<ul>", *(f"<li>{_h(line)}</li>" for line in lines), "</ul>"] if lines else []
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

@@ -13,10 +13,11 @@ presentation in graphopt.report; this module only orchestrates.
 
 from __future__ import annotations
 
-__all__ = ["validate", "ValidationSetupError"]
+__all__ = ["validate", "ValidationSetupError", "ValidationOptionError"]
 
 import contextlib
 import logging
+import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,7 @@ from graphopt.localize import (
 from graphopt.metrics import OutputComparator, Tolerance, output_arrays
 from graphopt.providers import ProviderStatus, resolve_providers
 from graphopt.report import FidelityReport, ModelFacts
-from graphopt.runtime import ModelRunner, measure_latency
+from graphopt.runtime import OPTIMIZATION_LEVELS, ModelRunner, measure_latency
 from graphopt.support import check_supported
 from graphopt.task import TaskMetric, TaskScore
 
@@ -54,6 +55,10 @@ ModelSource = str | os.PathLike[str] | ir.Model
 
 class ValidationSetupError(GraphoptError):
     """The two models cannot be compared: different inputs or outputs, or no provider."""
+
+
+class ValidationOptionError(GraphoptError, ValueError):
+    """An option of :func:`validate` has an impossible value (a ValueError too, as Python callers expect)."""
 
 
 def validate(
@@ -101,12 +106,18 @@ def validate(
             ``labels`` in the data give top-1 accuracy (see graphopt.task).
 
     Raises:
+        ValidationOptionError: ``samples`` or ``threads`` below 1, ``seed``
+            negative or not integers, or an unknown ``optimization`` level;
+            raised before any model is read.
         UnsupportedModelError: onnxruntime cannot run a model: an opset or IR
             version newer than it supports, an unknown op, or a custom op
             without a registered kernel (CLI exit code 2).
         ValidationSetupError, DataError, GraphoptError: the models or data
-            cannot be compared (CLI exit code 2).
+            cannot be compared (CLI exit code 2), among them: every output
+            empty in every sample (nothing compared, e.g. a zero-sized batch),
+            and ``labels`` that are not class indices in ``[0, classes)``.
     """
+    _check_options(samples=samples, seed=seed, threads=threads, optimization=optimization)
     tolerance = tolerance or Tolerance()
     ref_model, cand_model = io.load(reference), io.load(candidate)
     check_supported(ref_model, _role_label("reference", reference))
@@ -241,6 +252,14 @@ def _compare_stream(
         report.samples += 1
     if first is None or worst is None:
         raise DataError("no samples to validate with: the data source is empty")
+    if all(comparator.only_empty for comparator in comparators.values()):
+        # Not one element compared: no evidence either way. Exit 1 would blame the candidate and
+        # 0 would vouch for it; the input is at fault (a zero-sized dim), so it is refused as bad
+        # input, as empty data is. One empty output beside others is shown as not compared.
+        raise DataError(
+            f"nothing to compare: every output of both models was empty in all {report.samples} samples "
+            "(a zero-sized dimension in --shape or the data?)"
+        )
     report.outputs = [(provider, comparator.result()) for (provider, _), comparator in comparators.items()]
     report.noise_floor = [(provider, comparator.result()) for (provider, _), comparator in noise_comparators.items()]
     return worst[1], first
@@ -277,6 +296,18 @@ def _localize_worst(
     update_layers(ref_model, layer_pairs, ref_out, cand_out, comparators)
     layers = [LayerResult(pair, comparator.result()) for pair, comparator in zip(layer_pairs, comparators)]
     return LayerReport(provider=provider, samples=1, layers=layers)
+
+
+def _check_options(*, samples: int, seed: int, threads: int | None, optimization: str) -> None:
+    """Refuses impossible option values before any work, naming the option (else onnxruntime fails deep inside)."""
+    for label, value, low in (("samples", samples, 1), ("seed", seed, 0), ("threads", threads, 1)):
+        if value is None and label == "threads":  # onnxruntime's default
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            default = " or None (onnxruntime's default)" if label == "threads" else ""
+            raise ValidationOptionError(f"{label} must be an integer >= {low}{default}, got {value!r}")
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ValidationOptionError(f"unknown optimization level {optimization!r}; valid: {', '.join(OPTIMIZATION_LEVELS)}")
 
 
 def _relative_error(reference: Any, candidate: Any) -> float:

@@ -346,3 +346,51 @@ def test_sequence_outputs_are_compared_element_by_element_when_shapes_differ_ins
     assert close.passed and close.elements == 3 and close.max_abs == 0.5 and close.top1 is None
     assert not shorter.passed and "1 element in the sequence != reference 2" in shorter.reason
     assert empty_optional.passed and empty_optional.elements == 0
+
+
+def test_statistics_are_nan_not_perfect_when_shapes_differ():
+    # They read max abs 0, cosine 1, SNR inf: a perfect match, for tensors that were never compared.
+    result = compare_arrays("logits", np.ones((1, 10)), np.ones((1, 5)), Tolerance())
+
+    assert result.elements == 0 and result.compared is False
+    stats = (result.max_abs, result.mean_abs, result.rel_l2, result.cosine, result.snr_db)
+    assert all(math.isnan(value) for value in stats), stats
+    assert (result.passed, result.reason, result.top1, result.top5) == (False, "shape (1,5) != reference (1,10)", None, None)
+    assert {key: result.to_dict()[key] for key in ("elements", "max_abs", "cosine", "snr_db")} == {
+        "elements": 0, "max_abs": "nan", "cosine": "nan", "snr_db": "nan"
+    }
+
+
+def test_shapes_differing_in_one_sample_void_the_samples_that_matched():
+    comparator = OutputComparator("y", LOOSE)
+    comparator.update(np.ones((2, 3)), np.ones((2, 3)))
+    comparator.update(np.ones((4, 3)), np.ones((5, 3)))
+
+    result = comparator.result()
+
+    assert (result.samples, result.elements, result.passed) == (2, 0, False)
+    assert math.isnan(result.cosine) and math.isnan(result.max_abs)
+    assert result.reason == "shape (5,3) != reference (4,3)"
+
+
+def test_empty_outputs_of_equal_shape_are_not_compared_and_not_failed():
+    comparator = OutputComparator("boxes", Tolerance(min_cosine=0.999))
+    for _ in range(3):
+        comparator.update(np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32))
+
+    result = comparator.result()
+
+    assert comparator.only_empty is True
+    assert (result.samples, result.elements, result.compared, result.passed, result.reason) == (3, 0, False, True, "")
+    assert all(math.isnan(v) for v in (result.max_abs, result.mean_abs, result.rel_l2, result.cosine, result.snr_db))
+    assert result.top1 is None
+
+
+def test_only_empty_is_false_once_an_element_is_compared_or_shapes_differ():
+    compared, mismatched = OutputComparator("y", LOOSE), OutputComparator("y", LOOSE)
+    compared.update(np.zeros((0, 4)), np.zeros((0, 4)))
+    compared.update(np.ones((1, 4)), np.ones((1, 4)))
+    mismatched.update(np.zeros((0, 4)), np.zeros((0, 5)))
+
+    assert compared.only_empty is False and compared.result().elements == 4 and compared.result().cosine == 1.0
+    assert mismatched.only_empty is False and mismatched.result().passed is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from graphopt.errors import DataError, GraphoptError
 from graphopt.metrics import Tolerance
 from graphopt.providers import resolve_providers
 from graphopt.spec import PassSpec
+from graphopt.validate import ValidationOptionError
 
 CUDA = resolve_providers(["cuda"])[0]
 
@@ -319,3 +321,188 @@ def test_labels_that_do_not_match_the_rows_are_a_data_error(tmp_path):
 
     with pytest.raises(DataError, match="2 labels for 1 rows of output 'logits'"):
         graphopt.validate(reference, reference, tmp_path / "data")
+
+
+def _dense_model(path: Path, weights: list[np.ndarray], empty_output: bool = False) -> Path:
+    """x[N, 4] -> MatMul(w0) -> h0 -> Relu -> r0 -> MatMul(w1) -> h1 ... -> y, with N dynamic.
+
+    Hidden widths follow the weights, so a model with narrower weights is a pruned copy.
+    ``empty_output`` adds ``state = x[:, 0:0]``, empty by construction.
+    """
+    initializers = [onnx.numpy_helper.from_array(w.astype(np.float32), f"w{i}") for i, w in enumerate(weights)]
+    nodes, current = [], "x"
+    for index in range(len(weights)):
+        nodes.append(onnx.helper.make_node("MatMul", [current, f"w{index}"], [f"h{index}"], name=f"mm{index}"))
+        current = f"h{index}"
+        if index < len(weights) - 1:
+            nodes.append(onnx.helper.make_node("Relu", [current], [f"r{index}"], name=f"relu{index}"))
+            current = f"r{index}"
+    nodes.append(onnx.helper.make_node("Identity", [current], ["y"], name="out"))
+    outputs = [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", weights[-1].shape[1]])]
+    if empty_output:
+        for name, value in (("zero", 0), ("one", 1)):
+            initializers.append(onnx.numpy_helper.from_array(np.array([value], np.int64), name))
+        nodes.append(onnx.helper.make_node("Slice", ["x", "zero", "zero", "one"], ["state"], name="state_slice"))
+        outputs.append(onnx.helper.make_tensor_value_info("state", onnx.TensorProto.FLOAT, ["N", 0]))
+    inputs = [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])]
+    graph = onnx.helper.make_graph(nodes, "dense", inputs, outputs, initializers)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
+_W = [np.random.default_rng(3).standard_normal(shape) for shape in ((4, 8), (8, 10))]
+
+
+def test_zero_sized_batch_is_refused_instead_of_passing_on_zero_elements(tmp_path, capsys):
+    # With x:0x4 both models output [0, 10]: it read PASS, cosine 1.000000, SNR inf for a candidate that fails.
+    reference = _dense_model(tmp_path / "ref.onnx", _W)
+    candidate = _dense_model(tmp_path / "cand.onnx", [_W[0], _W[1] * 1.5])
+    assert graphopt.validate(reference, candidate, samples=2).passed is False  # what the candidate really is
+
+    with pytest.raises(DataError, match="nothing to compare: every output of both models was empty in all 2 samples"):
+        graphopt.validate(reference, candidate, samples=2, shapes=["x:0x4"])
+    code = main(["validate", str(reference), str(candidate), "--shape", "x:0x4", "--report", str(tmp_path / "r.json")])
+
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "nothing to compare" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_zero_sized_real_data_is_refused_too(tmp_path):
+    reference = _dense_model(tmp_path / "ref.onnx", _W)
+
+    with pytest.raises(DataError, match="nothing to compare"):
+        graphopt.validate(reference, reference, [{"x": np.zeros((0, 4), np.float32)}] * 3)
+
+
+def test_an_output_empty_by_construction_is_shown_not_compared_and_does_not_fail(tmp_path):
+    # onnx's CausalConvWithState backend case (kernel size 1) has such a state output: failing it would fail every such model.
+    reference = _dense_model(tmp_path / "ref.onnx", _W, empty_output=True)
+    candidate = _dense_model(tmp_path / "cand.onnx", [_W[0], _W[1] * 1.5], empty_output=True)
+
+    same = graphopt.validate(reference, reference, samples=2)
+    drifted = graphopt.validate(reference, candidate, samples=2)
+
+    assert same.passed is True and drifted.passed is False
+    by_name = {result.name: result for _, result in same.outputs}
+    assert by_name["y"].compared and by_name["y"].max_abs == 0.0
+    state = by_name["state"]
+    assert (state.elements, state.compared, state.passed) == (0, False, True) and math.isnan(state.cosine)
+    state_row = next(line for line in same.to_text().splitlines() if line.startswith("cpu") and " state " in line)
+    assert state_row.split()[2:7] == ["-"] * 5 and state_row.endswith("ok (empty: nothing compared)")
+    assert json.loads(same.to_json())["outputs"][1]["cosine"] == "nan"
+
+
+def test_a_changed_output_shape_shows_no_metrics_in_any_view(tmp_path):
+    # A 5-class head against a 10-class one read "max abs 0, cosine 1.000000, SNR inf ... FAIL: shape".
+    reference = _dense_model(tmp_path / "ref.onnx", _W)
+    candidate = _dense_model(tmp_path / "cand.onnx", [_W[0], _W[1][:, :5]])
+
+    report = graphopt.validate(reference, candidate, samples=2)
+
+    [(_, result)] = report.outputs
+    assert report.passed is False and result.reason == "shape (1,5) != reference (1,10)"
+    assert result.elements == 0 and all(math.isnan(v) for v in (result.max_abs, result.rel_l2, result.cosine, result.snr_db))
+    row = next(line for line in report.to_text().splitlines() if line.startswith("cpu"))
+    assert row.split()[2:7] == ["-"] * 5 and "FAIL: shape (1,5) != reference (1,10)" in row
+    entry = json.loads(report.to_json())["outputs"][0]
+    assert (entry["elements"], entry["max_abs"], entry["cosine"], entry["snr_db"], entry["top1"]) == (0, "nan", "nan", "nan", None)
+    markdown_row = next(line for line in report.to_markdown(plot=False).splitlines() if line.startswith("| cpu"))
+    assert markdown_row == "| cpu | y | - | - | - | - | - | FAIL: shape (1,5) != reference (1,10) |"
+    assert "<td>-</td>" in report.to_html() and "1.000000" not in report.to_html()
+
+
+def test_per_layer_tensors_whose_shape_changed_show_the_shapes_not_perfect_numbers(tmp_path):
+    # Channel pruning narrows h0/r0 from 8 to 4: they were listed as "max abs 0.000e+00, cosine 1.000000 (shape ...)".
+    reference = _dense_model(tmp_path / "ref.onnx", _W)
+    candidate = _dense_model(tmp_path / "cand.onnx", [_W[0][:, :4], _W[1][:4]])
+
+    report = graphopt.validate(reference, candidate, samples=2, per_layer=True)
+
+    divergent = {layer.pair.candidate: layer.result for layer in report.per_layer.first_divergent}
+    assert divergent["h0"].reason == "shape (1,4) != reference (1,8)" and math.isnan(divergent["h0"].cosine)
+    assert divergent["h1"].compared and divergent["h1"].max_abs > 0  # same shape, real drift: measured
+    lines = report.to_text().splitlines()
+    assert "  h0 <- MatMul node 'mm0': shape (1,4) != reference (1,8)" in lines
+    assert not any("h0" in line and "cosine" in line for line in lines)
+    layer_json = next(layer for layer in json.loads(report.to_json())["per_layer"]["layers"] if layer["candidate_tensor"] == "h0")
+    assert (layer_json["elements"], layer_json["max_abs"], layer_json["cosine"]) == (0, "nan", "nan")
+    assert "| h0 | MatMul | mm0 | - | - | FAIL: shape (1,4) != reference (1,8) |" in report.to_markdown(plot=False)
+
+
+def _labelled_file(path: Path, labels: np.ndarray) -> Path:
+    """digits_cnn images (dynamic batch), one per label, with ``labels``."""
+    images = np.random.default_rng(0).standard_normal((labels.shape[0], 1, 8, 8)).astype(np.float32)
+    np.savez(path, image=images, labels=labels)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.array([1.5, 2.0, 3.0, 4.0]), r"sample 0: labels must be integer class indices, got 1\.5 \(dtype float64\)"),
+        (np.array([1, -1, 3, 4]), r"sample 0: label -1 out of range \[0, 10\) for the 10 classes of output 'logits'"),
+        (np.array([1, 2, 99, 4]), r"label 99 out of range \[0, 10\)"),
+        (np.eye(10)[[1, 2, 3, 4]], r"labels of shape \(4, 10\) look one-hot .*give class indices, shape \(4,\), e\.g\. labels\.argmax\(axis=1\)"),
+        (np.array([True, False, True, True]), "labels must be integer class indices, got dtype bool"),
+    ],
+)
+def test_impossible_labels_are_a_one_line_data_error(tmp_path, capsys, labels, message):
+    # They were scored as "top-1 accuracy 0.0000 -> 0.0000" with exit 0 (one-hot: "40 labels for 4 rows").
+    reference = _save("digits_cnn", tmp_path)
+    data = _labelled_file(tmp_path / "data.npz", labels)
+
+    with pytest.raises(DataError, match=message):
+        graphopt.validate(reference, reference, data)
+    code = main(["validate", str(reference), str(reference), "--data", str(data)])
+
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("form", [lambda t: t[:, None], lambda t: t.astype(np.float32), lambda t: t.astype(np.uint8)])
+def test_class_indices_in_any_integer_form_are_scored(tmp_path, form):
+    import onnxruntime as ort
+
+    reference = _save("digits_cnn", tmp_path)
+    images = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    session = ort.InferenceSession(str(reference), providers=["CPUExecutionProvider"])
+    labels = session.run(None, {"image": images})[0].argmax(axis=1)
+    labels[-1] = (labels[-1] + 1) % 10  # three of four rows right
+    np.savez(tmp_path / "data.npz", image=images, labels=form(labels))
+
+    report = graphopt.validate(reference, reference, tmp_path / "data.npz")
+
+    assert report.task["labelled rows"] == 4 and report.task["reference"] == 0.75 and report.task["drop"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"threads": 0}, "threads must be an integer >= 1 or None"),
+        ({"threads": -2}, "threads must be an integer >= 1"),
+        ({"threads": 1.5}, "threads must be an integer >= 1"),
+        ({"threads": True}, "threads must be an integer >= 1"),
+        ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+        ({"samples": 0}, "samples must be an integer >= 1, got 0"),
+        ({"optimization": "max"}, "unknown optimization level 'max'"),
+    ],
+)
+def test_impossible_option_values_are_refused_before_any_model_is_read(tmp_path, options, message):
+    # threads=0 and seed=-1 ended in tracebacks from onnxruntime's session options and the feed synthesizer.
+    missing = tmp_path / "never_read.onnx"
+
+    with pytest.raises(ValidationOptionError, match=message) as caught:
+        graphopt.validate(missing, missing, **options)
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value, GraphoptError)
+
+
+def test_numpy_integers_are_valid_option_values(tmp_path):
+    path = _save("mlp", tmp_path)
+
+    report = graphopt.validate(path, path, samples=np.int64(2), seed=np.int32(3), threads=np.int64(1))
+
+    assert report.passed and report.samples == 2 and report.seed == 3

@@ -1,0 +1,102 @@
+"""graphopt.report's human views: the HTML page is real HTML built from the data, with every model string escaped."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+
+import numpy as np
+
+from graphopt.localize import LayerReport, LayerResult, TensorPair
+from graphopt.metrics import Tolerance, compare_arrays
+from graphopt.providers import ProviderStatus
+from graphopt.report import FidelityReport, ModelFacts
+
+HOSTILE = 'logits<script>alert("x")</script>&amp;|pipe'
+
+
+class _Page(HTMLParser):
+    """Tags in order, the tables as lists of rows of cell text, and the text of <strong> elements."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[str] = []
+        self.tables: list[list[list[str]]] = []
+        self.strong: list[str] = []
+        self._open: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self._open.append(tag)
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.tables[-1][-1].append("")
+        elif tag == "strong":
+            self.strong.append("")
+
+    def handle_endtag(self, tag):
+        if tag in self._open:
+            self._open.remove(tag)
+
+    def handle_data(self, data):
+        if self._open and self._open[-1] in ("td", "th"):
+            self.tables[-1][-1][-1] += data
+        elif self._open and self._open[-1] == "strong":
+            self.strong[-1] += data
+
+
+def _report() -> FidelityReport:
+    tolerance = Tolerance()
+    drifted = compare_arrays(HOSTILE, np.array([[1.0, 2.0, 3.0]]), np.array([[1.0, 2.0, 3.5]]), tolerance)
+    reshaped = compare_arrays("aux", np.ones((1, 10)), np.ones((1, 5)), tolerance)
+    layer = LayerResult(TensorPair("h<0>", "h<0>", 'node "a" & b', "MatMul"), compare_arrays("h<0>", np.ones(3), np.ones(3) * 2, tolerance))
+    facts = ModelFacts("m.onnx", 100, 3, 40)
+    return FidelityReport(
+        reference=facts,
+        candidate=facts,
+        tolerance=tolerance,
+        data_source="data <dir> & more",
+        samples=1,
+        seed=0,
+        optimization="full",
+        providers=[ProviderStatus("cpu", "CPUExecutionProvider", True)],
+        outputs=[("cpu", drifted), ("cpu", reshaped)],
+        per_layer=LayerReport(provider="cpu", samples=1, layers=[layer]),
+    )
+
+
+def test_html_has_a_heading_a_strong_verdict_and_real_tables_when_the_check_fails():
+    page = _Page()
+    text = _report().to_html()
+    page.feed(text)
+
+    assert text.startswith("<!doctype html>")
+    assert "**" not in text and "|---" not in text and "<pre>" not in text  # no Markdown left over
+    assert page.tags[:6] == ["html", "head", "meta", "title", "style", "body"] and "h1" in page.tags
+    assert page.strong == ["FAIL"]
+    outputs, layers = page.tables
+    assert outputs[0] == ["provider", "output", "max abs", "rel L2", "cosine", "SNR dB", "top-1", "result"]
+    assert outputs[1][:2] == ["cpu", HOSTILE] and outputs[1][2] == "5.000e-01" and outputs[1][7].startswith("FAIL: 1 element beyond")
+    assert outputs[2] == ["cpu", "aux", "-", "-", "-", "-", "-", "FAIL: shape (1,5) != reference (1,10)"]
+    assert layers[1] == ["h<0>", "MatMul", 'node "a" & b', "1.000e+00", "1.000000", layers[1][5]]
+    assert layers[1][5].startswith("FAIL: 3 elements beyond")
+
+
+def test_html_escapes_every_model_derived_string():
+    text = _report().to_html()
+
+    assert "<script>" not in text and 'alert("x")' not in text
+    assert "logits&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;amp;|pipe" in text
+    assert "h&lt;0&gt;" in text and "node &quot;a&quot; &amp; b" in text and "data &lt;dir&gt; &amp; more" in text
+
+
+def test_markdown_keeps_its_table_columns_when_a_name_holds_a_pipe():
+    lines = _report().to_markdown(plot=False).splitlines()
+
+    row = next(line for line in lines if line.startswith("| cpu | logits"))
+    unescaped_pipes = row.replace("\\|", "").count("|")
+    assert unescaped_pipes == 9  # 8 cells
+    assert "logits\\<script>alert(\"x\")\\</script>&amp;\\|pipe" in row
+    assert lines[2] == "**FAIL** against atol=0.0001, rtol=0.001"
