@@ -2,7 +2,11 @@
 
 Exit codes: 0 ok; 1 a check failed (fidelity outside tolerance, or a pass
 produced an invalid model); 2 bad input or usage, reported as one line on
-stderr. ``--debug`` adds tracebacks and debug logging. Ctrl-C exits 130, SIGTERM 143,
+stderr (argparse's usage errors too: ``--help`` shows the usage). Options
+are checked before any model is read or pass runs: values out of range,
+pass options of the wrong type, report paths that cannot be written, and
+validation options given to ``optimize`` without ``--validate``.
+``--debug`` adds tracebacks and debug logging. Ctrl-C exits 130, SIGTERM 143,
 both after the same clean-up.
 
 ``optimize`` never loses data: the output appears only once complete (see
@@ -23,33 +27,51 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import onnx_ir as ir
 
 from graphopt import io
 from graphopt.bisect import bisect_pipeline
-from graphopt.errors import GraphoptError, PassCheckError, first_line
+from graphopt.errors import DataError, GraphoptError, PassCheckError, first_line
 from graphopt.ledger import LedgerRow, format_bytes
 from graphopt.metrics import Tolerance
-from graphopt.pipeline import run_pipeline
+from graphopt.pipeline import PipelineResult, run_pipeline
 from graphopt.progress import StepProgress
 from graphopt.quick_check import quick_check
-from graphopt.registry import available_passes, pass_options, with_calibration_data, without_timing
+from graphopt.registry import (
+    available_passes,
+    checked_pipeline,
+    pass_options,
+    with_calibration_data,
+    with_input_shapes,
+    without_timing,
+)
 from graphopt.report import FidelityReport
 from graphopt.spec import PassSpec, load_recipe, parse_spec
+from graphopt.stats import param_bytes
 from graphopt.summary import summarize
 from graphopt.validate import validate
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_PIPELINE = "fold"
+DEFAULT_SAMPLES = 8
+# optimize's options that only validation reads (--shape and --threads also serve the quick check).
+_VALIDATION_ONLY = (
+    "report", "report_md", "report_html", "per_layer", "latency", "atol", "rtol", "min_cosine", "min_snr",
+    "samples", "seed", "exact", "tf32", "require_providers", "bisect",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line and returns its exit code."""
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a usage error already printed in one line (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         with _terminate_as_interrupt():
@@ -96,8 +118,28 @@ def _fail(args: argparse.Namespace, exc: BaseException, code: int) -> int:
     return code
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, ``graphopt: error: ...``, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"graphopt: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graphopt", description="Rewrite and compress ONNX models.")
+    parser = _Parser(prog="graphopt", description="Rewrite and compress ONNX models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -149,14 +191,14 @@ def _add_fidelity_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rtol", type=float, help="relative tolerance")
     group.add_argument("--min-cosine", type=float, help="pass when each output's cosine similarity is at least this")
     group.add_argument("--min-snr", type=float, metavar="DB", help="pass when each output's SNR is at least this many dB")
-    group.add_argument("--samples", type=int, default=8, help="synthesized samples when no data is given (default 8)")
-    group.add_argument("--seed", type=int, default=0, help="seed of synthesized samples")
+    group.add_argument("--samples", type=_int_at_least(1), help=f"synthesized samples when no data is given (default {DEFAULT_SAMPLES})")
+    group.add_argument("--seed", type=_int_at_least(0), help="seed of synthesized samples (default 0)")
     group.add_argument("--shape", action="append", default=[], metavar="NAME:DIMS", help="dynamic input shape, e.g. x:1x3x224x224 (repeatable)")
     group.add_argument("--per-layer", action="store_true", help="localize the first drifting intermediate tensors")
     group.add_argument("--latency", action="store_true", help="compare median CPU latency (interleaved runs)")
     group.add_argument("--exact", action="store_true", help="disable onnxruntime graph optimizations")
     group.add_argument("--tf32", action="store_true", help="let CUDA run float32 MatMul/Conv in TF32 (onnxruntime's default)")
-    group.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    group.add_argument("--threads", type=_int_at_least(1), help="onnxruntime intra-op threads")
     group.add_argument("--require-providers", action="store_true", help="fail (exit 2) if a requested provider is unavailable")
     group.add_argument("--report", type=Path, metavar="FILE", help="write the fidelity report as JSON")
     group.add_argument("--report-md", type=Path, metavar="FILE", help="write the report as Markdown (plots with the plots extra)")
@@ -171,13 +213,11 @@ def _tolerance(args: argparse.Namespace) -> Tolerance:
 
 
 def _validation_options(args: argparse.Namespace, providers: str) -> dict[str, object]:
-    if args.samples < 1:
-        raise GraphoptError("--samples must be at least 1")
     return {
         "providers": [name.strip() for name in providers.split(",") if name.strip()],
         "tolerance": _tolerance(args),
-        "samples": args.samples,
-        "seed": args.seed,
+        "samples": DEFAULT_SAMPLES if args.samples is None else args.samples,
+        "seed": 0 if args.seed is None else args.seed,
         "shapes": args.shape,
         "optimization": "none" if args.exact else "full",
         "tf32": args.tf32,
@@ -188,6 +228,7 @@ def _validation_options(args: argparse.Namespace, providers: str) -> dict[str, o
 
 def _validate(args: argparse.Namespace) -> int:
     options = _validation_options(args, args.providers)
+    _check_report_paths(args, [args.reference, args.candidate])
     report = validate(args.reference, args.candidate, args.data, per_layer=args.per_layer, latency=args.latency, **options)
     return _finish_report(args, report)
 
@@ -207,27 +248,36 @@ def _pipeline_steps(args: argparse.Namespace) -> list[PassSpec]:
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    steps = _pipeline_steps(args)
+    # Everything that can be checked without the model is, before it is read.
+    steps = checked_pipeline(_pipeline_steps(args))
     pipeline = with_calibration_data(steps, args.calib_data)
     calibrated_on_data = pipeline != steps  # some pass was handed --calib-data
+    pipeline = with_input_shapes(pipeline, args.shape)
     if args.deterministic:
         pipeline = without_timing(pipeline)
     output = _output_path(args)
-    if args.bisect and not args.validate:
-        raise GraphoptError("--bisect needs --validate")
+    _check_validation_only(args)
     options = _validation_options(args, args.validate) if args.validate else None
+    _check_report_paths(args, [args.input, output])
+    external = {"auto": None, "yes": True, "no": False}[args.external_data]
     progress = StepProgress()
     start = time.perf_counter()
     model = io.load(args.input)
-    io.check_target(model, output, in_place=args.in_place)  # fail before a long pipeline, not after
+    io.check_target(model, output, in_place=args.in_place, external_data=external)  # fail before a long pipeline, not after
+    if external is False and not _lossy_steps(pipeline):  # lossy passes may shrink the weights: checked again after
+        _check_fits_one_file(model)
     before = io.stored_bytes(model) or 0
-    result = run_pipeline(model, pipeline, check_each_pass=args.check_each_pass, progress=progress)
+    result = _run_pipeline(args, model, pipeline, progress)
     lossy = _lossy_changes(pipeline, result.ledger.rows)
+    if external is False:
+        _check_fits_one_file(result.model)
     # Before the save: with --in-place the input is still there to compare with.
     checked = None
     if lossy and options is None and not args.no_quick_check:
-        checked = quick_check(args.input, result.model, lossy, shapes=args.shape, threads=args.threads)
-    external = {"auto": None, "yes": True, "no": False}[args.external_data]
+        checked = quick_check(
+            args.input, result.model, lossy, shapes=args.shape, threads=args.threads, data=args.calib_data,
+            output=None if args.in_place else output,
+        )
     written = io.save(result.model, output, external_data=external, in_place=args.in_place)
     seconds = time.perf_counter() - start
     print(result.ledger.to_table())
@@ -253,6 +303,85 @@ def _optimize(args: argparse.Namespace) -> int:
     if not report.passed and args.bisect:
         report.bisection = bisect_pipeline(args.input, pipeline, lambda model: validate(args.input, model, args.calib_data, **options))
     return _finish_report(args, report)
+
+
+def _run_pipeline(args: argparse.Namespace, model: ir.Model, pipeline: list[PassSpec], progress: StepProgress) -> PipelineResult:
+    """run_pipeline, with a failure of a pass that ran the model on inputs it synthesized told as such."""
+    running = [0]
+
+    def track(index: int, total: int, name: str) -> None:
+        running[0] = index
+        progress(index, total, name)
+
+    try:
+        return run_pipeline(model, pipeline, check_each_pass=args.check_each_pass, progress=track)
+    except GraphoptError as exc:
+        step = pipeline[running[0]] if running[0] < len(pipeline) else None
+        if step is None or isinstance(exc, PassCheckError) or not _synthesizes_inputs(step) or not _failed_on_feeds(exc):
+            raise
+        # A pass without a ``shapes`` option draws its inputs at default dims, whatever --shape says.
+        if "shapes" in step.options:
+            dims = "at the given --shape dims"
+        elif "shapes" in pass_options(available_passes()[step.name]):
+            dims = "at default dims; --shape NAME:DIMS sets them"
+        else:
+            dims = "at default dims; --shape does not reach this pass"
+        raise GraphoptError(
+            f"pass {step.name!r} could not run the model on the inputs it synthesized for itself ({dims}): "
+            f"give it real inputs with --calib-data PATH ({first_line(exc)})"
+        ) from exc
+
+
+def _synthesizes_inputs(spec: PassSpec) -> bool:
+    factory = available_passes().get(spec.name)
+    return factory is not None and "data" in pass_options(factory) and spec.options.get("data") is None
+
+
+def _failed_on_feeds(exc: GraphoptError) -> bool:
+    # The pipeline re-raises a pass's GraphoptError without its cause, so the
+    # onnxruntime failure is told by graphopt.runtime's wording.
+    return isinstance(exc, DataError) or str(exc).startswith(("onnxruntime failed running", "onnxruntime rejected the feeds"))
+
+
+def _check_validation_only(args: argparse.Namespace) -> None:
+    """optimize's validation options are refused without --validate rather than silently ignored."""
+    if args.validate:
+        return
+    given = [f"--{name.replace('_', '-')}" for name in _VALIDATION_ONLY if getattr(args, name) not in (None, False)]
+    if given:
+        raise GraphoptError(
+            f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --validate PROVIDERS (e.g. --validate cpu); "
+            "without it optimize does not validate"
+        )
+
+
+def _check_report_paths(args: argparse.Namespace, models: list[Path]) -> None:
+    """Report and ledger paths must be writable files, and none of the models: checked before any work."""
+    for option in ("report", "report_md", "report_html", "ledger"):
+        path = getattr(args, option, None)
+        if path is None:
+            continue
+        flag = f"--{option.replace('_', '-')}"
+        try:
+            io.check_writable(path)
+        except GraphoptError as exc:
+            raise GraphoptError(f"{flag}: {exc}") from exc
+        if any(io.same_file(path, model) for model in models):
+            raise GraphoptError(f"{flag} {path} is one of the models; choose another file")
+
+
+def _check_fits_one_file(model: ir.Model) -> None:
+    weights = param_bytes(model)
+    if weights > io.PROTO_WEIGHT_LIMIT_BYTES:
+        raise GraphoptError(
+            f"--external-data no: the weights ({format_bytes(weights)}) do not fit in one .onnx file "
+            "(protobuf's 2 GB limit); use --external-data auto or yes"
+        )
+
+
+def _lossy_steps(pipeline: list[PassSpec]) -> list[str]:
+    factories = available_passes()
+    return [spec.name for spec in pipeline if getattr(factories.get(spec.name), "lossy", False)]
 
 
 def _lossy_changes(pipeline: list[PassSpec], rows: list[LedgerRow]) -> dict[str, str]:

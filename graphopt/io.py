@@ -12,6 +12,8 @@ into place; on any failure, Ctrl-C included, it removes the folder and leaves
 any previous output as it was. It refuses to write over the file the model was
 loaded from, or over any external data file the model still reads from (by
 file identity, so symbolic and hard links count), unless ``in_place=True``.
+Saved with ``external_data=False``, a model that reads external data gets its
+weights embedded, when they fit in one protobuf.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ __all__ = [
     "load",
     "save",
     "check_target",
+    "check_writable",
+    "check_fits_one_file",
     "same_file",
     "write_text_atomically",
     "to_graphsurgeon",
@@ -33,6 +37,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +50,7 @@ from graphopt import serialization, stats, untrusted
 from graphopt.errors import ModelLoadError, ModelSaveError, first_line
 from graphopt.gcpause import gc_paused
 from graphopt.graphs import iter_graphs
+from graphopt.ledger import format_bytes
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
@@ -130,7 +136,8 @@ def save(
         path: Destination ``.onnx`` file. Its folder is created if needed.
         external_data: Store tensors in ``<name>.data`` next to the output.
             ``None`` (default) does so when the model was loaded with external
-            data or its weights are too large for one protobuf.
+            data or its weights are too large for one protobuf. ``False``
+            embeds every weight, external ones included, in one file.
         in_place: Allow ``path`` to be the file the model was loaded from, and
             its data file to be one the model reads. The old files are replaced
             only once the new ones are complete, so the disk needs room for
@@ -140,14 +147,15 @@ def save(
 
     Raises:
         ModelSaveError: Without ``in_place``, the destination is the input
-            model or one of its data files; or it cannot be written.
+            model or one of its data files; with ``external_data=False``, the
+            weights do not fit in one protobuf; or it cannot be written.
     """
     target = Path(path).absolute()
-    check_target(model, target, in_place=in_place)
     if external_data is None:
         external_data = _wants_external_data(model)
-    elif not external_data and serialization.external_tensors(model):
-        raise ModelSaveError("the model reads external data; save it with external_data=True")
+    check_target(model, target, in_place=in_place, external_data=external_data)
+    if not external_data:
+        check_fits_one_file(model)
     data_name = f"{target.name}.data" if external_data else None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -159,16 +167,23 @@ def save(
     return target
 
 
-def check_target(model: ir.Model, path: str | os.PathLike[str], *, in_place: bool = False) -> None:
-    """Raises ``ModelSaveError`` if ``save(model, path)`` would write over a file the model reads.
+def check_target(
+    model: ir.Model, path: str | os.PathLike[str], *, in_place: bool = False, external_data: bool | None = None
+) -> None:
+    """Raises ``ModelSaveError`` if ``save(model, path)`` would write over a file the model reads, or cannot write.
 
     Files are compared by identity, so another spelling, a symbolic link or a
-    hard link to the input is caught too. Cheap: callers run it before a long
-    pipeline so that a bad output path fails first.
+    hard link to the input is caught too. A folder where the model (or, with
+    ``external_data`` as ``save`` would resolve it, its data file) goes is
+    caught as well. Cheap: callers run it before a long pipeline so that a bad
+    output path fails first.
     """
+    target = Path(path).absolute()
+    check_writable(target)
+    if _wants_external_data(model) if external_data is None else external_data:
+        check_writable(target.parent / f"{target.name}.data")
     if in_place:
         return
-    target = Path(path).absolute()
     protected = [Path(tensor.path) for tensor in serialization.external_tensors(model)]
     source = source_path(model)
     if source is not None:
@@ -188,20 +203,68 @@ def same_file(first: Path, second: Path) -> bool:
         return first.resolve() == second.resolve()
 
 
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Raises ``ModelSaveError`` naming ``path`` when a file cannot be written there: it is a folder, or a parent is a file.
+
+    Cheap, so callers run it before long work (a report path checked after
+    the pipeline and validation ran would cost the user both).
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise ModelSaveError(f"cannot write {target}: it is a folder")
+    for parent in target.absolute().parents:
+        if parent.is_dir():
+            return
+        if parent.exists() or parent.is_symlink():
+            raise ModelSaveError(f"cannot write {target}: {parent} is not a folder")
+
+
+def check_fits_one_file(model: ir.Model) -> None:
+    """Raises ``ModelSaveError`` when the model's weights are too large to embed in one ``.onnx`` file (protobuf's 2 GB limit)."""
+    weights = stats.param_bytes(model)
+    if weights > PROTO_WEIGHT_LIMIT_BYTES:
+        raise ModelSaveError(
+            f"the weights ({format_bytes(weights)}) do not fit in one .onnx file (protobuf's 2 GB limit): "
+            "save them to an external data file"
+        )
+
+
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
-    """Writes a small text file (ledger, report) through a temporary file and a rename."""
+    """Writes a small text file (ledger, report) through a temporary file and a rename.
+
+    The file gets the permissions ``open()`` would give it: an existing file's,
+    else 0666 less the umask (``mkstemp`` alone makes it 0600).
+
+    Raises:
+        ModelSaveError: The file cannot be written; the message names it.
+    """
     target = Path(path).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    check_writable(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else _new_file_mode()
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise ModelSaveError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), mode)
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, target)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ModelSaveError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
+
+
+def _new_file_mode() -> int:
+    # The umask can only be read by setting it; it is put back at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def to_graphsurgeon(model: ir.Model) -> gs.Graph:
@@ -283,7 +346,9 @@ def _write_atomically(model: ir.Model, target: Path, data_name: str | None) -> N
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         staged = staging / target.name
-        with serialization.attribute_tensors_read_in(model), serialization.initializer_types_hidden(model):
+        # Without a data file of its own, the model must not keep reading the input's.
+        embedded = serialization.initializers_read_in(model) if data_name is None else contextlib.nullcontext()
+        with serialization.attribute_tensors_read_in(model), serialization.initializer_types_hidden(model), embedded:
             ir.save(model, staged, external_data=data_name, size_threshold_bytes=EXTERNAL_DATA_THRESHOLD_BYTES)
         _fsync(staged)
         staged_data = staging / data_name if data_name else None

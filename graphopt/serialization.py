@@ -9,6 +9,9 @@
 - ``initializer_types_hidden``: onnx_ir writes a value_info entry repeating
   every typed initializer's dtype and dims, so an unchanged model grew on
   every save.
+- ``initializers_read_in``: without ``external_data``, onnx_ir's save keeps
+  an external initializer's reference to its old file; to write one
+  self-contained file, the tensors are read in first.
 
 Each is a context manager or an in-place fix that leaves the model as it was
 found once the save is done.
@@ -16,7 +19,14 @@ found once the save is done.
 
 from __future__ import annotations
 
-__all__ = ["external_tensors", "set_base_dir", "attribute_tensors_read_in", "initializer_types_hidden", "in_memory"]
+__all__ = [
+    "external_tensors",
+    "set_base_dir",
+    "attribute_tensors_read_in",
+    "initializers_read_in",
+    "initializer_types_hidden",
+    "in_memory",
+]
 
 import contextlib
 import os
@@ -67,6 +77,31 @@ def attribute_tensors_read_in(model: ir.Model) -> Iterator[None]:
     finally:  # also when reading one in failed: the ones already swapped go back
         for node, attr in swapped:
             node.attributes[attr.name] = attr
+
+
+@contextlib.contextmanager
+def initializers_read_in(model: ir.Model) -> Iterator[None]:
+    """Within the block, initializers that live in data files are in-memory tensors, of every graph.
+
+    onnx_ir's save without ``external_data`` writes an external tensor "with
+    the same external information": the new file would still read the old
+    data file. Read in, the bytes are embedded in the protobuf. Costs memory
+    for the weights (a copy out of the memory map) only while the block runs.
+    """
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    try:
+        for graph in iter_graphs(model):  # functions' subgraphs may hold initializers too
+            if not isinstance(graph, ir.Graph):
+                continue
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if isinstance(tensor, ir.ExternalTensor):
+                    value.const_value = in_memory(tensor)
+                    swapped.append((value, tensor))
+        yield
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
 
 
 @contextlib.contextmanager

@@ -8,7 +8,13 @@ Grammar of a spec string::
     value    := "'" text "'" | '"' text '"' | "[" [value ("," value)*] "]" | bare
 
 A bare value parses as bool (``true``/``false``), int, float, ``none``, or
-else a string. A recipe file (YAML or JSON) holds the same list::
+else a string. The pass's option then decides (graphopt.registry, before the
+pass is built): a bool option takes ``true``/``false`` and, meaning the same,
+``yes``/``no``, ``on``/``off``, ``1``/``0`` (any case, as YAML reads them);
+an int option an integer, a float option a number (a quoted number too).
+Any other value is a usage error naming the pass, the option and what it
+takes: ``prune(reconstruct=maybe)`` or ``prune(ratio=abc)`` never reach the
+pass. A recipe file (YAML or JSON) holds the same list::
 
     - pass: prune
       options: {pattern: channel, ratio: 0.3}

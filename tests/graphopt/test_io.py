@@ -333,3 +333,74 @@ def test_save_does_not_repeat_initializer_types_as_value_info(tmp_path):
     assert saved.stat().st_size <= source.stat().st_size
     assert all(value.type is not None for value in model.graph.initializers.values())  # the model keeps them
     onnx.checker.check_model(proto, full_check=True)
+
+
+def test_save_without_external_data_embeds_the_weights_the_model_reads_from_its_data_file(tmp_path):
+    source = _write(_proto(weight_rows=64), tmp_path / "in.onnx", external=True)
+    data_before = (tmp_path / "in.onnx.weights").read_bytes()
+    model = graphopt.load(source)
+
+    out = graphopt.save(model, tmp_path / "out" / "inline.onnx", external_data=False)
+
+    assert sorted(p.name for p in out.parent.iterdir()) == ["inline.onnx"]
+    saved = onnx.load(out, load_external_data=False)
+    assert [t.data_location for t in saved.graph.initializer] == [onnx.TensorProto.DEFAULT]
+    np.testing.assert_array_equal(run_ort(source, {"x": X})[0], run_ort(saved, {"x": X})[0])  # from bytes alone
+    assert isinstance(model.graph.initializers["W"].const_value, ir.ExternalTensor)  # the model is given back as it was
+    assert (tmp_path / "in.onnx.weights").read_bytes() == data_before
+
+
+def test_save_without_external_data_refuses_weights_over_the_protobuf_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "PROTO_WEIGHT_LIMIT_BYTES", 100)
+
+    with pytest.raises(ModelSaveError, match=r"the weights \(2.0 KiB\) do not fit in one .onnx file \(protobuf's 2 GB limit\)"):
+        graphopt.save(graphopt.load(_proto(weight_rows=64)), tmp_path / "out.onnx", external_data=False)
+
+    assert os.listdir(tmp_path) == []
+
+
+def test_check_target_names_the_folder_in_the_way(tmp_path):
+    source = _write(_proto(weight_rows=64), tmp_path / "in.onnx", external=True)
+    model = graphopt.load(source)
+    (tmp_path / "out.onnx.data").mkdir()
+    (tmp_path / "dir.onnx").mkdir()
+
+    with pytest.raises(ModelSaveError, match=f"^cannot write {tmp_path / 'out.onnx.data'}: it is a folder$"):
+        io.check_target(model, tmp_path / "out.onnx")  # external data, as the input had
+    with pytest.raises(ModelSaveError, match=f"^cannot write {tmp_path / 'dir.onnx'}: it is a folder$"):
+        io.check_target(model, tmp_path / "dir.onnx", external_data=False)
+    io.check_target(model, tmp_path / "out.onnx", external_data=False)  # no data file to write
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_write_text_atomically_gives_new_files_the_mode_open_would(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        io.write_text_atomically(tmp_path / "r.json", "{}\n")
+        with open(tmp_path / "plain.json", "w") as handle:  # what the user's other tools write
+            handle.write("{}\n")
+    finally:
+        os.umask(previous)
+
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == mode == (tmp_path / "plain.json").stat().st_mode & 0o777
+
+
+def test_write_text_atomically_keeps_an_existing_files_mode(tmp_path):
+    path = tmp_path / "ledger.json"
+    path.write_text("old\n")
+    path.chmod(0o640)
+
+    io.write_text_atomically(path, "new\n")
+
+    assert path.read_text() == "new\n" and path.stat().st_mode & 0o777 == 0o640
+
+
+def test_write_text_atomically_raises_model_save_error_naming_the_path(tmp_path):
+    (tmp_path / "afile").write_text("x")
+
+    with pytest.raises(ModelSaveError, match=f"^cannot write {tmp_path / 'afile' / 'r.json'}: {tmp_path / 'afile'} is not a folder$"):
+        io.write_text_atomically(tmp_path / "afile" / "r.json", "{}\n")
+    with pytest.raises(ModelSaveError, match=f"^cannot write {tmp_path}: it is a folder$"):
+        io.write_text_atomically(tmp_path, "{}\n")
+
+    assert sorted(os.listdir(tmp_path)) == ["afile"] and (tmp_path / "afile").read_text() == "x"

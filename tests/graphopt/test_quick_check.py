@@ -115,3 +115,72 @@ def test_an_unexpected_failure_of_the_check_still_saves_the_result(tmp_path, cap
 
     assert out.strip().splitlines()[-1].startswith("quick check failed (RuntimeError: boom)"), out
     assert (tmp_path / "out.onnx").exists()
+
+
+def _calibration(tmp_path: Path, files: int) -> Path:
+    """Feeds far from the N(0, 1) ones the check synthesizes: all positive, scaled by 5, one batch of 3 rows per file."""
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(7)
+    for index in range(files):
+        np.savez(folder / f"{index:02d}.npz", x=(5 * np.abs(rng.standard_normal((3, 64)))).astype(np.float32))
+    return folder
+
+
+def _cosine_on_files(source: Path, result: Path, files: list[Path]) -> float:
+    feeds = [{"x": np.load(path)["x"]} for path in files]
+    want = np.concatenate([run_ort(onnx.load(source), f)[0].ravel() for f in feeds]).astype(np.float64)
+    got = np.concatenate([run_ort(onnx.load(result), f)[0].ravel() for f in feeds]).astype(np.float64)
+    return float(want @ got / math.sqrt((want @ want) * (got @ got)))
+
+
+@pytest.mark.parametrize("files", [6, 2])
+def test_with_calib_data_the_check_runs_on_up_to_four_calibration_samples_and_says_what_they_are(tmp_path, capsys, files):
+    source = _mlp(tmp_path)
+    calib = _calibration(tmp_path, files)
+
+    out = _optimize(capsys, source, "lowrank(ratio=0.3,check_speed=false)", "--calib-data", str(calib))
+
+    line = out.strip().splitlines()[-1]
+    used = min(files, quick_check_module.SAMPLES)
+    found = re.search(rf"output cosine (-?[0-9.]+) \(y\) against the input on {used} of the calibration samples the passes fitted", line)
+    assert found, line
+    expected = _cosine_on_files(source, tmp_path / "out.onnx", sorted(calib.iterdir())[:used])
+    assert float(found.group(1)) == pytest.approx(expected, abs=1e-5)
+    assert float(found.group(1)) != pytest.approx(_cosine_over(source, tmp_path / "out.onnx", 4), abs=1e-4)  # not the synthesized figure
+    assert "new inputs may land lower" in line
+    assert f"graphopt validate {source} {tmp_path / 'out.onnx'} --data HELD_OUT" in line
+    assert "--calib-data" not in line  # the user gave it already
+
+
+def test_with_calib_data_a_model_the_check_cannot_run_points_to_held_out_validation(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise quick_check_module.GraphoptError("cannot run")
+
+    monkeypatch.setattr(quick_check_module, "validate", broken)
+    source = _mlp(tmp_path)
+
+    out = _optimize(capsys, source, "prune(sparsity=0.5)", "--calib-data", str(_calibration(tmp_path, 2)))
+
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("quick check not run (cannot run); for an unbiased figure run graphopt validate ")
+    assert "--calib-data" not in line
+
+
+def test_an_output_whose_shape_changed_is_reported_by_its_reason_not_as_a_cosine(tmp_path):
+    def slicer(width: int) -> onnx.ModelProto:
+        text = f"""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,10] x) => (float[2,{width}] y) {{
+            starts = Constant <value = int64[1] {{0}}> ()
+            ends = Constant <value = int64[1] {{{width}}}> ()
+            axes = Constant <value = int64[1] {{1}}> ()
+            y = Slice(x, starts, ends, axes)
+        }}"""
+        return onnx.parser.parse_model(text)
+
+    source = tmp_path / "wide.onnx"
+    onnx.save(slicer(10), source)
+
+    line = quick_check_module.quick_check(source, load(slicer(5)), {"prune": "a hint"})
+
+    assert line.startswith("warning: prune changed output y: shape") and "nan" not in line and line.endswith("closer: prune: a hint")
