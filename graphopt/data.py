@@ -363,6 +363,10 @@ def _npz_files(path: Path) -> list[Path]:
 
 
 def _read_npz(path: Path) -> Feeds:
+    # np.load reads anything that is not a zip or .npy as a pickle, and refusing
+    # that says "pickled (object) data": a text file would be blamed for pickling.
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not an .npz archive (a zip of .npy arrays, as numpy.savez writes)")
     try:
         # Untrusted files: pickled (object) arrays are refused, not unpickled.
         loaded = np.load(path, allow_pickle=False)
