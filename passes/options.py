@@ -10,11 +10,14 @@ raises ValueError naming the option and returns the value to store.
 
 from __future__ import annotations
 
-__all__ = ["check_bool", "check_int", "check_names", "check_number", "check_threads", "is_int", "is_number"]
+__all__ = ["check_bool", "check_int", "check_names", "check_number", "check_shapes", "check_threads", "is_int", "is_number"]
 
 import math
 from numbers import Integral, Real
 from typing import Any
+
+from graphopt.data import parse_shape_overrides
+from graphopt.errors import DataError, first_line
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -44,6 +47,18 @@ def check_threads(value: Any) -> int | None:
     if value is not None and (not is_int(value) or value < 1):
         raise ValueError(f"threads must be a positive integer or None (onnxruntime's default), got {value!r}")
     return None if value is None else int(value)
+
+
+def check_shapes(value: Any) -> dict[str, tuple[int, ...]] | None:
+    """``shapes``: ``NAME:DIMS`` strings (``["ids:2x9"]``, as ``--shape`` takes them) or a dict; None keeps default dims."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    try:
+        return dict(value) if isinstance(value, dict) else parse_shape_overrides(list(value))
+    except (DataError, TypeError, ValueError) as exc:
+        raise ValueError(f"shapes must be NAME:DIMS items such as ids:2x9, got {value!r} ({first_line(exc)})") from exc
 
 
 def check_names(name: str, value: Any) -> frozenset[str]:

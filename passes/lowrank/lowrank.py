@@ -46,7 +46,7 @@ from passes.lowrank.layers import Layer, find_layers, fits_data, label
 from passes.lowrank.refit import refit_last_factors
 from passes.lowrank.rewrite import Chain, Step, copy_attributes
 from passes.lowrank.sequential import factor_in_order
-from passes.options import check_bool, check_int, check_names, check_number, check_threads
+from passes.options import check_bool, check_int, check_names, check_number, check_shapes, check_threads
 from passes.prune.layer_checks import NONFINITE_INPUTS, finite
 from passes.prune.reconstruct import input_gram
 from passes.qdq.samples import Samples
@@ -134,7 +134,8 @@ class LowRankPass(ir.passes.InPlacePass):
             input shape, dense against its factors, and keep it dense unless
             factoring is faster (see speed.py).
         data: Calibration feeds for ``data_aware`` (as for ``qdq``); None
-            synthesizes ``samples`` feeds with ``seed``.
+            synthesizes ``samples`` feeds with ``seed``, dynamic dims from
+            ``shapes`` (``NAME:DIMS`` items, as ``--shape``, which the CLI hands over).
         threads: onnxruntime threads for the calibration run.
     """
 
@@ -160,6 +161,7 @@ class LowRankPass(ir.passes.InPlacePass):
         data: Any = None,
         samples: int = 16,
         seed: int = 0,
+        shapes: list[str] | None = None,
         threads: int | None = 1,
     ) -> None:
         super().__init__()
@@ -179,6 +181,7 @@ class LowRankPass(ir.passes.InPlacePass):
         self.data_aware, self.sequential = check_bool("data_aware", data_aware), check_bool("sequential", sequential)
         self.reconstruct, self.check_speed = check_bool("reconstruct", reconstruct), check_bool("check_speed", check_speed)
         self.data, self.samples, self.seed, self.threads = data, check_int("samples", samples, 1), check_int("seed", seed, 0), check_threads(threads)
+        self.shapes = check_shapes(shapes)
         self.skip = check_names("skip", skip)
         self._factored_outputs: list[str] = []
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -213,7 +216,7 @@ class LowRankPass(ir.passes.InPlacePass):
             for layer in self._unskipped(layers):
                 modified |= self._try_factor(layer, fits.get(label(layer.node)), chain)
         if teacher is not None and modified:
-            samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
+            samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False, shapes=self.shapes)
             done, refused = refit_last_factors(model, teacher, self._factored_outputs, samples, self.threads)
             self.summary.reconstructed, self.summary.not_reconstructed = done, refused
         if modified:
@@ -222,7 +225,7 @@ class LowRankPass(ir.passes.InPlacePass):
 
     def _allocate(self, model: ir.Model, layers: list[Layer]) -> bool:
         """Factors the layers at the ranks that keep the most steps of allocate.plan within ``target_cosine``."""
-        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=True)
+        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=True, shapes=self.shapes)
         fits = self._grams(model, layers, samples) if self.data_aware else {}
         layers = self._unskipped(layers)
         ladders = self._measured_ladders(model, layers, fits, samples)
@@ -251,7 +254,7 @@ class LowRankPass(ir.passes.InPlacePass):
 
     def _spread(self, model: ir.Model, layers: list[Layer]) -> dict[str, tuple[int, ...]]:
         """scope=global: the ranks at which the layers together keep ``ratio`` of their parameters, cheapest drift first."""
-        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
+        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False, shapes=self.shapes)
         fits = self._grams(model, layers, samples) if self.data_aware else {}
         layers = self._unskipped(layers)
         ladders = self._measured_ladders(model, layers, fits, samples)
@@ -306,7 +309,7 @@ class LowRankPass(ir.passes.InPlacePass):
             if not fits_data(layer):
                 modified |= self._try_factor(layer, None, chain)
         if fit:
-            samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
+            samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False, shapes=self.shapes)
             modified |= factor_in_order(
                 model, teacher, fit, samples, self.threads, lambda layer, fitted: self._try_factor(layer, fitted, chain), self.summary.skipped
             )
@@ -314,7 +317,7 @@ class LowRankPass(ir.passes.InPlacePass):
 
     def _input_shapes(self, model: ir.Model, layers: list[Layer]) -> dict[str, tuple[int, ...]]:
         """The input shape of every layer on the first calibration sample (what check_speed times it at)."""
-        first = next(Samples(model, self.data, count=1 if self.data is None else self.samples, seed=self.seed, hold_back=False).calibration())
+        first = next(Samples(model, self.data, count=1 if self.data is None else self.samples, seed=self.seed, hold_back=False, shapes=self.shapes).calibration())
         names = [layer.node.inputs[0].name or "" for layer in layers]
         tensors = next(stream_tensors(model, names, [first], threads=self.threads))
         return {label(layer.node): tuple(tensors[name].shape) for layer, name in zip(layers, names) if name in tensors}
@@ -333,7 +336,7 @@ class LowRankPass(ir.passes.InPlacePass):
         fit = {layer.node: layer for layer in layers if fits_data(layer)}
         if not fit:
             return {}
-        samples = samples or Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
+        samples = samples or Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False, shapes=self.shapes)
         grams = input_gram(model, list(fit), samples.calibration(), self.threads)
         for node in [node for node, gram in grams.items() if not finite(gram)]:
             self.summary.skipped[label(node)] = f"{NONFINITE_INPUTS} (no data-aware fit)"

@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from graphopt.runtime import stream_tensors
 from passes.lift_constants import LiftConstantsPass
-from passes.options import check_bool, check_int, check_names, check_number, check_threads
+from passes.options import check_bool, check_int, check_names, check_number, check_shapes, check_threads
 from passes.prune.channels import Chain, find_chains, grouped_keep, prune_chain, prune_concat_consumers
 from passes.prune.compression import compression_report
 from passes.prune.importance import FeatureStats, activation_importance, compensate_means, weight_importance
@@ -128,7 +128,8 @@ class PrunePass(ir.passes.InPlacePass):
             on all samples. The others stay as pruned, with the reason in
             ``not_reconstructed``.
         data: Calibration feeds for ``reconstruct`` (as for ``qdq``); None
-            synthesizes ``samples`` feeds with ``seed``.
+            synthesizes ``samples`` feeds with ``seed``, dynamic dims from
+            ``shapes`` (``NAME:DIMS`` items, as ``--shape``, which the CLI hands over).
         threads: onnxruntime threads for the calibration run.
     """
 
@@ -150,6 +151,7 @@ class PrunePass(ir.passes.InPlacePass):
         data: Any = None,
         samples: int = 16,
         seed: int = 0,
+        shapes: list[str] | None = None,
         threads: int | None = 1,
     ) -> None:
         super().__init__()
@@ -164,6 +166,7 @@ class PrunePass(ir.passes.InPlacePass):
         self.pattern, self.norm, self.scope = pattern, norm, scope
         self.ratio, self.sparsity = check_number("ratio", ratio, "[0, 1)"), check_number("sparsity", sparsity, "[0, 1)")
         self.align, self.samples, self.seed = check_int("align", align, 1), check_int("samples", samples, 1), check_int("seed", seed, 0)
+        self.shapes = check_shapes(shapes)
         self.reconstruct, self.data, self.threads = check_bool("reconstruct", reconstruct), data, check_threads(threads)
         self.skip = check_names("skip", skip)
         self.summary = PruneSummary()
@@ -235,7 +238,7 @@ class PrunePass(ir.passes.InPlacePass):
         prune_concat_consumers([(chain, keep) for chain, keep in zip(chains, keeps) if id(chain) in pruned and chain.concat is not None])
         if teacher is not None and cut:
             out_keep = {chain.producer: keep for chain, keep in zip(chains, keeps)}
-            samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
+            samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False, shapes=self.shapes)
             layers, not_built = layers_to_refit(model, cut, self.skip)
             done, refused = refit_in_order(model, teacher, layers, out_keep, samples, self.threads)
             self.summary.reconstructed.extend(done)
@@ -245,7 +248,7 @@ class PrunePass(ir.passes.InPlacePass):
     def _consumer_input_stats(self, model: ir.Model, chains: list[Chain]) -> dict[str, FeatureStats]:
         """Mean and spread of each feature of each chain's consumer input, over the calibration samples."""
         stats = {chain.output.name or "": FeatureStats(chain.axis) for chain in chains if chain.output is not None}
-        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
+        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False, shapes=self.shapes)
         for tensors in stream_tensors(model, list(stats), samples.calibration(), threads=self.threads):
             for name, feature_stats in stats.items():
                 feature_stats.add(tensors[name])
@@ -259,7 +262,7 @@ class PrunePass(ir.passes.InPlacePass):
                 self.summary.not_reconstructed[node.name or node.op_type] = f"reconstruction of {node.op_type} is not built"
         if not fit:
             return {}
-        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False)
+        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False, shapes=self.shapes)
         return half_input_grams(model, fit, samples.calibration, self.threads)
 
     def _refit(self, node: ir.Node, weight: ir.Value, original: np.ndarray, mask: np.ndarray, grams: dict[ir.Node, list[np.ndarray]]) -> None:

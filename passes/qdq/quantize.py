@@ -43,6 +43,7 @@ import onnx_ir as ir
 from graphopt.errors import GraphoptError
 from graphopt.pipeline import adopt_model
 from graphopt.progress import report
+from passes.options import check_shapes
 from passes.qdq import calibration as calib
 from passes.qdq.arithmetic import ActivationParams, activation_params
 from passes.qdq.bias_correction import input_means, output_shift
@@ -92,6 +93,8 @@ class QuantizePass(ir.passes.InPlacePass):
             dicts, or a CalibrationDataReader; None synthesizes ``samples``.
         samples: Synthesized calibration samples when ``data`` is None.
         seed: Seed of synthesized samples.
+        shapes: Dims of synthesized samples' dynamic inputs, ``NAME:DIMS``
+            items as ``--shape`` takes them (the CLI hands its own over).
         target_cosine: Keep layers float until the output cosine on held-back
             samples, less two standard errors of its per-sample values,
             reaches this (needs at least 2 samples).
@@ -132,6 +135,7 @@ class QuantizePass(ir.passes.InPlacePass):
         data: Any = None,
         samples: int = 16,
         seed: int = 0,
+        shapes: list[str] | None = None,
         target_cosine: float | None = None,
         target_snr: float | None = None,
         rounding: str = "nearest",
@@ -155,6 +159,7 @@ class QuantizePass(ir.passes.InPlacePass):
         self.data = data
         self.samples = int(samples)
         self.seed = int(seed)
+        self.shapes = check_shapes(shapes)
         self.target_cosine = target_cosine
         self.target_snr = target_snr
         self.rounding = rounding
@@ -202,7 +207,7 @@ class QuantizePass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, False)
         if not measured:  # weight-only unchecked: a pure rewrite, so models onnxruntime cannot run still compress
             return self._adopt(model, *self._build_weight_only(model, frozenset()), placement)
-        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=hold_back)
+        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=hold_back, shapes=self.shapes)
         if self.weight_only:
             kind = "int4" if self.weight_bits == 4 else "int8 weight-only"
             if self.rounding == "gptq":

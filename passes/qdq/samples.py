@@ -17,7 +17,7 @@ from __future__ import annotations
 __all__ = ["Samples", "MAX_HELD_BACK", "CALIBRATION_SEED_OFFSET"]
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import onnx_ir as ir
@@ -37,8 +37,11 @@ _CHECK_SAMPLES = 4
 class Samples:
     """Calibration samples (a fresh stream per call) and the samples that judge the result."""
 
-    def __init__(self, model: ir.Model, data: Any, *, count: int, seed: int, hold_back: bool) -> None:
-        self._open = _opener(model, data, count, seed)
+    def __init__(
+        self, model: ir.Model, data: Any, *, count: int, seed: int, hold_back: bool, shapes: Mapping[str, tuple[int, ...]] | None = None
+    ) -> None:
+        """``shapes`` fixes dynamic dims of synthesized samples (``--shape``); real data keeps its own."""
+        self._open = _opener(model, data, count, seed, shapes)
         held: dict[int, Feeds] = {}
         total, last = 0, None
         for index, feeds in enumerate(self._open()):
@@ -63,10 +66,12 @@ class Samples:
                 yield feeds
 
 
-def _opener(model: ir.Model, data: Any, count: int, seed: int) -> Callable[[], Iterator[Feeds]]:
+def _opener(
+    model: ir.Model, data: Any, count: int, seed: int, shapes: Mapping[str, tuple[int, ...]] | None
+) -> Callable[[], Iterator[Feeds]]:
     """A function that opens the sample stream anew on every call."""
     if data is None:
-        return lambda: synthesize_feeds(model, count=count, seed=CALIBRATION_SEED_OFFSET + seed)
+        return lambda: synthesize_feeds(model, count=count, seed=CALIBRATION_SEED_OFFSET + seed, shapes=shapes)
     if isinstance(data, (str, os.PathLike, Sequence, dict)):
         return lambda: load_feeds(data, model=model)
     kept = list(load_feeds(data, model=model))  # a generator or reader: readable once only
