@@ -35,6 +35,7 @@ import onnx_ir as ir
 
 from graphopt import io
 from graphopt.bisect import bisect_pipeline
+from graphopt.cli_checks import check_fits_one_file, check_report_paths, check_validation_only, output_path
 from graphopt.errors import DataError, GraphoptError, PassCheckError, first_line
 from graphopt.ledger import LedgerRow, format_bytes
 from graphopt.metrics import Tolerance
@@ -51,7 +52,6 @@ from graphopt.registry import (
 )
 from graphopt.report import FidelityReport
 from graphopt.spec import PassSpec, load_recipe, parse_spec
-from graphopt.stats import param_bytes
 from graphopt.summary import summarize
 from graphopt.validate import validate
 
@@ -59,12 +59,6 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_PIPELINE = "fold"
 DEFAULT_SAMPLES = 8
 # optimize's options that only validation reads (--shape and --threads also serve the quick check).
-_VALIDATION_ONLY = (
-    "report", "report_md", "report_html", "per_layer", "latency", "atol", "rtol", "min_cosine", "min_snr",
-    "samples", "seed", "exact", "tf32", "require_providers", "bisect",
-)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line and returns its exit code."""
     parser = _build_parser()
@@ -228,7 +222,7 @@ def _validation_options(args: argparse.Namespace, providers: str) -> dict[str, o
 
 def _validate(args: argparse.Namespace) -> int:
     options = _validation_options(args, args.providers)
-    _check_report_paths(args, [args.reference, args.candidate])
+    check_report_paths(args, [args.reference, args.candidate])
     report = validate(args.reference, args.candidate, args.data, per_layer=args.per_layer, latency=args.latency, **options)
     return _finish_report(args, report)
 
@@ -255,22 +249,22 @@ def _optimize(args: argparse.Namespace) -> int:
     pipeline = with_input_shapes(pipeline, args.shape)
     if args.deterministic:
         pipeline = without_timing(pipeline)
-    output = _output_path(args)
-    _check_validation_only(args)
+    output = output_path(args)
+    check_validation_only(args)
     options = _validation_options(args, args.validate) if args.validate else None
-    _check_report_paths(args, [args.input, output])
+    check_report_paths(args, [args.input, output])
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     progress = StepProgress()
     start = time.perf_counter()
     model = io.load(args.input)
     io.check_target(model, output, in_place=args.in_place, external_data=external)  # fail before a long pipeline, not after
     if external is False and not _lossy_steps(pipeline):  # lossy passes may shrink the weights: checked again after
-        _check_fits_one_file(model)
+        check_fits_one_file(model)
     before = io.stored_bytes(model) or 0
     result = _run_pipeline(args, model, pipeline, progress)
     lossy = _lossy_changes(pipeline, result.ledger.rows)
     if external is False:
-        _check_fits_one_file(result.model)
+        check_fits_one_file(result.model)
     # Before the save: with --in-place the input is still there to compare with.
     checked = None
     if lossy and options is None and not args.no_quick_check:
@@ -343,42 +337,6 @@ def _failed_on_feeds(exc: GraphoptError) -> bool:
     return isinstance(exc, DataError) or str(exc).startswith(("onnxruntime failed running", "onnxruntime rejected the feeds"))
 
 
-def _check_validation_only(args: argparse.Namespace) -> None:
-    """optimize's validation options are refused without --validate rather than silently ignored."""
-    if args.validate:
-        return
-    given = [f"--{name.replace('_', '-')}" for name in _VALIDATION_ONLY if getattr(args, name) not in (None, False)]
-    if given:
-        raise GraphoptError(
-            f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --validate PROVIDERS (e.g. --validate cpu); "
-            "without it optimize does not validate"
-        )
-
-
-def _check_report_paths(args: argparse.Namespace, models: list[Path]) -> None:
-    """Report and ledger paths must be writable files, and none of the models: checked before any work."""
-    for option in ("report", "report_md", "report_html", "ledger"):
-        path = getattr(args, option, None)
-        if path is None:
-            continue
-        flag = f"--{option.replace('_', '-')}"
-        try:
-            io.check_writable(path)
-        except GraphoptError as exc:
-            raise GraphoptError(f"{flag}: {exc}") from exc
-        if any(io.same_file(path, model) for model in models):
-            raise GraphoptError(f"{flag} {path} is one of the models; choose another file")
-
-
-def _check_fits_one_file(model: ir.Model) -> None:
-    weights = param_bytes(model)
-    if weights > io.PROTO_WEIGHT_LIMIT_BYTES:
-        raise GraphoptError(
-            f"--external-data no: the weights ({format_bytes(weights)}) do not fit in one .onnx file "
-            "(protobuf's 2 GB limit); use --external-data auto or yes"
-        )
-
-
 def _lossy_steps(pipeline: list[PassSpec]) -> list[str]:
     factories = available_passes()
     return [spec.name for spec in pipeline if getattr(factories.get(spec.name), "lossy", False)]
@@ -418,24 +376,3 @@ def _list_passes(args: argparse.Namespace) -> int:
             kind = f": {option.annotation}" if option.annotation else ""
             print(f"{'':<22}{option.name}{kind} = {option.default!r}")
     return EXIT_OK
-
-
-def _output_path(args: argparse.Namespace) -> Path:
-    """Where optimize writes: ``-o``, or the input itself with ``--in-place``.
-
-    Files are compared by identity (another spelling, a symbolic or a hard
-    link to the input all count as the input). In place, the real file behind
-    a symbolic link is replaced, not the link.
-    """
-    same = args.output is not None and io.same_file(args.output, args.input)
-    if not args.in_place:
-        if args.output is None:
-            raise GraphoptError("no output: give -o OUTPUT, or --in-place to replace the input")
-        if same:
-            raise GraphoptError(f"output {args.output} is the input file; choose another output path or pass --in-place")
-        return args.output
-    if args.output is not None and not same:
-        raise GraphoptError("--in-place replaces the input; drop -o or give the input's path")
-    if args.validate:
-        raise GraphoptError("--in-place cannot be combined with --validate: the reference would be replaced; write to -o OUTPUT instead")
-    return args.input.resolve()
