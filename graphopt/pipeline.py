@@ -121,7 +121,10 @@ def run_pipeline(
         # model or options surface as themselves, bugs keep the full chain.
         cause = exc.__cause__
         if isinstance(cause, (GraphoptError, ir.passes.PreconditionError)):
-            raise cause from None
+            # Not "from None": that would also drop the error's own cause (an
+            # onnxruntime failure, say), which --debug should show.
+            cause.__suppress_context__ = True
+            raise cause  # noqa: B904 - the PassError wrapper is hidden on purpose
         raise
     if progress is not None:
         progress(len(steps), len(steps), "done")

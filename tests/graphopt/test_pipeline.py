@@ -10,7 +10,7 @@ import pytest
 from helpers import assert_same_outputs, parse, run_ort, to_proto
 
 from graphopt import PassSpec, progress, registry, run_pipeline
-from graphopt.errors import PassCheckError, PipelineSpecError
+from graphopt.errors import GraphoptError, PassCheckError, PipelineSpecError
 
 X = np.random.default_rng(4).standard_normal((2, 4)).astype(np.float32)
 
@@ -92,6 +92,22 @@ def test_without_check_each_pass_the_broken_model_is_returned():
 def test_precondition_errors_surface_unwrapped():
     with pytest.raises(ir.passes.PreconditionError, match="needs opset 99"):
         run_pipeline(_model(), [_NeedsOpset99Pass()])
+
+
+class _FailsOnTheUsersModelPass(ir.passes.InPlacePass):
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        try:
+            raise RuntimeError("onnxruntime said no")
+        except RuntimeError as exc:
+            raise GraphoptError("the model cannot run") from exc
+
+
+def test_a_pass_error_surfaces_unwrapped_with_its_own_cause_for_debug_tracebacks():
+    with pytest.raises(GraphoptError, match="the model cannot run") as caught:
+        run_pipeline(_model(), [_FailsOnTheUsersModelPass()])
+
+    assert isinstance(caught.value.__cause__, RuntimeError) and str(caught.value.__cause__) == "onnxruntime said no"
+    assert caught.value.__suppress_context__  # the pass manager's PassError wrapper is not shown
 
 
 def test_unknown_pass_and_option_list_valid_choices():
