@@ -119,6 +119,10 @@ def _reference_name(
     node: ir.Node, value: ir.Value, renamed: dict[str, str], ref_values: set[str], ref_weights: set[str]
 ) -> tuple[str | None, bool]:
     name = renamed.get(value.name, value.name)
+    if name in ref_values:
+        # The reference has this very tensor (two QDQ models, or a DQ the rewrite kept):
+        # the float tensor behind the Q would charge the model's own quantization as drift.
+        return name, False
     if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and node.inputs[0] is not None:
         quantized = node.inputs[0]
         producer = quantized.producer()
