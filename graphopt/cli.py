@@ -270,7 +270,7 @@ def _optimize(args: argparse.Namespace) -> int:
     if lossy and options is None and not args.no_quick_check:
         checked = quick_check(
             args.input, result.model, lossy, shapes=args.shape, threads=args.threads, data=args.calib_data,
-            output=None if args.in_place else output,
+            output=None if args.in_place else output, original_bytes=before,
         )
     written = io.save(result.model, output, external_data=external, in_place=args.in_place)
     seconds = time.perf_counter() - start

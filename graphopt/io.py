@@ -47,7 +47,7 @@ import onnx
 import onnx_ir as ir
 
 from graphopt import serialization, stats, untrusted
-from graphopt.errors import ModelLoadError, ModelSaveError, first_line
+from graphopt.errors import ModelLoadError, ModelSaveError, UnsupportedModelError, first_line
 from graphopt.gcpause import gc_paused
 from graphopt.graphs import iter_graphs
 from graphopt.ledger import format_bytes
@@ -316,9 +316,25 @@ def _deserialize(proto: onnx.ModelProto, *, origin: str) -> ir.Model:
         with gc_paused():
             model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # malformed protos fail deep inside the deserializer
+        missing = _not_implemented(exc)
+        if missing is not None:
+            # Valid ONNX that onnx_ir cannot hold yet, e.g. a ZipMap's seq(map(...)) output (scikit-learn classifiers).
+            raise UnsupportedModelError(
+                f"{origin}: valid ONNX that graphopt's IR (onnx_ir {ir.__version__}) cannot hold yet: {first_line(missing)}"
+            ) from exc
         raise ModelLoadError(f"{origin}: not a valid ONNX model ({first_line(exc)})") from exc
     _check_has_graph(model, origin)
     return model
+
+
+def _not_implemented(exc: BaseException) -> NotImplementedError | None:
+    """The NotImplementedError in ``exc``'s chain (onnx_ir wraps it in its own error), if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, NotImplementedError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _check_has_graph(model: ir.Model, origin: str) -> None:
@@ -370,6 +386,9 @@ def _commit(model: ir.Model, staged: Path, staged_data: Path | None, target: Pat
     the previous data is kept through a hard link and put back on failure, and
     Ctrl-C/SIGTERM wait until both renames are done.
     """
+    _keep_mode(target, staged)
+    if staged_data is not None:
+        _keep_mode(target.parent / staged_data.name, staged_data)
     with _signals_deferred():
         if staged_data is None:
             os.replace(staged, target)
@@ -390,6 +409,12 @@ def _commit(model: ir.Model, staged: Path, staged_data: Path | None, target: Pat
                     logger.warning("could not restore %s: hard links are not supported there", data_target)
                 raise
     _fsync_directory(target.parent)
+
+
+def _keep_mode(existing: Path, staged: Path) -> None:
+    """A file replaced in place (--in-place, or an output written again) keeps its permissions: 0600 stays 0600."""
+    if existing.exists():
+        os.chmod(staged, stat.S_IMODE(existing.stat().st_mode))
 
 
 def _detach_from(model: ir.Model, data_target: Path) -> None:

@@ -58,6 +58,7 @@ def quick_check(
     threads: int | None = None,
     data: Any = None,
     output: str | os.PathLike[str] | None = None,
+    original_bytes: int = 0,
 ) -> str:
     """One line saying how far ``rewritten``'s outputs are from the model in ``original``, for the CLI to print.
 
@@ -66,6 +67,8 @@ def quick_check(
     calibration data the passes were given (``--calib-data``): the check
     runs on its first :data:`SAMPLES` samples rather than synthesized ones.
     ``output`` is where the result goes, for the command the line suggests.
+    ``original_bytes`` is the input's size: the check loads it too, so it
+    counts against :data:`MAX_WEIGHT_BYTES` as the result's weights do.
     Never raises for a model it cannot check: the line says why.
     """
     steps = ", ".join(lossy)
@@ -74,7 +77,7 @@ def quick_check(
     held_out = f"graphopt validate {original} {output or 'OUTPUT'} --data HELD_OUT"
     # Where to look next: the user who gave data needs held-out data, not --calib-data again.
     advice = f"for an unbiased figure run {held_out}" if data is not None else "for real inputs add --validate cpu --calib-data DIR"
-    if stats.param_bytes(rewritten) > MAX_WEIGHT_BYTES:
+    if max(stats.param_bytes(rewritten), original_bytes) > MAX_WEIGHT_BYTES:
         return f"quick check skipped: weights over {format_bytes(MAX_WEIGHT_BYTES)}; {advice}"
     try:
         tolerance = Tolerance(min_cosine=ADVISED_COSINE)

@@ -153,15 +153,41 @@ def _split_top_level(text: str, separator: str) -> list[str]:
 
 
 def _parse_recipe_text(text: str, path: Path) -> Any:
+    # Both parsers keep the last of two equal keys; the spec string refuses them
+    # ("given twice"), and so do recipes, so that sparsity: 0.5 then 0.9 is not a guess.
     try:
         if path.suffix.lower() == ".json":
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=_unique_keys)
         import yaml  # JSON is valid YAML, so YAML parses both
 
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_unique_key_loader(yaml))  # noqa: S506 - a SafeLoader subclass
+    except PipelineSpecError as exc:
+        raise PipelineSpecError(f"cannot parse recipe {path}: {exc}") from exc
     except Exception as exc:  # json and yaml raise different types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PipelineSpecError(f"cannot parse recipe {path}: {first}") from exc
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    twice = next((key for key in keys if keys.count(key) > 1), None)
+    if twice is not None:
+        raise PipelineSpecError(f"key {twice!r} given twice")
+    return dict(pairs)
+
+
+def _unique_key_loader(yaml: Any) -> type:
+    """yaml's SafeLoader, refusing a mapping that names a key twice."""
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+            twice = next((key for key in keys if keys.count(key) > 1), None)
+            if twice is not None:
+                raise PipelineSpecError(f"key {twice!r} given twice (line {node.start_mark.line + 1})")
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def _recipe_step(item: Any, path: Path, index: int) -> PassSpec:

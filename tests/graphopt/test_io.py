@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from helpers import check_full, run_ort
 import graphopt
 import model_zoo
 from graphopt import io
-from graphopt.errors import ModelLoadError, ModelSaveError
+from graphopt.errors import ModelLoadError, ModelSaveError, UnsupportedModelError
 from graphopt.runtime import ModelRunner
 
 X = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
@@ -404,3 +405,36 @@ def test_write_text_atomically_raises_model_save_error_naming_the_path(tmp_path)
         io.write_text_atomically(tmp_path, "{}\n")
 
     assert sorted(os.listdir(tmp_path)) == ["afile"] and (tmp_path / "afile").read_text() == "x"
+
+
+def test_an_in_place_save_keeps_the_permissions_of_the_model_and_its_data_file(tmp_path):
+    # The replacement was written with the umask's mode: a private 0600 model became 0644.
+    source = _write(_proto(weight_rows=64), tmp_path / "in.onnx", external=True)
+    data = tmp_path / "in.onnx.weights"
+    os.chmod(source, 0o600)
+    os.chmod(data, 0o640)
+    model = graphopt.load(source)
+
+    graphopt.save(model, source, in_place=True)
+
+    assert stat.S_IMODE(os.stat(source).st_mode) == 0o600 and stat.S_IMODE(os.stat(data).st_mode) == 0o640
+    np.testing.assert_array_equal(run_ort(source, {"x": X})[0], run_ort(_proto(weight_rows=64), {"x": X})[0])
+
+
+def test_a_valid_model_the_ir_cannot_hold_is_unsupported_and_says_why(tmp_path):
+    # scikit-learn classifiers end in ZipMap: seq(map(int64, float)), which onnx_ir cannot hold yet.
+    h = onnx.helper
+    seq_of_maps = h.make_sequence_type_proto(h.make_map_type_proto(onnx.TensorProto.INT64, h.make_tensor_type_proto(onnx.TensorProto.FLOAT, [])))
+    graph = h.make_graph(
+        [h.make_node("ZipMap", ["p"], ["z"], domain="ai.onnx.ml", classlabels_int64s=[0, 1])],
+        "g",
+        [h.make_tensor_value_info("p", onnx.TensorProto.FLOAT, [1, 2])],
+        [h.make_value_info("z", seq_of_maps)],
+    )
+    path = tmp_path / "zipmap.onnx"
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("ai.onnx.ml", 3)], ir_version=8)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, path)
+
+    with pytest.raises(UnsupportedModelError, match=r"zipmap.onnx: valid ONNX that graphopt's IR \(onnx_ir .*\) cannot hold yet: Map types"):
+        graphopt.load(path)

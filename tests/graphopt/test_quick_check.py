@@ -184,3 +184,12 @@ def test_an_output_whose_shape_changed_is_reported_by_its_reason_not_as_a_cosine
     line = quick_check_module.quick_check(source, load(slicer(5)), {"prune": "a hint"})
 
     assert line.startswith("warning: prune changed output y: shape") and "nan" not in line and line.endswith("closer: prune: a hint")
+
+
+def test_an_input_over_the_weight_limit_is_not_checked_even_when_the_result_is_under_it(tmp_path, capsys, monkeypatch):
+    # lowrank(ratio=0.2) shrinks the mlp's 37.5 KiB of weights to about 7 KiB; the check would still load the input.
+    monkeypatch.setattr(quick_check_module, "MAX_WEIGHT_BYTES", 20 * 1024)
+
+    out = _optimize(capsys, _mlp(tmp_path), "lowrank(ratio=0.2,check_speed=false)")
+
+    assert out.strip().splitlines()[-1].startswith("quick check skipped: weights over 20.0 KiB"), out

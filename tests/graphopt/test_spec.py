@@ -90,6 +90,9 @@ def test_json_recipe_under_pipeline_key(tmp_path):
         ("- {pass: dce, opts: {}}", "unknown keys"),
         ("- {pass: dce, options: [1]}", "must be a mapping"),
         ("- [unclosed", "cannot parse recipe"),
+        # Both parsers keep the last of two equal keys: the step would run at sparsity 0.9 unasked.
+        ("- {pass: prune, options: {sparsity: 0.5, sparsity: 0.9}}", r"cannot parse recipe .*: key 'sparsity' given twice \(line 1\)"),
+        ("- pass: dce\n  pass: fold", "key 'pass' given twice"),
     ],
 )
 def test_malformed_recipes_raise_with_a_reason(tmp_path, content, message):
@@ -97,6 +100,14 @@ def test_malformed_recipes_raise_with_a_reason(tmp_path, content, message):
     recipe.write_text(content)
 
     with pytest.raises(PipelineSpecError, match=message):
+        load_recipe(recipe)
+
+
+def test_a_json_recipe_naming_an_option_twice_is_refused(tmp_path):
+    recipe = tmp_path / "r.json"
+    recipe.write_text('[{"pass": "prune", "options": {"sparsity": 0.5, "sparsity": 0.9}}]')
+
+    with pytest.raises(PipelineSpecError, match="cannot parse recipe .*: key 'sparsity' given twice"):
         load_recipe(recipe)
 
 
