@@ -121,3 +121,26 @@ def assert_second_run_changes_nothing(model: ir.Model, pipeline: str | list) -> 
 
     assert again.modified is False
     assert to_proto(model).SerializeToString() == before
+
+
+class CountingJson:
+    """Stands in for a module's ``json`` (monkeypatch), counting parses and dumps: how often metadata is rewritten."""
+
+    def __init__(self, real) -> None:
+        self._real = real
+        self.JSONDecodeError = real.JSONDecodeError
+        self.loads_calls = 0
+        self.dumps_calls = 0
+
+    @property
+    def calls(self) -> int:
+        return self.loads_calls + self.dumps_calls
+
+    def loads(self, *args, **kwargs):
+        self.loads_calls += 1
+        return self._real.loads(*args, **kwargs)
+
+    def dumps(self, *args, **kwargs):
+        self.dumps_calls += 1
+        return self._real.dumps(*args, **kwargs)
+

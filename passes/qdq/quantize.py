@@ -306,26 +306,26 @@ class QuantizePass(ir.passes.InPlacePass):
         placement = plan(model, exclude=self.exclude | float_layers)
         summary = QuantizationSummary()
         summary.weight_bytes_before = sum(_nbytes(t.weight) + _nbytes(t.bias) for t in placement.targets)
-        maker = NodeMaker(model)
-        scales: dict[str, np.float32] = {}
-        for value in placement.activations:
-            if value.name in params:
-                quantize_activation(maker, value, params[value.name])
-                scales[value.name or ""] = params[value.name].scale
-                summary.activations += 1
-        for target in placement.targets:
-            if self._quantize_target(maker, target, scales):
-                summary.corrected.append(target.node.name or target.node.op_type)
-            summary.quantized.append(target.node.name or target.node.op_type)
-            if (target.weight.name or "") in self._rounded:
-                summary.gptq.append(target.node.name or target.node.op_type)
-        summary.weight_bytes_after = _quantized_bytes(model)
-        if self.embeddings:
-            for table, gathers in placement.embeddings:
-                before, after = quantize_embedding(maker, table, gathers)
-                summary.weight_bytes_before += before
-                summary.weight_bytes_after += after
-                summary.quantized.append(f"{table.name} (embedding, {len(gathers)} Gather)")
+        with NodeMaker(model) as maker:  # leaving it records the provenance of every dequantized weight at once
+            scales: dict[str, np.float32] = {}
+            for value in placement.activations:
+                if value.name in params:
+                    quantize_activation(maker, value, params[value.name])
+                    scales[value.name or ""] = params[value.name].scale
+                    summary.activations += 1
+            for target in placement.targets:
+                if self._quantize_target(maker, target, scales):
+                    summary.corrected.append(target.node.name or target.node.op_type)
+                summary.quantized.append(target.node.name or target.node.op_type)
+                if (target.weight.name or "") in self._rounded:
+                    summary.gptq.append(target.node.name or target.node.op_type)
+            summary.weight_bytes_after = _quantized_bytes(model)
+            if self.embeddings:
+                for table, gathers in placement.embeddings:
+                    before, after = quantize_embedding(maker, table, gathers)
+                    summary.weight_bytes_before += before
+                    summary.weight_bytes_after += after
+                    summary.quantized.append(f"{table.name} (embedding, {len(gathers)} Gather)")
         _check_scales(model)
         return model, summary
 
@@ -363,7 +363,8 @@ class QuantizePass(ir.passes.InPlacePass):
         model = float_model.clone()
         placement = plan(model, exclude=self.exclude | float_layers, weight_only=True)
         summary = QuantizationSummary()
-        quantize_weights_only(NodeMaker(model), placement, self.weight_bits, self.block_size, summary, self._rounded)
+        with NodeMaker(model) as maker:  # leaving it records the provenance of every dequantized weight at once
+            quantize_weights_only(maker, placement, self.weight_bits, self.block_size, summary, self._rounded)
         summary.weight_bytes_after = _quantized_bytes(model)
         _check_scales(model)
         return model, summary

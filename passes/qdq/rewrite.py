@@ -33,12 +33,29 @@ logger = logging.getLogger(__name__)
 
 
 class NodeMaker:
-    """Creates initializers and Q/DQ nodes with fresh names in one graph."""
+    """Creates initializers and Q/DQ nodes with fresh names in one graph.
+
+    Renames for ``graphopt.provenance`` wait in :attr:`renames` until
+    :meth:`flush` (or leaving a ``with`` block) writes them in one go: the
+    metadata is one JSON text, so a write per layer made a run quadratic.
+    """
 
     def __init__(self, model: ir.Model) -> None:
         self.model = model
         self.graph = model.graph
         self.names = NameAllocator(model)
+        self.renames: list[tuple[str, str]] = []  # (new name, original name), in the order made
+
+    def __enter__(self) -> NodeMaker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        """Records the pending renames in the model's provenance."""
+        provenance.record_many(self.model, self.renames)
+        self.renames = []
 
     def initializer(self, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
         name = self.names.fresh(base)
@@ -180,7 +197,7 @@ def _dequantize_into(
     for index, value in enumerate(node.inputs):
         if value is original:
             node.replace_input_with(index, dequantize.outputs[0])
-    provenance.record(maker.model, dequantize.outputs[0].name or "", base)
+    maker.renames.append((dequantize.outputs[0].name or "", base))
     if not original.uses() and original.name in maker.graph.initializers:
         maker.graph.initializers.pop(original.name)
 

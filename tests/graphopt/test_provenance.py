@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from helpers import parse
+from helpers import CountingJson, parse
 
 import graphopt
 from graphopt import provenance
@@ -38,3 +38,29 @@ def test_read_tolerates_missing_or_malformed_metadata():
     assert provenance.read(model) == {}
     model.metadata_props[provenance.PROVENANCE_KEY] = "not json"
     assert provenance.read(model) == {}
+
+
+def test_record_many_equals_records_one_by_one_with_one_metadata_read_and_write(monkeypatch):
+    renames = [("w0_dq", "w0"), ("kept", "w0_dq")] + [(f"w{i}_dq", f"w{i}") for i in range(1, 200)]
+    one_by_one = parse(_TEXT)
+    provenance.record(one_by_one, "w0", "start")  # an earlier pass's entry: later chains collapse onto it
+    for new, old in renames:
+        provenance.record(one_by_one, new, old)
+    batched = parse(_TEXT)
+    provenance.record(batched, "w0", "start")
+    counting = CountingJson(provenance.json)
+    monkeypatch.setattr(provenance, "json", counting)
+
+    provenance.record_many(batched, iter(renames))  # any iterable, consumed in order
+
+    assert (counting.loads_calls, counting.dumps_calls) == (1, 1)
+    key = provenance.PROVENANCE_KEY
+    assert batched.metadata_props[key] == one_by_one.metadata_props[key]  # the stored text, byte for byte
+    assert provenance.read(batched)["kept"] == "start"
+    assert provenance.read(batched)["w199_dq"] == "w199"
+
+
+def test_record_many_of_nothing_leaves_the_metadata_alone():
+    model = parse(_TEXT)
+    provenance.record_many(model, [])
+    assert provenance.PROVENANCE_KEY not in model.metadata_props
