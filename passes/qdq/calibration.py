@@ -2,8 +2,14 @@
 
 Statistics come from one onnxruntime pass over the calibration feeds, with the
 wanted intermediate tensors exposed as extra outputs; on large models they are
-exposed ``chunk_size`` at a time and the feeds are read once per chunk. Graph
-inputs are read from the feeds themselves.
+exposed a chunk at a time and the feeds are read once per chunk. Graph inputs
+are read from the feeds themselves. Every chunk opens a session on the whole
+model, so a fixed tensor count per chunk made calibration quadratic in the
+graph (a 25k-node chain of small tensors: ~50 sessions). The first chunk holds
+:data:`FIRST_CHUNK` tensors; the values it saw per sample then size the
+others to hold about :data:`CHUNK_BYTES` per sample (never fewer tensors
+than the first), so small tensors share one session and large ones stay
+bounded as before.
 
 Memory is bounded whatever the number of samples: each tensor keeps its
 running min, max and counts, and a histogram with a fixed, even number of bins
@@ -274,13 +280,17 @@ def _mse_threshold(stats: TensorStatistics, levels: int) -> float:
     return float(thresholds[int(np.argmin((error * weights).sum(axis=1))), 0])
 
 
+FIRST_CHUNK = 256  # tensors exposed in the first session, whose sizes set the rest
+CHUNK_BYTES = 256 << 20  # exposed bytes per sample a later session may hold
+
+
 def collect(
     model: ir.Model,
     names: Sequence[str],
     feeds: Callable[[], Iterable[Mapping[str, np.ndarray]]],
     *,
     bins: int = DEFAULT_BINS,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
     provider: str = "cpu",
     threads: int | None = None,
     progress: ProgressCallback | None = None,
@@ -292,7 +302,8 @@ def collect(
         names: Tensors to observe; duplicates are observed once.
         feeds: Returns a fresh iterable of feed dicts; called once per chunk.
         bins: Histogram bins per tensor.
-        chunk_size: Node outputs exposed per onnxruntime session.
+        chunk_size: Node outputs exposed per onnxruntime session; None
+            sizes chunks by bytes (see the module docstring).
         provider, threads: For :class:`graphopt.runtime.ModelRunner`.
         progress: Called as ``progress(done, total)`` after each run; total
             is None until the number of samples is known (from the
@@ -303,7 +314,7 @@ def collect(
         DataError: No samples, a feed lacks an observed graph input, or
             ``feeds()`` gives a different number of samples per chunk.
     """
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     wanted = list(dict.fromkeys(names))
     graph_inputs = {value.name for value in model.graph.inputs}
@@ -315,10 +326,15 @@ def collect(
         )
     stats = {name: TensorStatistics(bins) for name in wanted}
     exposed = [name for name in wanted if name not in graph_inputs]
-    chunks = [exposed[i : i + chunk_size] for i in range(0, len(exposed), chunk_size)] or [[]]
+    first = chunk_size or FIRST_CHUNK
+    chunks = [exposed[i : i + first] for i in range(0, len(exposed), first)] or [[]]
     from_feeds = [name for name in wanted if name in graph_inputs]
     samples: int | None = None
-    for index, chunk in enumerate(chunks):
+    index = 0
+    while index < len(chunks):
+        if index == 1 and chunk_size is None and samples:
+            chunks = chunks[:1] + _sized_chunks([name for later in chunks[1:] for name in later], chunks[0], stats, samples)
+        chunk = chunks[index]
         iterable = feeds()
         per_chunk = samples if samples is not None else operator.length_hint(iterable, 0) or None
         total = None if per_chunk is None else per_chunk * len(chunks)
@@ -328,10 +344,19 @@ def collect(
         if samples is not None and seen != samples:
             raise DataError(f"calibration feeds gave {samples} samples, then {seen}: feeds() must repeat them")
         samples = seen
+        index += 1
     if not samples:
         raise DataError("calibration feeds gave no samples")
     logger.debug("calibrated %d tensors on %d samples in %d chunk(s)", len(wanted), samples, len(chunks))
     return stats
+
+
+def _sized_chunks(names: list[str], measured: list[str], stats: dict[str, TensorStatistics], samples: int) -> list[list[str]]:
+    """``names`` in chunks of about CHUNK_BYTES per sample, judged by the values ``measured`` tensors held per sample."""
+    seen = sum(stats[name].count + stats[name].nonfinite for name in measured)
+    per_tensor = max(4.0 * seen / (samples * max(len(measured), 1)), 1.0)  # float32 bytes per tensor per sample
+    size = max(len(measured), int(CHUNK_BYTES / per_tensor))
+    return [names[i : i + size] for i in range(0, len(names), size)]
 
 
 def _collect_chunk(

@@ -10,6 +10,7 @@ import pytest
 from helpers import parse
 
 from graphopt.errors import DataError
+from passes.qdq import calibration
 from passes.qdq.calibration import (
     DEFAULT_BINS,
     DEGENERATE_WIDTH,
@@ -333,3 +334,50 @@ def test_collect_raises_when_feeds_are_empty_or_change_between_chunks():
     sizes = iter([3, 2])
     with pytest.raises(DataError, match="3 samples, then 2"):
         collect(model, ["a", "r"], lambda: _feeds(next(sizes)), chunk_size=1)
+
+
+def _chain(length: int, width: int = 8) -> ir.Model:
+    """x [2, width] -> Neg -> Neg -> ... (``length`` nodes, outputs t0 .. t{length-1})."""
+    lines = [f"t{i} = Neg({'x' if i == 0 else f't{i - 1}'})" for i in range(length)]
+    return parse(
+        f'<ir_version: 8, opset_import: ["" : 17]> g (float[2,{width}] x) => (float[2,{width}] t{length - 1}) {{'
+        + "\n".join(lines) + "}"
+    )
+
+
+class _CountingRunner:
+    """Wraps calibration's ModelRunner, recording how many tensors each session exposes."""
+
+    def __init__(self, real, exposed: list[int]):
+        self._real, self._exposed = real, exposed
+
+    def __call__(self, model, *args, extra_outputs=(), **kwargs):
+        self._exposed.append(len(extra_outputs))
+        return self._real(model, *args, extra_outputs=extra_outputs, **kwargs)
+
+
+def test_small_tensors_share_sessions_beyond_the_first_chunk(monkeypatch):
+    # A fixed 256 tensors per session made calibration quadratic: each session is opened on the whole model.
+    model, feeds = _chain(700), [{"x": np.random.default_rng(i).standard_normal((2, 8)).astype(np.float32)} for i in range(3)]
+    names = [f"t{i}" for i in range(700)]
+    fixed = collect(model, names, lambda: feeds, chunk_size=256)
+    exposed: list[int] = []
+    monkeypatch.setattr(calibration, "ModelRunner", _CountingRunner(calibration.ModelRunner, exposed))
+
+    sized = collect(model, names, lambda: feeds)
+
+    assert exposed == [256, 444]  # was [256, 256, 188]
+    for name in names:
+        _assert_same_statistics(sized[name], fixed[name])
+
+
+def test_large_tensors_stay_within_the_byte_budget_per_session(monkeypatch):
+    monkeypatch.setattr(calibration, "FIRST_CHUNK", 2)
+    monkeypatch.setattr(calibration, "CHUNK_BYTES", 3 * 2 * 64 * 4)  # three [2, 64] float tensors per sample
+    model, feeds = _chain(10, width=64), [{"x": np.ones((2, 64), np.float32)}]
+    exposed: list[int] = []
+    monkeypatch.setattr(calibration, "ModelRunner", _CountingRunner(calibration.ModelRunner, exposed))
+
+    stats = collect(model, [f"t{i}" for i in range(10)], lambda: feeds)
+
+    assert exposed == [2, 3, 3, 2] and all(stats[f"t{i}"].count == 128 for i in range(10))
