@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.lowrank.rewrite import is_factor
-from passes.prune.layer_checks import left_constant, nonfinite_count
+from passes.prune.layer_checks import GRAPH_INPUT_WEIGHT, left_constant, nonfinite_count
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,9 @@ def _refusal(node: ir.Node, skip: frozenset[str]) -> str | None:
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     if left_constant(node):
         return "the constant is the left operand (W @ x): only x @ W is factored"
-    if weight is None or weight.const_value is None or weight.is_graph_input() or weight.const_value.dtype not in _FLOAT:
+    if weight is not None and weight.const_value is not None and weight.is_graph_input():
+        return GRAPH_INPUT_WEIGHT
+    if weight is None or weight.const_value is None or weight.const_value.dtype not in _FLOAT:
         return "weight is not a float initializer"
     if any(user is not node for user, _ in weight.uses()):
         return "weight shared with other nodes (the dense copy would stay)"

@@ -7,12 +7,15 @@ calibration inputs holding NaN/Inf would write NaN weights.
 
 from __future__ import annotations
 
-__all__ = ["NONFINITE_INPUTS", "finite", "left_constant", "nonfinite_count"]
+__all__ = ["GRAPH_INPUT_WEIGHT", "NONFINITE_INPUTS", "finite", "left_constant", "nonfinite_count"]
 
 import numpy as np
 import onnx_ir as ir
 
 NONFINITE_INPUTS = "the layer's calibration inputs hold NaN/Inf"
+# An initializer that is also a graph input is a default the caller may override. Models below
+# IR version 4 list every initializer as an input, so there it is the usual case, not a choice.
+GRAPH_INPUT_WEIGHT = "weight is a graph input, which callers may override (below IR version 4 every initializer is one)"
 
 
 def left_constant(node: ir.Node) -> bool:

@@ -31,7 +31,7 @@ from passes.options import check_bool, check_int, check_names, check_number, che
 from passes.prune.channels import Chain, find_chains, grouped_keep, prune_chain, prune_concat_consumers
 from passes.prune.compression import compression_report
 from passes.prune.importance import FeatureStats, activation_importance, compensate_means, weight_importance
-from passes.prune.layer_checks import left_constant, nonfinite_count
+from passes.prune.layer_checks import GRAPH_INPUT_WEIGHT, left_constant, nonfinite_count
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
 from passes.prune.refit_channels import layers_to_refit, refit_in_order
 from passes.prune.refit_masked import checked_refit, half_input_grams
@@ -308,7 +308,7 @@ class PrunePass(ir.passes.InPlacePass):
             elif left_constant(node):
                 self.summary.skipped[label] = "the constant is the left operand (W @ x): only x @ W is pruned"
             elif weight is not None and weight.is_graph_input():
-                self.summary.skipped[label] = "weight is a graph input (callers may override it)"
+                self.summary.skipped[label] = GRAPH_INPUT_WEIGHT
             elif weight is None or weight.const_value is None:
                 self.summary.skipped[label] = "no constant weight (it is computed, as attention's operands are)"
             elif weight.const_value.dtype not in _FLOAT:

@@ -40,6 +40,7 @@ import onnx_ir as ir
 
 from graphopt.graphs import iter_graphs
 from graphopt.summary import is_opaque
+from passes.prune.layer_checks import GRAPH_INPUT_WEIGHT
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +226,8 @@ def _no_weight_reason(node: ir.Node, weight: ir.Value | None) -> str:
         # W @ x: its per-channel scales would go per row of A, and onnxruntime's int8
         # MatMul takes per-channel scales on B only (per column); qdq's weights are per channel.
         return "constant is the left operand: not a weight layout qdq quantizes"
+    if weight is not None and weight.const_value is not None and weight.is_graph_input():
+        return GRAPH_INPUT_WEIGHT
     return "weight is not a float initializer"
 
 
