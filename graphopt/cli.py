@@ -369,9 +369,10 @@ def _inspect(args: argparse.Namespace) -> int:
 def _list_passes(args: argparse.Namespace) -> int:
     del args
     for name, factory in sorted(available_passes().items()):
-        doc = (factory.__doc__ or "").strip().splitlines()
+        # The docstring's first paragraph: a summary wrapped over two lines was cut mid-list.
+        summary = " ".join(line.strip() for line in (factory.__doc__ or "").strip().split("\n\n")[0].splitlines())
         scope = "subgraphs too" if getattr(factory, "visits_subgraphs", False) else "main graph only"
-        print(f"{name:<20} {doc[0] if doc else ''} [{scope}]")
+        print(f"{name:<20} {summary} [{scope}]")
         for option in pass_options(factory).values():
             kind = f": {option.annotation}" if option.annotation else ""
             print(f"{'':<22}{option.name}{kind} = {option.default!r}")

@@ -268,6 +268,9 @@ def test_passes_lists_every_builtin_with_options(capsys):
     text = capsys.readouterr().out
     for name in ("dce", "lift-constants", "toposort", "min_elements"):
         assert name in text
+    # A summary wrapped over two docstring lines is printed whole, not cut after its first line.
+    (noops,) = [line for line in text.splitlines() if line.startswith("eliminate-noops ")]
+    assert "full Slice, " in noops and not noops.endswith(", [subgraphs too]")
 
 
 def test_progress_bar_draws_only_when_enabled():
