@@ -202,7 +202,9 @@ def _recipe_step(item: Any, path: Path, index: int) -> PassSpec:
     options = item.get("options") or {}
     if not isinstance(options, dict):
         raise PipelineSpecError(f"{where}: 'options' must be a mapping")
-    name = str(item["pass"])
+    if not isinstance(item["pass"], str):  # YAML reads "pass:" alone as null, and str(None) named a pass 'None'
+        raise PipelineSpecError(f"{where}: 'pass' must be a pass name, got {item['pass']!r}")
+    name = item["pass"]
     if not _NAME.match(name):
         raise PipelineSpecError(f"{where}: bad pass name {name!r}")
     return PassSpec(name, {str(key): value for key, value in options.items()})

@@ -89,6 +89,8 @@ def test_json_recipe_under_pipeline_key(tmp_path):
         ("- {options: {a: 1}}", "expected a pass name"),
         ("- {pass: dce, opts: {}}", "unknown keys"),
         ("- {pass: dce, options: [1]}", "must be a mapping"),
+        ("- pass:", "step 1: 'pass' must be a pass name, got None"),
+        ("- {pass: 3}", "'pass' must be a pass name, got 3"),
         ("- [unclosed", "cannot parse recipe"),
         # Both parsers keep the last of two equal keys: the step would run at sparsity 0.9 unasked.
         ("- {pass: prune, options: {sparsity: 0.5, sparsity: 0.9}}", r"cannot parse recipe .*: key 'sparsity' given twice \(line 1\)"),
