@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.lowrank.rewrite import is_factor
-from passes.prune.layer_checks import GRAPH_INPUT_WEIGHT, left_constant, nonfinite_count
+from passes.prune.layer_checks import GRAPH_INPUT_WEIGHT, layer_label, left_constant, nonfinite_count
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Layer:
 
 def label(node: ir.Node) -> str:
     """The node's name in the summary; unnamed nodes go by op type and output, so they stay apart."""
-    return node.name or f"{node.op_type}({node.outputs[0].name})"
+    return layer_label(node)
 
 
 def fits_data(layer: Layer) -> bool:

@@ -67,6 +67,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from passes.prune.layer_checks import layer_label
+
 _ONNX_DOMAINS = ("", "ai.onnx")
 # Elementwise ops whose only tensor input is the channels (Clip's bounds are constants).
 _UNARY = frozenset(
@@ -113,7 +115,7 @@ def find_chains(graph: ir.Graph, candidates: list[ir.Node]) -> tuple[list[Chain]
         if isinstance(chain_or_reason, Chain):
             chains.append(chain_or_reason)
         else:
-            refused[node.name or node.op_type] = chain_or_reason
+            refused[layer_label(node)] = chain_or_reason
     return chains, refused
 
 

@@ -7,7 +7,7 @@ calibration inputs holding NaN/Inf would write NaN weights.
 
 from __future__ import annotations
 
-__all__ = ["GRAPH_INPUT_WEIGHT", "NONFINITE_INPUTS", "finite", "left_constant", "nonfinite_count"]
+__all__ = ["GRAPH_INPUT_WEIGHT", "NONFINITE_INPUTS", "finite", "layer_label", "left_constant", "nonfinite_count"]
 
 import numpy as np
 import onnx_ir as ir
@@ -16,6 +16,11 @@ NONFINITE_INPUTS = "the layer's calibration inputs hold NaN/Inf"
 # An initializer that is also a graph input is a default the caller may override. Models below
 # IR version 4 list every initializer as an input, so there it is the usual case, not a choice.
 GRAPH_INPUT_WEIGHT = "weight is a graph input, which callers may override (below IR version 4 every initializer is one)"
+
+
+def layer_label(node: ir.Node) -> str:
+    """The node's name in a summary; unnamed nodes go by op type and output, so that two of them stay apart."""
+    return node.name or f"{node.op_type}({node.outputs[0].name})"
 
 
 def left_constant(node: ir.Node) -> bool:

@@ -31,7 +31,7 @@ from passes.options import check_bool, check_int, check_names, check_number, che
 from passes.prune.channels import Chain, find_chains, grouped_keep, prune_chain, prune_concat_consumers
 from passes.prune.compression import compression_report
 from passes.prune.importance import FeatureStats, activation_importance, compensate_means, weight_importance
-from passes.prune.layer_checks import GRAPH_INPUT_WEIGHT, left_constant, nonfinite_count
+from passes.prune.layer_checks import GRAPH_INPUT_WEIGHT, layer_label, left_constant, nonfinite_count
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
 from passes.prune.refit_channels import layers_to_refit, refit_in_order
 from passes.prune.refit_masked import checked_refit, half_input_grams
@@ -189,7 +189,7 @@ class PrunePass(ir.passes.InPlacePass):
         modified = False
         pruned_arrays = []
         for (node, weight, _), array, mask in zip(layers, arrays, masks):
-            label = node.name or node.op_type
+            label = layer_label(node)
             if mask is None:
                 self.summary.skipped[label] = f"input channels not divisible by {self.n_of_m[1]}"  # type: ignore[index]
                 continue
@@ -214,7 +214,7 @@ class PrunePass(ir.passes.InPlacePass):
         stats = self._consumer_input_stats(model, chains) if self.summary.norm == "activation" else {}
         for chain, reason in [(chain, _nonfinite(chain, stats)) for chain in chains]:
             if reason:  # NaN scores rank nothing, and a NaN mean would go into a bias
-                self.summary.skipped[chain.producer.name or chain.producer.op_type] = reason
+                self.summary.skipped[layer_label(chain.producer)] = reason
                 chains.remove(chain)
         keeps = []
         for chain in chains:
@@ -226,11 +226,11 @@ class PrunePass(ir.passes.InPlacePass):
         cut: list[Chain] = []
         for chain, keep in zip(chains, keeps):
             channels = chain.channels
-            label = chain.producer.name or chain.producer.op_type
+            label = layer_label(chain.producer)
             if len(keep) < channels:
                 if stats:
                     compensated = compensate_means(chain, keep, stats[chain.output.name])  # type: ignore[union-attr]
-                    self.summary.compensated.extend(node.name or node.op_type for node in compensated)
+                    self.summary.compensated.extend(layer_label(node) for node in compensated)
                 prune_chain(chain, keep)
                 cut.append(chain)
             self.summary.channels[label] = (channels, len(keep))
@@ -259,7 +259,7 @@ class PrunePass(ir.passes.InPlacePass):
         fit = [node for node, _, _ in layers if _refittable(node)]
         for node, _, _ in layers:
             if not _refittable(node):
-                self.summary.not_reconstructed[node.name or node.op_type] = f"reconstruction of {node.op_type} is not built"
+                self.summary.not_reconstructed[layer_label(node)] = f"reconstruction of {node.op_type} is not built"
         if not fit:
             return {}
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False, shapes=self.shapes)
@@ -276,13 +276,13 @@ class PrunePass(ir.passes.InPlacePass):
         bias = bias_value.const_value.numpy() if bias_value is not None else None  # type: ignore[union-attr]
         result = checked_refit(halves, as_kn(original), bias, as_kn(mask))
         if isinstance(result, str):
-            self.summary.not_reconstructed[node.name or node.op_type] = result
+            self.summary.not_reconstructed[layer_label(node)] = result
             return
         new_weight, new_bias = result
         weight.const_value = ir.Tensor(np.ascontiguousarray(as_kn(new_weight)), name=weight.name)
         if bias_value is not None and new_bias is not None:
             bias_value.const_value = ir.Tensor(new_bias, name=bias_value.name)
-        self.summary.reconstructed.append(node.name or node.op_type)
+        self.summary.reconstructed.append(layer_label(node))
 
     def _masks(self, layers: list[tuple[ir.Node, ir.Value, int]], arrays: list[np.ndarray]) -> list[np.ndarray | None]:
         if self.n_of_m is not None:
@@ -299,7 +299,7 @@ class PrunePass(ir.passes.InPlacePass):
         default_skips = _default_skips(graph, candidates) if DEFAULT_SKIP in self.skip else {}
         layers = []
         for node in candidates:
-            label = node.name or node.op_type
+            label = layer_label(node)
             weight = node.inputs[1] if len(node.inputs) > 1 else None
             if node.name in self.skip or node.op_type in self.skip:
                 self.summary.skipped[label] = "skip option"

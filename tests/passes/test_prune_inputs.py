@@ -244,3 +244,16 @@ def test_matmul_whose_constant_is_the_left_operand_is_skipped_with_the_true_reas
     assert pass_.summary.skipped == {"left": "the constant is the left operand (W @ x): only x @ W is pruned"}
     x = {"x": rng.standard_normal((64, 5)).astype(np.float32)}
     np.testing.assert_array_equal(run_ort(model, x)[0], run_ort(proto, x)[0])
+
+
+def test_two_unnamed_layers_are_reported_apart():
+    # Both went by "MatMul": the first layer's reason was overwritten by the second's ("0 pruned, 1 skipped" for 2 layers).
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    w1 = rng.standard_normal((16, 16))
+    w1[0, 0] = np.nan
+    pass_ = PrunePass(sparsity=0.5)
+
+    run_pipeline(load(_model(nodes, {"w1": w1, "w2": rng.standard_normal((16, 8))}, [4, 16], [4, 8])), [pass_])
+
+    assert pass_.summary.skipped == {"MatMul(h)": "weight has 1 NaN/Inf values", "MatMul(y)": "final classifier (default skip)"}
