@@ -97,24 +97,13 @@ def quick_check(
         return "quick check: no output held values to compare (all empty)"
     worst = min(compared, key=lambda result: _order(result.cosine))
     if feeds is None:
-        measured = f"output cosine {worst.cosine:.5f} ({worst.name}) against the input on {SAMPLES} synthesized samples"
-        if report.passed:
-            return f"quick check after {steps}: {measured}; {advice}"
-        return (
-            f"warning: {steps} moved the outputs far from the input's: {measured}, below {ADVISED_COSINE:g}. "
-            f"Check with real inputs (--validate cpu --calib-data DIR){closer}"
-        )
-    measured = (
-        f"output cosine {worst.cosine:.5f} ({worst.name}) against the input on {len(feeds)} of the calibration samples "
-        f"the passes fitted (new inputs may land lower)"
-    )
+        where, follow = f"{SAMPLES} synthesized samples", ". Check with real inputs (--validate cpu --calib-data DIR)"
+    else:
+        where, follow = f"{len(feeds)} of the calibration samples the passes fitted (new inputs may land lower)", f"; {advice}"
+    measured = f"output cosine {worst.cosine:.5f} ({worst.name}) against the input on {where}"
     if report.passed:
         return f"quick check after {steps}: {measured}; {advice}"
-    return (
-        f"warning: {steps} moved the outputs far from the input's: {measured}, below {ADVISED_COSINE:g}; "
-        f"{advice}{closer}"
-    )
-
+    return f"warning: {steps} moved the outputs far from the input's: {measured}, below {ADVISED_COSINE:g}{follow}{closer}"
 
 def _order(cosine: float) -> float:
     return -math.inf if math.isnan(cosine) else cosine
