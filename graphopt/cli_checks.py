@@ -16,8 +16,6 @@ import onnx_ir as ir
 
 from graphopt import io
 from graphopt.errors import GraphoptError
-from graphopt.ledger import format_bytes
-from graphopt.stats import param_bytes
 
 # optimize options that only mean something with --validate.
 _VALIDATION_ONLY = (
@@ -54,12 +52,11 @@ def check_report_paths(args: argparse.Namespace, models: list[Path]) -> None:
 
 
 def check_fits_one_file(model: ir.Model) -> None:
-    weights = param_bytes(model)
-    if weights > io.PROTO_WEIGHT_LIMIT_BYTES:
-        raise GraphoptError(
-            f"--external-data no: the weights ({format_bytes(weights)}) do not fit in one .onnx file "
-            "(protobuf's 2 GB limit); use --external-data auto or yes"
-        )
+    """io.check_fits_one_file, worded for ``--external-data no``."""
+    try:
+        io.check_fits_one_file(model, advice="use --external-data auto or yes")
+    except GraphoptError as exc:
+        raise GraphoptError(f"--external-data no: {exc}") from exc
 
 
 def output_path(args: argparse.Namespace) -> Path:

@@ -219,14 +219,14 @@ def check_writable(path: str | os.PathLike[str]) -> None:
             raise ModelSaveError(f"cannot write {target}: {parent} is not a folder")
 
 
-def check_fits_one_file(model: ir.Model) -> None:
-    """Raises ``ModelSaveError`` when the model's weights are too large to embed in one ``.onnx`` file (protobuf's 2 GB limit)."""
+def check_fits_one_file(model: ir.Model, advice: str = "save them to an external data file") -> None:
+    """Raises ``ModelSaveError`` when the model's weights are too large to embed in one ``.onnx`` file (protobuf's 2 GB limit).
+
+    ``advice`` ends the message: what the caller's user can do instead.
+    """
     weights = stats.param_bytes(model)
     if weights > PROTO_WEIGHT_LIMIT_BYTES:
-        raise ModelSaveError(
-            f"the weights ({format_bytes(weights)}) do not fit in one .onnx file (protobuf's 2 GB limit): "
-            "save them to an external data file"
-        )
+        raise ModelSaveError(f"the weights ({format_bytes(weights)}) do not fit in one .onnx file (protobuf's 2 GB limit): {advice}")
 
 
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
