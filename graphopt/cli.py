@@ -36,7 +36,7 @@ import onnx_ir as ir
 from graphopt import io
 from graphopt.bisect import bisect_pipeline
 from graphopt.cli_checks import check_fits_one_file, check_report_paths, check_validation_only, output_path
-from graphopt.errors import DataError, GraphoptError, PassCheckError, first_line
+from graphopt.errors import DataError, GraphoptError, ModelRunError, PassCheckError, first_line
 from graphopt.ledger import LedgerRow, format_bytes
 from graphopt.metrics import Tolerance
 from graphopt.pipeline import PipelineResult, run_pipeline
@@ -332,9 +332,7 @@ def _synthesizes_inputs(spec: PassSpec) -> bool:
 
 
 def _failed_on_feeds(exc: GraphoptError) -> bool:
-    # The pipeline re-raises a pass's GraphoptError without its cause, so the
-    # onnxruntime failure is told by graphopt.runtime's wording.
-    return isinstance(exc, DataError) or str(exc).startswith(("onnxruntime failed running", "onnxruntime rejected the feeds"))
+    return isinstance(exc, (DataError, ModelRunError))
 
 
 def _lossy_steps(pipeline: list[PassSpec]) -> list[str]:

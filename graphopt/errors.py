@@ -16,6 +16,7 @@ __all__ = [
     "PassCheckError",
     "InvalidModelError",
     "DataError",
+    "ModelRunError",
     "first_line",
 ]
 
@@ -57,6 +58,10 @@ class PassCheckError(GraphoptError):
 
 class DataError(GraphoptError):
     """Feeds or data files do not match the model."""
+
+
+class ModelRunError(GraphoptError):
+    """onnxruntime rejected the feeds of a model it had opened, or failed while running it (a kernel error)."""
 
 
 def first_line(exc: BaseException) -> str:

@@ -34,7 +34,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from graphopt import io, serialization, stats
-from graphopt.errors import GraphoptError, ModelLoadError, UnsupportedModelError
+from graphopt.errors import GraphoptError, ModelLoadError, ModelRunError, UnsupportedModelError
 from graphopt.graphs import iter_graphs
 from graphopt.ort_errors import ort_message
 from graphopt.providers import PROVIDERS, resolve_providers
@@ -215,9 +215,9 @@ class ModelRunner:
         except GraphoptError:
             raise
         except InvalidArgument as exc:
-            raise GraphoptError(f"onnxruntime rejected the feeds for {self.label}: {ort_message(exc)}") from exc
+            raise ModelRunError(f"onnxruntime rejected the feeds for {self.label}: {ort_message(exc)}") from exc
         except Exception as exc:  # kernels fail with several unrelated types
-            raise GraphoptError(f"onnxruntime failed running {self.label}: {ort_message(exc)}") from exc
+            raise ModelRunError(f"onnxruntime failed running {self.label}: {ort_message(exc)}") from exc
         return dict(zip(names, values))
 
     def end_profiling(self) -> str:
