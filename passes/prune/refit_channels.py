@@ -48,7 +48,7 @@ import onnx_ir as ir
 from graphopt.progress import report
 from graphopt.runtime import ModelRunner, stream_tensors
 from passes.prune.channels import Chain, bias_value, input_axis, vector_bias
-from passes.prune.layer_checks import NONFINITE_INPUTS, finite
+from passes.prune.layer_checks import NONFINITE_INPUTS, finite, layer_label
 from passes.prune.reconstruct import cross_grams, fit_toward, independent_prefix, tuned_strength
 from passes.qdq.samples import Samples
 
@@ -74,7 +74,7 @@ def layers_to_refit(model: ir.Model, cut: list[Chain], skip: frozenset[str]) -> 
     for node in model.graph:
         reads_changed = bool(node.inputs) and node.inputs[0] in tainted
         if node in consumers and not _refits_outputs(node):
-            refused[_label(node)] = f"reconstruction of this {node.op_type} is not built (grouped, or scaled by alpha/beta)"
+            refused[layer_label(node)] = f"reconstruction of this {node.op_type} is not built (grouped, or scaled by alpha/beta)"
         elif node in consumers or (reads_changed and _refits_outputs(node) and node.name not in skip and node.op_type not in skip):
             layers.append(node)
         if node in changed or any(value in tainted for value in node.inputs if value is not None):
@@ -118,25 +118,25 @@ def refit_in_order(
             saved = [(value, value.const_value) for node in level for value in (node.inputs[1], bias_value(node)) if value is not None]
             fits = {node: _fit_problem(node, twin[node], out_keep.get(node)) for node in level}
             unusable = {node for node in level if not finite(*(part for half in grams[node] for part in half))}
-            refused.update({_label(node): NONFINITE_INPUTS for node in unusable})
+            refused.update({layer_label(node): NONFINITE_INPUTS for node in unusable})
             strengths = {node: tuned_strength(grams[node], fits[node].plain, fits[node].target) for node in level if node not in unusable}
             refit = {node: (relative, fits[node]) for node, relative in strengths.items() if relative is not None}
             for node, (relative, fit) in refit.items():
                 _write(node, fit, fit_toward(grams[node][:1], fit.plain, fit.target, relative))
-            refused.update({_label(node): "a refit did not beat plain pruning on held-out calibration samples" for node in strengths if node not in refit})
+            refused.update({layer_label(node): "a refit did not beat plain pruning on held-out calibration samples" for node in strengths if node not in refit})
             after = output_error(model, held, goal, threads) if refit and held else error
             if held and refit and not after < error:  # "not <": a NaN output error reverts too
                 for value, tensor in saved:
                     value.const_value = tensor
-                logger.debug("refits of %s reverted: output error %.4g -> %.4g", [_label(n) for n in refit], error, after)
-                refused.update({_label(node): "the refit did not lower the model's output error on held-out calibration samples" for node in refit})
+                logger.debug("refits of %s reverted: output error %.4g -> %.4g", [layer_label(n) for n in refit], error, after)
+                refused.update({layer_label(node): "the refit did not lower the model's output error on held-out calibration samples" for node in refit})
                 continue
             error = after
             if refit:
                 kept_levels.append(refit)
         if held:
             _refit_on_all(model, kept_levels, teach, samples, threads)
-    return [_label(node) for level in kept_levels for node in level], refused
+    return [layer_label(node) for level in kept_levels for node in level], refused
 
 
 def _refit_on_all(
@@ -236,10 +236,6 @@ def _refits_outputs(node: ir.Node) -> bool:
     if node.op_type == "MatMul":
         return len(weight.const_value.shape) == 2 and node.inputs[0] is not None and node.inputs[0].const_value is None
     return False
-
-
-def _label(node: ir.Node) -> str:
-    return node.name or node.op_type
 
 
 def _vector_bias(node: ir.Node) -> np.ndarray | None:
