@@ -33,8 +33,9 @@ from passes.prune.compression import compression_report
 from passes.prune.importance import FeatureStats, activation_importance, compensate_means, weight_importance
 from passes.prune.layer_checks import GRAPH_INPUT_WEIGHT, layer_label, left_constant, nonfinite_count
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
+from passes.prune.reconstruct import input_gram_halves
 from passes.prune.refit_channels import layers_to_refit, refit_in_order
-from passes.prune.refit_masked import checked_refit, half_input_grams
+from passes.prune.refit_masked import checked_refit
 from passes.qdq.samples import Samples
 
 logger = logging.getLogger(__name__)
@@ -263,7 +264,7 @@ class PrunePass(ir.passes.InPlacePass):
         if not fit:
             return {}
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False, shapes=self.shapes)
-        return half_input_grams(model, fit, samples.calibration, self.threads)
+        return input_gram_halves(model, fit, samples.calibration(), self.threads)
 
     def _refit(self, node: ir.Node, weight: ir.Value, original: np.ndarray, mask: np.ndarray, grams: dict[ir.Node, list[np.ndarray]]) -> None:
         """Refits the pruned layer if that lowers its output error on held-out samples (refit_masked.py); else says why not."""

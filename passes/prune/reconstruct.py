@@ -46,6 +46,7 @@ __all__ = [
     "fit_error",
     "independent_prefix",
     "input_gram",
+    "input_gram_halves",
     "output_grams",
     "ridge_solve",
     "checked_fit",
@@ -56,7 +57,7 @@ __all__ = [
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -84,16 +85,34 @@ def input_gram(
     the products (GPTQ's second moments, as GPTQ itself keeps them); the
     refits solve least squares with them and keep float64.
     """
-    names = [node.inputs[0].name or "" for node in nodes if node.inputs[0] is not None]
     grams: dict[ir.Node, np.ndarray] = {}
-    for tensors in stream_tensors(model, names, feeds, threads=threads):
+    for _, node, rows in _input_rows(model, nodes, feeds, threads, dtype):
+        grams[node] = grams.get(node, 0) + rows.T @ rows
+    return grams
+
+
+def input_gram_halves(model: ir.Model, nodes: Sequence[ir.Node], feeds: Iterable[Feeds], threads: int | None) -> dict[ir.Node, list[np.ndarray]]:
+    """:func:`input_gram` over the even samples and over the odd ones, in one run (only the first with one sample)."""
+    halves: dict[ir.Node, list[np.ndarray]] = {}
+    for index, node, rows in _input_rows(model, nodes, feeds, threads, np.float64):
+        parts = halves.setdefault(node, [])
+        if len(parts) <= index % 2:
+            parts.append(rows.T @ rows)
+        else:
+            parts[index % 2] = parts[index % 2] + rows.T @ rows
+    return halves
+
+
+def _input_rows(
+    model: ir.Model, nodes: Sequence[ir.Node], feeds: Iterable[Feeds], threads: int | None, dtype: type
+) -> Iterator[tuple[int, ir.Node, np.ndarray]]:
+    """(sample index, node, rows of its first input with a ones column) over one run of the samples."""
+    names = [node.inputs[0].name or "" for node in nodes if node.inputs[0] is not None]
+    for index, tensors in enumerate(stream_tensors(model, names, feeds, threads=threads)):
         for node in nodes:
             array = tensors.get(node.inputs[0].name or "") if node.inputs[0] is not None else None
-            if array is None:
-                continue
-            rows = _rows(node, array, dtype)
-            grams[node] = grams.get(node, 0) + rows.T @ rows
-    return grams
+            if array is not None:
+                yield index, node, _rows(node, array, dtype)
 
 
 Grams = tuple[np.ndarray, np.ndarray]  # (X_p^T X_p, X_p^T X_o), or (H^T H, H^T Y)

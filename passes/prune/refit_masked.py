@@ -30,31 +30,20 @@ column, 1 more for the final fit).
 
 from __future__ import annotations
 
-__all__ = ["SCORED_COLUMNS", "checked_refit", "half_input_grams"]
+__all__ = ["SCORED_COLUMNS", "checked_refit"]
 
-import itertools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-import onnx_ir as ir
 
-from graphopt.data import Feeds
 from passes.prune.layer_checks import NONFINITE_INPUTS, finite
-from passes.prune.reconstruct import RIDGE_GRID, damping, input_gram
+from passes.prune.reconstruct import RIDGE_GRID, damping
 
 logger = logging.getLogger(__name__)
 
 SCORED_COLUMNS = 128
 NOT_BETTER = "a refit did not beat plain pruning on held-out calibration samples"
-
-
-def half_input_grams(
-    model: ir.Model, nodes: Sequence[ir.Node], open_feeds: Callable[[], Iterator[Feeds]], threads: int | None
-) -> dict[ir.Node, list[np.ndarray]]:
-    """:func:`input_gram` of each node over the even samples and over the odd ones (only the first with one sample)."""
-    halves = [input_gram(model, nodes, itertools.islice(open_feeds(), start, None, 2), threads) for start in (0, 1)]
-    return {node: [half[node] for half in halves if node in half] for node in nodes if node in halves[0]}
 
 
 def checked_refit(
@@ -63,7 +52,7 @@ def checked_refit(
     """The refit [K, N] weight (columns = outputs) and [N] bias, or why the pruned ones stay.
 
     Args:
-        halves: (K+1) x (K+1) input Grams of the even and odd samples (:func:`half_input_grams`).
+        halves: (K+1) x (K+1) input Grams of the even and odd samples (reconstruct.input_gram_halves).
         original: The unpruned [K, N] weight.
         bias: The [N] bias refit with it, or None.
         mask: [K, N] booleans, True where a weight is kept.
