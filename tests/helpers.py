@@ -144,3 +144,20 @@ class CountingJson:
         self.dumps_calls += 1
         return self._real.dumps(*args, **kwargs)
 
+
+def log_then_two_layers(width: int, seed: int = 0) -> onnx.ModelProto:
+    """x [8, 32] -> Log (NaN where x < 0) -> MatMul fc1 (32 -> 32) -> Relu -> Gemm fc2 (32 -> ``width``, bias) -> y.
+
+    Calibration inputs drawn from N(0, 1) give fc1 NaN activations: what a pass must not fit on.
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        onnx.helper.make_node("Log", ["x"], ["l"]),
+        onnx.helper.make_node("MatMul", ["l", "w1"], ["a"], name="fc1"),
+        onnx.helper.make_node("Relu", ["a"], ["r"]),
+        onnx.helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2"),
+    ]
+    weights = {"w1": rng.standard_normal((32, 32)), "w2": rng.standard_normal((32, width)), "b2": rng.standard_normal(width)}
+    initializers = [onnx.numpy_helper.from_array(value.astype(np.float32), name) for name, value in weights.items()]
+    return one_input_model(nodes, initializers, [8, 32], [8, width])
+

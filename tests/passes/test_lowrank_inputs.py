@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import check_full, initializer_arrays, one_input_model, run_ort, to_proto
+from helpers import check_full, initializer_arrays, log_then_two_layers, one_input_model, run_ort, to_proto
 from onnx import helper, numpy_helper
 
 from graphopt import load, run_pipeline
@@ -92,16 +92,8 @@ def test_layer_whose_weight_holds_nan_or_inf_is_left_whole_with_the_reason(optio
 # ---------------------------------------------------------------- NaN activations
 
 
-def _log_then_two_layers(seed: int = 0) -> onnx.ModelProto:
-    """x -> Log (NaN for x < 0) -> MatMul fc1 (32 -> 32) -> Relu -> Gemm fc2 (32 -> 32, bias) -> y."""
-    rng = np.random.default_rng(seed)
-    nodes = [
-        helper.make_node("Log", ["x"], ["l"]),
-        helper.make_node("MatMul", ["l", "w1"], ["a"], name="fc1"),
-        helper.make_node("Relu", ["a"], ["r"]),
-        helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2"),
-    ]
-    return _model(nodes, {"w1": rng.standard_normal((32, 32)), "w2": rng.standard_normal((32, 32)), "b2": rng.standard_normal(32)}, [8, 32], [8, 32])
+def _log_then_two_layers() -> onnx.ModelProto:
+    return log_then_two_layers(width=32)
 
 
 def _positive_feeds() -> dict[str, np.ndarray]:

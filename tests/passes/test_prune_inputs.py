@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import check_full, initializer_arrays, one_input_model, run_ort
+from helpers import check_full, initializer_arrays, log_then_two_layers, one_input_model, run_ort
 from onnx import helper, numpy_helper
 
 from graphopt import load, run_pipeline
@@ -160,17 +160,8 @@ def test_channel_pruning_leaves_a_chain_whole_when_the_layer_reading_it_has_a_na
 # ---------------------------------------------------------------- NaN activations
 
 
-def _log_then_two_layers(seed: int = 0):
-    """x -> Log (NaN for x < 0) -> MatMul fc1 (32 -> 32) -> Relu -> Gemm fc2 (32 -> 8, bias) -> y."""
-    rng = np.random.default_rng(seed)
-    nodes = [
-        helper.make_node("Log", ["x"], ["l"]),
-        helper.make_node("MatMul", ["l", "w1"], ["a"], name="fc1"),
-        helper.make_node("Relu", ["a"], ["r"]),
-        helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2"),
-    ]
-    weights = {"w1": rng.standard_normal((32, 32)), "w2": rng.standard_normal((32, 8)), "b2": rng.standard_normal(8)}
-    return _model(nodes, weights, [8, 32], [8, 8])
+def _log_then_two_layers() -> onnx.ModelProto:
+    return log_then_two_layers(width=8)
 
 
 def _positive_feeds() -> dict[str, np.ndarray]:
