@@ -28,6 +28,7 @@ from graphopt.ledger import Ledger, LedgerRow
 from graphopt.progress import reporting_to
 from graphopt.registry import PassFactory, available_passes, create_pass, resolved_options
 from graphopt.spec import PassSpec, load_recipe, parse_spec
+from graphopt.upgrade_ir import FIRST_SEPARATE_INITIALIZERS, UpgradeIrPass
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,10 @@ def run_pipeline(
         progress: Optional callback, see ``ProgressCallback``.
         passes: Registry to resolve names in; defaults to every known pass.
 
+    A model below IR version 4 is first raised to 4 (graphopt/upgrade_ir.py,
+    its own ledger row): its initializers are graph inputs there, which no
+    pass may rewrite, though onnxruntime treats them as constants.
+
     Returns:
         The model, whether any pass changed it, and the ledger.
 
@@ -108,6 +113,8 @@ def run_pipeline(
         onnx_ir.passes.PreconditionError: a pass cannot handle this model.
     """
     steps = build_steps(pipeline, passes)
+    if model.ir_version < FIRST_SEPARATE_INITIALIZERS and steps and not isinstance(steps[0].pass_, UpgradeIrPass):
+        steps.insert(0, _Step("upgrade-ir", {}, UpgradeIrPass()))
     ledger = Ledger()
     wrapped = [
         _LedgeredPass(step, index, len(steps), ledger, check_each_pass, progress)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = ["BUILTIN_PASSES"]
 
+from graphopt.upgrade_ir import UpgradeIrPass
 from passes.dce import EliminateDeadCodePass
 from passes.fold import (
     CollapseReshapesPass,
@@ -32,6 +33,7 @@ BUILTIN_PASSES = {
     "dce": EliminateDeadCodePass,
     "lift-constants": LiftConstantsPass,
     "toposort": SortTopologicallyPass,
+    "upgrade-ir": UpgradeIrPass,
     # The lossless fold group and each of its members.
     "fold": fold,
     "fold-constants": FoldConstantsPass,

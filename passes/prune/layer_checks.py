@@ -15,7 +15,7 @@ import onnx_ir as ir
 NONFINITE_INPUTS = "the layer's calibration inputs hold NaN/Inf"
 # An initializer that is also a graph input is a default the caller may override. Models below
 # IR version 4 list every initializer as an input, so there it is the usual case, not a choice.
-GRAPH_INPUT_WEIGHT = "weight is a graph input, which callers may override (below IR version 4 every initializer is one)"
+GRAPH_INPUT_WEIGHT = "weight is a graph input, which callers may override"
 
 
 def layer_label(node: ir.Node) -> str:

@@ -111,7 +111,7 @@ def test_a_pass_error_surfaces_unwrapped_with_its_own_cause_for_debug_tracebacks
 
 
 def test_unknown_pass_and_option_list_valid_choices():
-    with pytest.raises(PipelineSpecError, match="unknown pass 'nope'; valid passes: collapse-reshapes, cse, dce, .*, toposort$"):
+    with pytest.raises(PipelineSpecError, match="unknown pass 'nope'; valid passes: collapse-reshapes, cse, dce, .*, toposort, upgrade-ir$"):
         run_pipeline(_model(), "dce,nope")
     with pytest.raises(PipelineSpecError, match="valid options: min_elements"):
         run_pipeline(_model(), "lift-constants(size=3)")
