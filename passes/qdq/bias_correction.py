@@ -11,35 +11,34 @@ never absorbs a NaN.
 
 from __future__ import annotations
 
-__all__ = ["input_means", "output_shift"]
+__all__ = ["channel_axes", "input_means", "output_shift"]
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.data import Feeds
-from graphopt.runtime import stream_tensors
+from passes.qdq.calibration import TensorStatistics
 
 
-def input_means(model: ir.Model, nodes: Sequence[ir.Node], feeds: Iterable[Feeds], threads: int | None) -> dict[str, np.ndarray]:
-    """Mean of the finite values of each node's first input per channel (axis 1 for Conv, else the last axis), by tensor name.
+def channel_axes(nodes: Sequence[ir.Node]) -> dict[str, int]:
+    """The channel axis of each node's first input, by tensor name: 1 for Conv, else the last.
 
-    A tensor with a channel that held no finite value is left out.
+    Calibration keeps these tensors' per-channel means in its own pass
+    (calibration.collect's ``channel_axes``), so correction costs no run.
+    Constant inputs are left out: they vary with no sample.
     """
-    inputs = {node.inputs[0].name: node.op_type for node in nodes if node.inputs and node.inputs[0] is not None}
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, np.ndarray] = {}
-    for tensors in stream_tensors(model, [name for name in inputs if name], feeds, threads=threads):
-        for name, array in tensors.items():
-            if array.ndim < 2:
-                continue
-            channels = np.moveaxis(np.asarray(array, dtype=np.float64), 1 if inputs[name] == "Conv" else -1, -1)
-            flat = channels.reshape(-1, channels.shape[-1])
-            finite = np.isfinite(flat)
-            sums[name] = sums.get(name, 0) + np.where(finite, flat, 0.0).sum(axis=0)
-            counts[name] = counts.get(name, 0) + finite.sum(axis=0)
-    return {name: sums[name] / counts[name] for name in sums if np.all(counts[name] > 0)}
+    return {
+        value.name: 1 if node.op_type == "Conv" else -1
+        for node in nodes
+        if node.inputs and (value := node.inputs[0]) is not None and value.name and not value.is_initializer()
+    }
+
+
+def input_means(stats: Mapping[str, TensorStatistics]) -> dict[str, np.ndarray]:
+    """The per-channel means calibration kept, by tensor name; tensors with a channel of no finite value are left out."""
+    means = {name: s.channel_means() for name, s in stats.items() if s.channel_axis is not None}
+    return {name: mean for name, mean in means.items() if mean is not None}
 
 
 def output_shift(node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:

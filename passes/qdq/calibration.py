@@ -11,6 +11,9 @@ others to hold about :data:`CHUNK_BYTES` per sample (never fewer tensors
 than the first), so small tensors share one session and large ones stay
 bounded as before.
 
+The same pass can also keep per-channel means of chosen tensors
+(``channel_axes``), for bias correction, so that it needs no run of its own.
+
 Memory is bounded whatever the number of samples: each tensor keeps its
 running min, max and counts, and a histogram with a fixed, even number of bins
 over a symmetric range ``[-R, R]``. R starts at the first batch's max ``|x|``;
@@ -85,12 +88,17 @@ class TensorStatistics:
         min, max: The extreme finite values seen (+inf and -inf before any).
         count: Finite values seen. nonfinite: NaN/Inf values seen and ignored.
         zeros: Values exactly 0 among ``count``.
+        channel_axis: The axis along which :meth:`channel_means` averages, or None.
     """
 
-    def __init__(self, bins: int = DEFAULT_BINS) -> None:
+    def __init__(self, bins: int = DEFAULT_BINS, channel_axis: int | None = None) -> None:
         if bins < 2 or bins % 2:
             raise ValueError(f"bins must be an even number >= 2, got {bins}")
         self.bins = bins
+        self.channel_axis = channel_axis
+        self._channel_sums: np.ndarray | None = None
+        self._channel_counts: np.ndarray | None = None
+        self._channels_differ = False  # two arrays with different channel counts: no means
         self.count = 0
         self.nonfinite = 0
         self.zeros = 0
@@ -106,6 +114,8 @@ class TensorStatistics:
 
     def update(self, array: np.ndarray) -> None:
         """Adds an array's finite values; NaN and Inf are only counted in :attr:`nonfinite`."""
+        if self.channel_axis is not None:
+            self._add_channel_sums(np.asarray(array))
         values = np.asarray(array).ravel()
         if values.dtype != np.float64:
             values = values.astype(np.float64)  # exact bin indices for any input type
@@ -124,6 +134,34 @@ class TensorStatistics:
         index = ((values + self._radius) * scale).astype(np.int64)
         np.minimum(index, self.bins - 1, out=index)  # x == R lands on the last edge
         self._counts += np.bincount(index, minlength=self.bins)
+
+    def channel_means(self) -> np.ndarray | None:
+        """Mean of the finite values per channel along ``channel_axis``, in float64.
+
+        None without a channel axis, for arrays of fewer than 2 dimensions,
+        when arrays disagreed on the channel count, or when some channel
+        held no finite value.
+        """
+        sums, counts = self._channel_sums, self._channel_counts
+        if sums is None or counts is None or self._channels_differ or not np.all(counts > 0):
+            return None
+        return sums / counts
+
+    def _add_channel_sums(self, array: np.ndarray) -> None:
+        if array.ndim < 2 or self.channel_axis is None:
+            self._channels_differ = True
+            return
+        channels = np.moveaxis(array.astype(np.float64, copy=False), self.channel_axis, -1)
+        flat = channels.reshape(-1, channels.shape[-1])
+        finite = np.isfinite(flat)
+        sums, counts = np.where(finite, flat, 0.0).sum(axis=0), finite.sum(axis=0)
+        if self._channel_sums is None or self._channel_counts is None:
+            self._channel_sums, self._channel_counts = sums, counts
+        elif self._channel_sums.shape != sums.shape:
+            self._channels_differ = True
+        else:
+            self._channel_sums += sums
+            self._channel_counts += counts
 
     def histogram(self) -> tuple[np.ndarray, np.ndarray]:
         """``(counts, edges)``: ``bins`` counts (copied) and ``bins + 1`` edges over [-R, R]."""
@@ -294,12 +332,16 @@ def collect(
     provider: str = "cpu",
     threads: int | None = None,
     progress: ProgressCallback | None = None,
+    channel_axes: Mapping[str, int] | None = None,
 ) -> dict[str, TensorStatistics]:
     """Statistics of the named main-graph tensors (node outputs or graph inputs) over every sample.
 
     Args:
         model: The model; never modified (the runner restores its outputs).
         names: Tensors to observe; duplicates are observed once.
+        channel_axes: Tensors whose per-channel means to keep, with the
+            channel axis (:meth:`TensorStatistics.channel_means`); they are
+            observed too, and returned with the others.
         feeds: Returns a fresh iterable of feed dicts; called once per chunk.
         bins: Histogram bins per tensor.
         chunk_size: Node outputs exposed per onnxruntime session; None
@@ -316,7 +358,8 @@ def collect(
     """
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    wanted = list(dict.fromkeys(names))
+    axes = dict(channel_axes or {})
+    wanted = list(dict.fromkeys([*names, *axes]))
     graph_inputs = {value.name for value in model.graph.inputs}
     produced = {value.name for node in model.graph for value in node.outputs if value.name}
     unknown = [name for name in wanted if name not in graph_inputs and name not in produced]
@@ -324,7 +367,7 @@ def collect(
         raise ValueError(
             f"cannot calibrate {', '.join(map(repr, unknown))}: not a graph input or an output of a main-graph node"
         )
-    stats = {name: TensorStatistics(bins) for name in wanted}
+    stats = {name: TensorStatistics(bins, axes.get(name)) for name in wanted}
     exposed = [name for name in wanted if name not in graph_inputs]
     first = chunk_size or FIRST_CHUNK
     chunks = [exposed[i : i + first] for i in range(0, len(exposed), first)] or [[]]

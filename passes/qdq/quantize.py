@@ -46,7 +46,7 @@ from graphopt.progress import report
 from passes.options import check_shapes
 from passes.qdq import calibration as calib
 from passes.qdq.arithmetic import ActivationParams, activation_params
-from passes.qdq.bias_correction import input_means, output_shift
+from passes.qdq.bias_correction import channel_axes, input_means, output_shift
 from passes.qdq.options import check_options, exclude_names
 from passes.qdq.placement import Placement, Target, plan, representative
 from passes.qdq.prepare import check_runnable, name_unnamed_nodes, prepare, unname
@@ -219,14 +219,16 @@ class QuantizePass(ir.passes.InPlacePass):
                 self._rounded = round_targets(model, wanted, samples.calibration, self.threads, bits=self.weight_bits, group=group)
             return self._choose(model, original, placement, samples, self._build_weight_only, kind=kind)
         names = [value.name or "" for value in placement.activations]
-        stats = calib.collect(
-            model, names, samples.calibration, threads=self.threads, progress=lambda done, total: report(done, total or 0, "calibration runs")
+        observed = calib.collect(
+            model, names, samples.calibration, threads=self.threads,
+            progress=lambda done, total: report(done, total or 0, "calibration runs"),
+            channel_axes=channel_axes([t.node for t in placement.targets]) if self.bias_correction else None,
         )
+        self._input_means = input_means(observed)
+        stats = {name: observed[name] for name in names}  # without the tensors observed for bias correction only
         self.summary.nonfinite_activations = {name: s.nonfinite for name, s in stats.items() if s.nonfinite}
         self.summary.float_activations = {name: "no finite value in calibration" for name, s in stats.items() if not s.count}
         params = self._activation_params(placement, {name: s for name, s in stats.items() if s.count})
-        targets = [t.node for t in placement.targets]
-        self._input_means = input_means(model, targets, samples.calibration(), self.threads) if self.bias_correction else {}
         if self.rounding == "gptq":
             from passes.qdq.gptq import in_weight_layout, round_targets  # loaded only when asked for
 

@@ -270,6 +270,27 @@ def test_bias_correction_removes_the_mean_output_shift():
     assert errors[True] < errors[False] / 3
 
 
+def test_bias_correction_takes_its_means_from_the_calibration_runs(monkeypatch):
+    from graphopt import runtime
+
+    text, feeds = _shifted_input_model(16, 64, 8)
+    opened = {}
+    real_init = runtime.ModelRunner.__init__
+    for corrected in (False, True):
+        sessions: list[int] = []
+
+        def counting_init(self, *args, _sessions=sessions, **kwargs):
+            _sessions.append(1)
+            real_init(self, *args, **kwargs)
+
+        monkeypatch.setattr(runtime.ModelRunner, "__init__", counting_init)
+        pass_ = QuantizePass(data=feeds, bias_correction=corrected, check_speed=False)
+        run_pipeline(parse(text), [pass_])
+        assert bool(pass_.summary.corrected) is corrected
+        opened[corrected] = len(sessions)
+    assert opened[True] == opened[False]  # was one session (and a run per sample) more
+
+
 def test_qdq_calibrates_models_with_dynamic_input_shapes(tmp_path):
     text, _ = _shifted_input_model(4, 32, 8)
     model = parse(text)  # x is float[N,32]: calibration feeds are synthesized with a default N
