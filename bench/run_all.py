@@ -40,6 +40,7 @@ SCRIPTS = (
     ("fold", [], ["--quick"]),
     ("validate", [], ["--repeats", "1"]),
     ("scale", [], ["--sizes", "1000,10000", "--repeats", "1"]),
+    ("qdq_scale", [], ["--sizes", "500,1000"]),
 )
 _PACKAGES = ("onnx", "onnx-ir", "onnxruntime", "numpy", "torch", "matplotlib")
 
