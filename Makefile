@@ -9,7 +9,7 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 DEMO_MODEL ?= resnet50
 DEMO_DIR := out/demo
 
-.PHONY: demo demo-qdq test test-zoo bench bench-scale bench-validate bench-qdq bench-weight-only bench-prune bench-lowrank clean
+.PHONY: demo demo-qdq test test-zoo bench bench-scale bench-qdq-scale bench-validate bench-qdq bench-weight-only bench-prune bench-lowrank clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ test: $(VENV)/.installed
 
 bench-scale: $(VENV)/.installed
 	$(PY) bench/scale.py --markdown
+
+bench-qdq-scale: $(VENV)/.installed
+	$(PY) bench/qdq_scale.py --markdown
 
 bench-validate: $(VENV)/.installed
 	$(PY) bench/validate.py --markdown
