@@ -23,10 +23,11 @@ linear time on for long graphs: a 25k-node chain takes 1.1 s to open at
 1.2 s. "own s" is the total less that time: what the tool itself does.
 
 A tool that takes longer than ``--budget`` seconds at one size is not run at
-larger ones, and the report says so. Fidelity: cosine of each quantized
-model's output against the float model's on 8 other samples (seed 1), for
-information. Goals: graphopt is faster than quantize_static at every size
-both ran; graphopt's own time grows at most 1.25x as fast as the size.
+larger ones, and the report says so. No fidelity figure: the chain's float
+signal fades along it (outputs around 1e-13 at 10,000 nodes), so a cosine
+says nothing here; bench/qdq.py measures fidelity on real architectures.
+Goals: graphopt is faster than quantize_static at every size both ran;
+graphopt's own time grows at most 1.25x as fast as the size.
 
 This is a benchmark, not a test: it exits 0 whatever the goals' outcome, and
 2 on bad arguments.
@@ -51,8 +52,8 @@ from peak_rss import peak_rss_kib
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SIZES = (2500, 5000, 10000, 20000)
 TOOLS = ("graphopt", "quantize_static")
-SAMPLES, CHECK_SAMPLES = 16, 8
-DEFAULT_BUDGET_SECONDS = 300.0
+SAMPLES = 16
+DEFAULT_BUDGET_SECONDS = 200.0
 WORKER_TIMEOUT_SECONDS = 1200
 LINEAR_SLACK = 1.25
 _THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -133,7 +134,6 @@ class Run:
     size: int
     report: dict[str, Any] | None = None
     error: str = ""
-    cosine: float | None = None
 
     @property
     def own(self) -> float:
@@ -151,19 +151,6 @@ def launch(tool: str, path: Path, out: Path) -> dict[str, Any]:
         tail = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
         raise RuntimeError(f"{tool} worker failed: {tail[0]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def output_cosine(source: Path, quantized: Path) -> float:
-    """Cosine of the quantized model's output against the float model's over the check samples."""
-    import numpy as np
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    sessions = [ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]) for path in (source, quantized)]
-    feeds = _feeds(CHECK_SAMPLES, seed=1)
-    want, got = (np.concatenate([s.run(None, f)[0].ravel() for f in feeds]).astype(np.float64) for s in sessions)
-    return float(want @ got / (np.linalg.norm(want) * np.linalg.norm(got)))
 
 
 def measure(sizes: list[int], budget: float, folder: Path) -> list[Run]:
@@ -184,31 +171,35 @@ def measure(sizes: list[int], budget: float, folder: Path) -> list[Run]:
             out = folder / f"{tool}{size}.onnx"
             try:
                 run.report = launch(tool, source, out)
-            except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
+            except subprocess.TimeoutExpired:
+                run.error = f"timed out after {WORKER_TIMEOUT_SECONDS} s"
+                over_budget[tool] = f"not run: timed out at {size:,} nodes"
+                _progress(f"  {tool:<16} {run.error}")
+                continue
+            except (RuntimeError, ValueError) as exc:
                 run.error = str(exc).splitlines()[0]
                 over_budget[tool] = f"not run: failed at {size:,} nodes"
                 _progress(f"  {tool:<16} FAILED ({run.error})")
                 continue
-            run.cosine = output_cosine(source, out)
             _progress(f"  {tool:<16} {run.report['total']:.1f} s ({run.report['sessions']} sessions, {run.report['session_s']:.1f} s)")
             if run.report["total"] > budget:
                 over_budget[tool] = f"not run: took {run.report['total']:.0f} s > {budget:.0f} s at {size:,} nodes"
     return runs
 
 
-_HEADERS = ("size (nodes)", "tool", "total s", "own s", "sessions", "session s", "peak RSS MiB", "cosine")
+_HEADERS = ("size (nodes)", "tool", "total s", "own s", "sessions", "session s", "peak RSS MiB")
 
 
 def table(runs: list[Run], markdown: bool) -> str:
     rows = []
     for run in runs:
         if run.report is None:
-            rows.append((f"{run.size:,}", run.tool, run.error, "", "", "", "", ""))
+            rows.append((f"{run.size:,}", run.tool, run.error, "", "", "", ""))
             continue
         r = run.report
         rows.append((
             f"{run.size:,}", run.tool, f"{r['total']:.1f}", f"{run.own:.1f}", str(r["sessions"]), f"{r['session_s']:.1f}",
-            f"{r['maxrss_kib'] / 1024:.0f}", f"{run.cosine:.5f}" if run.cosine is not None else "",
+            f"{r['maxrss_kib'] / 1024:.0f}",
         ))
     if markdown:
         lines = ["| " + " | ".join(_HEADERS) + " |", "|---|---|" + "---:|" * (len(_HEADERS) - 2)]
@@ -274,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     graphopt_runs = [run for run in runs if run.tool == "graphopt" and run.report]
     if graphopt_runs:
         print(f"{bullet}graphopt at {graphopt_runs[-1].size:,} nodes: {graphopt_runs[-1].report['summary']}")
-    print(f"{bullet}own s: total less the time in onnxruntime's InferenceSession constructor; cosine: output vs the float model on {CHECK_SAMPLES} other samples")
+    print(f"{bullet}own s: total less the time in onnxruntime's InferenceSession constructor; {SAMPLES} calibration samples, 1 thread")
     for line in goal_lines(runs):
         print(f"{bullet}{line}")
     print(f"{bullet}total benchmark time {time.perf_counter() - started:.0f} s")

@@ -12,7 +12,7 @@ from qdq_scale import Run, goal_lines, table  # noqa: E402
 
 
 def _run(tool: str, size: int, total: float, session_s: float) -> Run:
-    return Run(tool, size, {"total": total, "session_s": session_s, "sessions": 3, "maxrss_kib": 2048, "summary": ""}, cosine=0.999)
+    return Run(tool, size, {"total": total, "session_s": session_s, "sessions": 3, "maxrss_kib": 2048, "summary": ""})
 
 
 def test_own_time_excludes_session_creation_and_growth_is_judged_on_it():

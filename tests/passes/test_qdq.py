@@ -9,6 +9,7 @@ the fused int8 kernels a user deploys.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -504,6 +505,23 @@ def test_profiled_kernel_times_map_back_to_every_quantized_layer():
     float_times = mixed._kernel_times(reference, zoo.feeds, 1, 2)
 
     assert set(pass_.summary.quantized) <= set(int8_times) & set(float_times)
+
+
+@pytest.mark.parametrize("one_event_per_line", [True, False], ids=["onnxruntime-layout", "other-layout"])
+def test_profile_kernel_events_are_read_whatever_the_layout(tmp_path, one_event_per_line):
+    events = [
+        {"cat": "Session", "name": "session_initialization", "dur": 900},
+        {"cat": "Node", "name": "conv_kernel_time", "dur": 12, "args": {"op_name": "Conv"}},
+        {"cat": "Node", "name": "conv_fence_before", "dur": 0},
+        {"cat": "Node", "name": "mm_token_3_kernel_time", "dur": 7},
+    ]
+    path = tmp_path / "profile.json"
+    joined = ",\n" if one_event_per_line else ", "
+    path.write_text("[\n" + joined.join(json.dumps(event) for event in events) + "\n]\n")
+
+    got = list(mixed._kernel_events(str(path)))
+
+    assert [event["name"] for event in got] == ["conv_kernel_time", "mm_token_3_kernel_time"]
 
 
 def test_layers_slower_in_int8_go_back_to_float_when_that_makes_the_model_faster(monkeypatch):
