@@ -77,50 +77,62 @@ def choose(
     timed = speed_reference if speed_reference is not None else reference
     with ModelRunner(reference, threads=threads) as runner:
         expected = [runner.run(feeds) for feeds in held_back]
-    model, summary = build([])
-    judgement = judge(model, held_back, expected, threads)
-    if not meets(judgement, target_cosine, target_snr):
-        ranking = sensitivity(reference, model, held_back[0], threads)
-        model, summary, judgement, kept_float = _fewest_float_layers(
-            build, ranking, held_back, expected, threads, target_cosine, target_snr
-        )
-        reason = f"sensitive: kept float to reach {_target_text(target_cosine, target_snr)}"
-        summary.float_layers.update({name: reason for name in kept_float})
-    summary.fidelity = _fidelity(judgement)
-    if check_speed and summary.quantized:
-        ratio = _latency_ratio(timed, model, held_back[0], threads)
-        slow = slower_layers(reference, model, summary.quantized, held_back[0], threads)
-        if slow:
-            # A float layer amid int8 ones adds conversions around it, so the
-            # variant is kept only if the whole model is faster with it.
-            kept = {name: why for name, why in summary.float_layers.items() if why.startswith("sensitive")}
-            variant, variant_summary = build([*kept, *slow])
-            variant_ratio = _latency_ratio(timed, variant, held_back[0], threads)
-            logger.info("qdq: %d layers slower in %s; whole model %.2fx -> %.2fx float", len(slow), kind, ratio, variant_ratio)
-            if variant_ratio < ratio:
-                model, summary, ratio = variant, variant_summary, variant_ratio
-                summary.float_layers.update(kept)
-                summary.float_layers.update({name: f"{kind} kernel slower than float ({text})" for name, text in slow.items()})
-                if store_slow:  # measures the stored model's fidelity when it keeps the storage
-                    model = _with_int8_storage(model, slow, summary, held_back, expected, threads, target_cosine, target_snr)
-                if not summary.stored:
-                    summary.fidelity = _fidelity(judge(model, held_back, expected, threads))
-        summary.latency_ratio = ratio
-        if ratio > SLOWER_THAN_FLOAT or not summary.quantized:
-            # Nothing quantized left (every layer slower) is float too: the model as given, not the prepared one.
-            why = f"took {ratio:.2f}x the float latency on onnxruntime CPU" if summary.quantized else "kernels were all slower than float"
-            summary.backed_off = f"{kind} {why}; the model stays float"
-            logger.warning("qdq: %s", summary.backed_off)
-            layers = [*summary.quantized, *summary.stored]
-            for name in summary.quantized:
-                summary.float_layers[name] = f"{kind} model slower than float"
-            summary.quantized, summary.stored, summary.weight_bytes_before, summary.weight_bytes_after = [], [], 0, 0
-            return _backed_off(timed, layers, summary, held_back, expected, threads, target_cosine, target_snr, store_slow)
-    return model, summary
+    # One float session for every latency comparison below, not one each: on big graphs
+    # opening it is the cost (a 20k-node chain: ~2.5 s).
+    with _FloatTimer(timed, threads) as float_timer:
+        model, summary = build([])
+        judgement = judge(model, held_back, expected, threads)
+        if not meets(judgement, target_cosine, target_snr):
+            ranking = sensitivity(reference, model, held_back[0], threads)
+            model, summary, judgement, kept_float = _fewest_float_layers(
+                build, ranking, held_back, expected, threads, target_cosine, target_snr
+            )
+            reason = f"sensitive: kept float to reach {_target_text(target_cosine, target_snr)}"
+            summary.float_layers.update({name: reason for name in kept_float})
+        summary.fidelity = _fidelity(judgement)
+        if check_speed and summary.quantized:
+            ratio = _latency_ratio(float_timer, model, held_back[0], threads)
+            slow = slower_layers(reference, model, summary.quantized, held_back[0], threads)
+            if slow:
+                # A float layer amid int8 ones adds conversions around it, so the
+                # variant is kept only if the whole model is faster with it.
+                kept = {name: why for name, why in summary.float_layers.items() if why.startswith("sensitive")}
+                variant, variant_summary = build([*kept, *slow])
+                variant_ratio = _latency_ratio(float_timer, variant, held_back[0], threads)
+                logger.info("qdq: %d layers slower in %s; whole model %.2fx -> %.2fx float", len(slow), kind, ratio, variant_ratio)
+                if variant_ratio < ratio:
+                    model, summary, ratio = variant, variant_summary, variant_ratio
+                    summary.float_layers.update(kept)
+                    summary.float_layers.update({name: f"{kind} kernel slower than float ({text})" for name, text in slow.items()})
+                    if store_slow:  # measures the stored model's fidelity when it keeps the storage
+                        model = _with_int8_storage(model, slow, summary, held_back, expected, threads, target_cosine, target_snr)
+                    if not summary.stored:
+                        summary.fidelity = _fidelity(judge(model, held_back, expected, threads))
+            summary.latency_ratio = ratio
+            if ratio > SLOWER_THAN_FLOAT or not summary.quantized:
+                # Nothing quantized left (every layer slower) is float too: the model as given, not the prepared one.
+                why = f"took {ratio:.2f}x the float latency on onnxruntime CPU" if summary.quantized else "kernels were all slower than float"
+                summary.backed_off = f"{kind} {why}; the model stays float"
+                logger.warning("qdq: %s", summary.backed_off)
+                layers = [*summary.quantized, *summary.stored]
+                for name in summary.quantized:
+                    summary.float_layers[name] = f"{kind} model slower than float"
+                summary.quantized, summary.stored, summary.weight_bytes_before, summary.weight_bytes_after = [], [], 0, 0
+                return _backed_off(timed, float_timer, layers, summary, held_back, expected, threads, target_cosine, target_snr, store_slow)
+        return model, summary
 
 
 def _backed_off(
-    timed: ir.Model, layers: list[str], summary: Any, held_back, expected, threads, target_cosine, target_snr, store_slow: bool
+    timed: ir.Model,
+    float_timer: _FloatTimer,
+    layers: list[str],
+    summary: Any,
+    held_back,
+    expected,
+    threads,
+    target_cosine,
+    target_snr,
+    store_slow: bool,
 ) -> tuple[ir.Model, Any]:
     """The model as given, with int8 storage of ``layers`` if ``store_slow`` and it costs no speed."""
     model = timed.clone()
@@ -131,7 +143,7 @@ def _backed_off(
         return model, summary
     # onnxruntime folds the widening at load, so this should read about 1.0; a
     # clear loss means it did not (an onnxruntime change), and storage goes.
-    ratio = _latency_ratio(timed, stored, held_back[0], threads)
+    ratio = _latency_ratio(float_timer, stored, held_back[0], threads)
     if ratio > LAYER_SLOWER_THAN_FLOAT:
         logger.warning("qdq: int8 storage ran %.2fx the float latency; the weights stay float", ratio)
         summary.stored, summary.weight_bytes_before, summary.weight_bytes_after = [], 0, 0
@@ -291,9 +303,30 @@ def _target_text(target_cosine: float | None, target_snr: float | None) -> str:
     return " and ".join(p for p in parts if p)
 
 
-def _latency_ratio(reference: ir.Model, quantized: ir.Model, feeds: Feeds, threads: int | None) -> float:
-    with ModelRunner(reference, threads=threads) as float_runner, ModelRunner(quantized, threads=threads) as int8_runner:
-        runners = [_Fed(float_runner), _Fed(int8_runner)]
+class _FloatTimer:
+    """The float model's session for latency comparisons: opened on first use, shared, closed on exit."""
+
+    def __init__(self, model: ir.Model, threads: int | None) -> None:
+        self.model, self.threads = model, threads
+        self._runner: ModelRunner | None = None
+
+    def runner(self) -> ModelRunner:
+        if self._runner is None:
+            self._runner = ModelRunner(self.model, threads=self.threads)
+        return self._runner
+
+    def __enter__(self) -> _FloatTimer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+
+
+def _latency_ratio(float_timer: _FloatTimer, quantized: ir.Model, feeds: Feeds, threads: int | None) -> float:
+    with ModelRunner(quantized, threads=threads) as int8_runner:
+        runners = [_Fed(float_timer.runner()), _Fed(int8_runner)]
         start = time.perf_counter()
         for runner in runners:
             runner.run(feeds)

@@ -38,7 +38,7 @@ def _session(model, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, path: Path 
     return ort.InferenceSession(to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _int8_slower(reference, candidate, feeds, threads) -> float:
+def _int8_slower(float_timer, candidate, feeds, threads) -> float:
     """Latency ratio stand-in: models with Q/DQ nodes are slower than float, others as fast."""
     return 1.4 if any(node.op_type == "QuantizeLinear" for node in candidate.graph) else 1.0
 
