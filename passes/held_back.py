@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __all__ = ["Judgement", "judge", "reference_outputs", "meets"]
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,15 +42,23 @@ class Judgement:
     snr_lower_bound: float = math.inf
 
 
-def judge(model: ir.Model, samples: Sequence[Feeds], expected: Sequence[dict[str, np.ndarray]], threads: int | None) -> Judgement:
+def judge(
+    model: ir.Model,
+    samples: Sequence[Feeds],
+    expected: Sequence[dict[str, np.ndarray]],
+    threads: int | None,
+    runner: ModelRunner | None = None,
+) -> Judgement:
     """Runs ``model`` on ``samples`` and compares its numeric outputs with ``expected`` (the original's, in order).
 
+    ``runner``: an open session on ``model`` to use (left open), so a caller
+    that also times the model opens it once; None opens one here.
     NaN or infinite outputs count as cosine -1 and SNR -inf: as far from the
     original as outputs get.
     """
     sums: dict[str, np.ndarray] = {}  # per output: sum of a.b, a.a, b.b, d.d over the samples (d = b - a)
     cosines, snrs = [], []
-    with ModelRunner(model, threads=threads) as runner:
+    with contextlib.nullcontext(runner) if runner is not None else ModelRunner(model, threads=threads) as runner:
         for feeds, reference in zip(samples, expected):
             got = runner.run(runner.own(feeds))
             worst_cosine, worst_snr = 1.0, math.inf

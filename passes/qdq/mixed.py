@@ -77,37 +77,38 @@ def choose(
     timed = speed_reference if speed_reference is not None else reference
     with ModelRunner(reference, threads=threads) as runner:
         expected = [runner.run(feeds) for feeds in held_back]
-    # One float session for every latency comparison below, not one each: on big graphs
-    # opening it is the cost (a 20k-node chain: ~2.5 s).
-    with _FloatTimer(timed, threads) as float_timer:
+    # Sessions are opened once and reused: the float model's for every latency comparison,
+    # and the quantized model's from its judgement to its timing. On big graphs opening is
+    # the cost (a 20k-node chain: ~2.5 s float, twice that quantized).
+    with _Sessions(timed, threads) as sessions:
         model, summary = build([])
-        judgement = judge(model, held_back, expected, threads)
+        judgement = _judge(sessions, model, held_back, expected)
         if not meets(judgement, target_cosine, target_snr):
             ranking = sensitivity(reference, model, held_back[0], threads)
             model, summary, judgement, kept_float = _fewest_float_layers(
-                build, ranking, held_back, expected, threads, target_cosine, target_snr
+                build, ranking, held_back, expected, sessions, target_cosine, target_snr
             )
             reason = f"sensitive: kept float to reach {_target_text(target_cosine, target_snr)}"
             summary.float_layers.update({name: reason for name in kept_float})
         summary.fidelity = _fidelity(judgement)
         if check_speed and summary.quantized:
-            ratio = _latency_ratio(float_timer, model, held_back[0], threads)
+            ratio = _latency_ratio(sessions, model, held_back[0])
             slow = slower_layers(reference, model, summary.quantized, held_back[0], threads)
             if slow:
                 # A float layer amid int8 ones adds conversions around it, so the
                 # variant is kept only if the whole model is faster with it.
                 kept = {name: why for name, why in summary.float_layers.items() if why.startswith("sensitive")}
                 variant, variant_summary = build([*kept, *slow])
-                variant_ratio = _latency_ratio(float_timer, variant, held_back[0], threads)
+                variant_ratio = _latency_ratio(sessions, variant, held_back[0])
                 logger.info("qdq: %d layers slower in %s; whole model %.2fx -> %.2fx float", len(slow), kind, ratio, variant_ratio)
                 if variant_ratio < ratio:
                     model, summary, ratio = variant, variant_summary, variant_ratio
                     summary.float_layers.update(kept)
                     summary.float_layers.update({name: f"{kind} kernel slower than float ({text})" for name, text in slow.items()})
                     if store_slow:  # measures the stored model's fidelity when it keeps the storage
-                        model = _with_int8_storage(model, slow, summary, held_back, expected, threads, target_cosine, target_snr)
+                        model = _with_int8_storage(model, slow, summary, held_back, expected, sessions, target_cosine, target_snr)
                     if not summary.stored:
-                        summary.fidelity = _fidelity(judge(model, held_back, expected, threads))
+                        summary.fidelity = _fidelity(_judge(sessions, model, held_back, expected))
             summary.latency_ratio = ratio
             if ratio > SLOWER_THAN_FLOAT or not summary.quantized:
                 # Nothing quantized left (every layer slower) is float too: the model as given, not the prepared one.
@@ -118,18 +119,17 @@ def choose(
                 for name in summary.quantized:
                     summary.float_layers[name] = f"{kind} model slower than float"
                 summary.quantized, summary.stored, summary.weight_bytes_before, summary.weight_bytes_after = [], [], 0, 0
-                return _backed_off(timed, float_timer, layers, summary, held_back, expected, threads, target_cosine, target_snr, store_slow)
+                return _backed_off(timed, sessions, layers, summary, held_back, expected, target_cosine, target_snr, store_slow)
         return model, summary
 
 
 def _backed_off(
     timed: ir.Model,
-    float_timer: _FloatTimer,
+    sessions: _Sessions,
     layers: list[str],
     summary: Any,
     held_back,
     expected,
-    threads,
     target_cosine,
     target_snr,
     store_slow: bool,
@@ -138,12 +138,12 @@ def _backed_off(
     model = timed.clone()
     if not store_slow:
         return model, summary
-    stored = _with_int8_storage(model, layers, summary, held_back, expected, threads, target_cosine, target_snr)
+    stored = _with_int8_storage(model, layers, summary, held_back, expected, sessions, target_cosine, target_snr)
     if not summary.stored:
         return model, summary
     # onnxruntime folds the widening at load, so this should read about 1.0; a
     # clear loss means it did not (an onnxruntime change), and storage goes.
-    ratio = _latency_ratio(float_timer, stored, held_back[0], threads)
+    ratio = _latency_ratio(sessions, stored, held_back[0])
     if ratio > LAYER_SLOWER_THAN_FLOAT:
         logger.warning("qdq: int8 storage ran %.2fx the float latency; the weights stay float", ratio)
         summary.stored, summary.weight_bytes_before, summary.weight_bytes_after = [], 0, 0
@@ -153,7 +153,7 @@ def _backed_off(
 
 
 def _with_int8_storage(
-    model: ir.Model, layers: Iterable[str], summary: Any, held_back, expected, threads, target_cosine, target_snr
+    model: ir.Model, layers: Iterable[str], summary: Any, held_back, expected, sessions: _Sessions, target_cosine, target_snr
 ) -> ir.Model:
     """``model`` with the float ``layers``' weights stored as int8 (storage.py) if the fidelity target still holds.
 
@@ -164,7 +164,7 @@ def _with_int8_storage(
     stored = storage.store_int8(candidate, frozenset(layers))
     if not stored.layers:
         return model
-    judgement = judge(candidate, held_back, expected, threads)
+    judgement = _judge(sessions, candidate, held_back, expected)
     if not meets(judgement, target_cosine, target_snr):
         logger.info("qdq: int8 storage of %d float layers misses the target (cosine %.5f); they stay float", len(stored.layers), judgement.cosine)
         return model
@@ -263,7 +263,7 @@ def sensitivity(reference: ir.Model, quantized: ir.Model, feeds: Feeds, threads:
     return [name for _, name in sorted(scores, reverse=True)]
 
 
-def _fewest_float_layers(build: Build, ranking: list[str], held_back, expected, threads, target_cosine, target_snr):
+def _fewest_float_layers(build: Build, ranking: list[str], held_back, expected, sessions: _Sessions, target_cosine, target_snr):
     """Bisects the number of top-ranked layers kept float; all float always meets any target."""
     low, high = 0, len(ranking)  # low fails, high meets (nothing quantized = the float model)
     best = None
@@ -273,7 +273,7 @@ def _fewest_float_layers(build: Build, ranking: list[str], held_back, expected, 
         tried += 1
         middle = (low + high) // 2
         model, summary = build(ranking[:middle])
-        judgement = judge(model, held_back, expected, threads)
+        judgement = _judge(sessions, model, held_back, expected)
         logger.info(
             "qdq: %d layers float -> cosine %.5f (bound %.5f), SNR %.1f dB (bound %.1f)",
             middle, judgement.cosine, judgement.lower_bound, judgement.snr_db, judgement.snr_lower_bound,
@@ -284,7 +284,7 @@ def _fewest_float_layers(build: Build, ranking: list[str], held_back, expected, 
             low = middle
     if best is None:  # only "everything float" met the target
         model, summary = build(ranking[:high])
-        best = (model, summary, judge(model, held_back, expected, threads))
+        best = (model, summary, _judge(sessions, model, held_back, expected))
     return (*best, ranking[:high])
 
 
@@ -303,37 +303,61 @@ def _target_text(target_cosine: float | None, target_snr: float | None) -> str:
     return " and ".join(p for p in parts if p)
 
 
-class _FloatTimer:
-    """The float model's session for latency comparisons: opened on first use, shared, closed on exit."""
+class _Sessions:
+    """onnxruntime sessions reused within one choose(): the float model's, and the last quantized model's.
 
-    def __init__(self, model: ir.Model, threads: int | None) -> None:
-        self.model, self.threads = model, threads
-        self._runner: ModelRunner | None = None
+    choose() times every candidate against the same float model, and times
+    a quantized model right after judging it; each opening serializes and
+    optimizes the whole graph again.
+    """
 
-    def runner(self) -> ModelRunner:
-        if self._runner is None:
-            self._runner = ModelRunner(self.model, threads=self.threads)
-        return self._runner
+    def __init__(self, float_model: ir.Model, threads: int | None) -> None:
+        self.float_model, self.threads = float_model, threads
+        self._float: ModelRunner | None = None
+        self._last: tuple[ir.Model, ModelRunner] | None = None
 
-    def __enter__(self) -> _FloatTimer:
+    def float_runner(self) -> ModelRunner:
+        if self._float is None:
+            self._float = ModelRunner(self.float_model, threads=self.threads)
+        return self._float
+
+    def runner(self, model: ir.Model) -> ModelRunner:
+        """A session on ``model``; the previous model's closes first, so at most one is held."""
+        if self._last is not None and self._last[0] is model:
+            return self._last[1]
+        self._close_last()
+        runner = ModelRunner(model, threads=self.threads)
+        self._last = (model, runner)
+        return runner
+
+    def _close_last(self) -> None:
+        if self._last is not None:
+            self._last[1].close()
+            self._last = None
+
+    def __enter__(self) -> _Sessions:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._runner is not None:
-            self._runner.close()
-            self._runner = None
+        self._close_last()
+        if self._float is not None:
+            self._float.close()
+            self._float = None
 
 
-def _latency_ratio(float_timer: _FloatTimer, quantized: ir.Model, feeds: Feeds, threads: int | None) -> float:
-    with ModelRunner(quantized, threads=threads) as int8_runner:
-        runners = [_Fed(float_timer.runner()), _Fed(int8_runner)]
-        start = time.perf_counter()
-        for runner in runners:
-            runner.run(feeds)
-        one_round = time.perf_counter() - start
-        # Sub-millisecond models need many rounds for a stable median; big ones few.
-        repeats = int(min(MAX_SPEED_ROUNDS, max(MIN_SPEED_ROUNDS, SPEED_CHECK_SECONDS / max(one_round, 1e-6))))
-        float_seconds, int8_seconds = measure_latency(runners, feeds, warmup=3, repeats=repeats)
+def _judge(sessions: _Sessions, model: ir.Model, held_back: Sequence[Feeds], expected) -> Judgement:
+    return judge(model, held_back, expected, sessions.threads, runner=sessions.runner(model))
+
+
+def _latency_ratio(sessions: _Sessions, quantized: ir.Model, feeds: Feeds) -> float:
+    runners = [_Fed(sessions.float_runner()), _Fed(sessions.runner(quantized))]
+    start = time.perf_counter()
+    for runner in runners:
+        runner.run(feeds)
+    one_round = time.perf_counter() - start
+    # Sub-millisecond models need many rounds for a stable median; big ones few.
+    repeats = int(min(MAX_SPEED_ROUNDS, max(MIN_SPEED_ROUNDS, SPEED_CHECK_SECONDS / max(one_round, 1e-6))))
+    float_seconds, int8_seconds = measure_latency(runners, feeds, warmup=3, repeats=repeats)
     return int8_seconds / float_seconds if float_seconds > 0 else 1.0
 
 

@@ -524,18 +524,22 @@ def test_profile_kernel_events_are_read_whatever_the_layout(tmp_path, one_event_
     assert [event["name"] for event in got] == ["conv_kernel_time", "mm_token_3_kernel_time"]
 
 
-def test_latency_comparisons_share_one_float_session(monkeypatch):
+def test_judging_and_timing_share_sessions(monkeypatch):
     zoo = model_zoo.build("mlp")
-    float_model, candidate = load(zoo.model), load(zoo.model)
+    float_model, candidate, other = load(zoo.model), load(zoo.model), load(zoo.model)
+    expected = [ModelRunner(float_model).run(zoo.feeds)]
     opened = []
     real = mixed.ModelRunner
     monkeypatch.setattr(mixed, "ModelRunner", lambda model, *args, **kwargs: opened.append(model) or real(model, *args, **kwargs))
 
-    with mixed._FloatTimer(float_model, 1) as timer:
-        ratios = [mixed._latency_ratio(timer, candidate, zoo.feeds, 1) for _ in range(2)]
+    with mixed._Sessions(float_model, 1) as sessions:
+        judgement = mixed._judge(sessions, candidate, [zoo.feeds], expected)
+        ratios = [mixed._latency_ratio(sessions, candidate, zoo.feeds) for _ in range(2)]
+        mixed._latency_ratio(sessions, other, zoo.feeds)
 
-    assert len(opened) == 3 and sum(model is float_model for model in opened) == 1  # was a float session per comparison
-    assert all(0.5 < ratio < 2.0 for ratio in ratios), ratios  # the same model timed against itself
+    # Was a session per judgement and two per comparison: seven.
+    assert [id(model) for model in opened] == [id(candidate), id(float_model), id(other)]
+    assert judgement.cosine == 1.0 and all(0.5 < ratio < 2.0 for ratio in ratios), ratios  # the same model against itself
 
 
 def test_layers_slower_in_int8_go_back_to_float_when_that_makes_the_model_faster(monkeypatch):

@@ -38,7 +38,7 @@ def _session(model, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, path: Path 
     return ort.InferenceSession(to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _int8_slower(float_timer, candidate, feeds, threads) -> float:
+def _int8_slower(sessions, candidate, feeds) -> float:
     """Latency ratio stand-in: models with Q/DQ nodes are slower than float, others as fast."""
     return 1.4 if any(node.op_type == "QuantizeLinear" for node in candidate.graph) else 1.0
 
@@ -137,8 +137,9 @@ def test_storage_is_dropped_when_it_misses_the_fidelity_target():
     layers = ["gemm_h", "gemm_y"]
 
     summary = QuantizationSummary()
-    unchanged = mixed._with_int8_storage(model, layers, summary, [zoo.feeds], expected, 1, None, 300.0)
-    stored = mixed._with_int8_storage(model, layers, summary, [zoo.feeds], expected, 1, STORAGE_COSINE, None)
+    with mixed._Sessions(model, threads=1) as sessions:
+        unchanged = mixed._with_int8_storage(model, layers, summary, [zoo.feeds], expected, sessions, None, 300.0)
+        stored = mixed._with_int8_storage(model, layers, summary, [zoo.feeds], expected, sessions, STORAGE_COSINE, None)
 
     assert unchanged is model  # no rounding reaches an SNR of 300 dB
     assert stored is not model and summary.stored == layers

@@ -162,8 +162,8 @@ def test_speed_is_judged_against_the_model_as_given_and_kept_unchanged_when_noth
     # model handed back when nothing ends quantized, are the user's own.
     timed = []
 
-    def ratio(float_timer, quantized, feeds, threads):
-        timed.append((float_timer.model.opset_imports[""], quantized.opset_imports[""]))
+    def ratio(sessions, quantized, feeds):
+        timed.append((sessions.float_model.opset_imports[""], quantized.opset_imports[""]))
         return 1.3
 
     monkeypatch.setattr(mixed, "_latency_ratio", ratio)
