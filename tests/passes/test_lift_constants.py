@@ -10,6 +10,7 @@ from helpers import assert_same_outputs, assert_second_run_changes_nothing, chec
 
 from graphopt import run_pipeline
 from graphopt.errors import PipelineSpecError
+from passes.lift_constants import LiftConstantsPass
 
 X = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
 
@@ -155,11 +156,33 @@ def test_ir3_model_gets_lifted_initializers_listed_as_inputs():
     )
     model = ir.serde.deserialize_model(proto)
 
-    result = run_pipeline(model, "lift-constants")
+    # The pass on its own keeps IR 3's rule; run_pipeline raises such models to IR 4 first.
+    result = LiftConstantsPass()(model)
 
     assert result.modified is True
     assert result.model.ir_version == 3
     assert [v.name for v in result.model.graph.inputs] == ["x", "b"]
+    check_full(result.model)
+    assert_same_outputs(run_ort(proto, {"x": X}), run_ort(result.model, {"x": X}))
+
+
+def test_ir3_model_through_the_pipeline_is_raised_to_ir4_and_lifts_plain_initializers():
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 3, opset_import: ["" : 9]>
+        g (float[2,4] x) => (float[2,4] y) {
+          b = Constant <value = float[4] {1, 2, 3, 4}> ()
+          y = Add(x, b)
+        }
+        """
+    )
+    model = ir.serde.deserialize_model(proto)
+
+    result = run_pipeline(model, "lift-constants")
+
+    assert [row.name for row in result.ledger.rows] == ["upgrade-ir", "lift-constants"]
+    assert result.model.ir_version == 4 and [v.name for v in result.model.graph.inputs] == ["x"]
+    assert "b" in result.model.graph.initializers
     check_full(result.model)
     assert_same_outputs(run_ort(proto, {"x": X}), run_ort(result.model, {"x": X}))
 
