@@ -284,7 +284,7 @@ def _optimize(args: argparse.Namespace) -> int:
         f"in {seconds:.2f} s; {'changed' if result.modified else 'unchanged'}"
     )
     if args.ledger is not None:
-        io.write_text_atomically(args.ledger, json.dumps(result.ledger.to_dicts(), indent=2) + "\n")
+        io.write_text_atomically(args.ledger, json.dumps(result.ledger.to_dicts(), indent=2, allow_nan=False) + "\n")
     if options is None:
         if checked is not None:
             print(checked)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 __all__ = ["LedgerRow", "Ledger", "format_bytes"]
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -24,8 +27,13 @@ class LedgerRow:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict; the schema is the field list above."""
-        return asdict(self)
+        """A JSON-ready dict; the schema is the field list above.
+
+        Non-finite floats in the details (an SNR of an exact layer is inf)
+        become the strings ``"inf"``, ``"-inf"``, ``"nan"``, as in the
+        fidelity report: strict JSON has no such numbers.
+        """
+        return _json_safe(asdict(self))
 
 
 @dataclass
@@ -68,3 +76,19 @@ def format_bytes(count: int) -> str:
             return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float, at any depth of dicts, lists and tuples, as a string.
+
+    numpy scalars become Python numbers first: json cannot write them.
+    """
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
