@@ -304,13 +304,14 @@ def _run_pipeline(args: argparse.Namespace, model: ir.Model, pipeline: list[Pass
     running = [0]
 
     def track(index: int, total: int, name: str) -> None:
-        running[0] = index
+        # run_pipeline may run steps of its own first (upgrade-ir on IR 3 models).
+        running[0] = index - (total - len(pipeline))
         progress(index, total, name)
 
     try:
         return run_pipeline(model, pipeline, check_each_pass=args.check_each_pass, progress=track)
     except GraphoptError as exc:
-        step = pipeline[running[0]] if running[0] < len(pipeline) else None
+        step = pipeline[running[0]] if 0 <= running[0] < len(pipeline) else None
         if step is None or isinstance(exc, PassCheckError) or not _synthesizes_inputs(step) or not _failed_on_feeds(exc):
             raise
         # A pass without a ``shapes`` option draws its inputs at default dims, whatever --shape says.
@@ -341,11 +342,14 @@ def _lossy_steps(pipeline: list[PassSpec]) -> list[str]:
 
 
 def _lossy_changes(pipeline: list[PassSpec], rows: list[LedgerRow]) -> dict[str, str]:
-    """The steps that changed the model with a pass whose class says ``lossy = True``, each with its ``fidelity_hint``."""
+    """The steps that changed the model with a pass whose class says ``lossy = True``, each with its ``fidelity_hint``.
+
+    ``rows`` may start with steps run_pipeline added before the user's (upgrade-ir).
+    """
     factories = available_passes()
     return {
         spec.name: getattr(factories[spec.name], "fidelity_hint", "")
-        for spec, row in zip(pipeline, rows)
+        for spec, row in zip(pipeline, rows[len(rows) - len(pipeline) :])
         if row.modified and getattr(factories.get(spec.name), "lossy", False)
     }
 

@@ -56,8 +56,11 @@ class UpgradeIrPass(ir.passes.InPlacePass):
         if not self._details:
             return {}
         d = self._details
+        versions = f"IR version {d['ir_version_before']} -> {d['ir_version_after']}"
+        if not d["inputs_removed"]:
+            return {**d, "summary": f"{versions} (no initializer was a graph input)"}
         line = (
-            f"IR version {d['ir_version_before']} -> {d['ir_version_after']}: {d['inputs_removed']} initializers"
-            " are no longer graph inputs (onnxruntime already treats them as constants below IR 4)"
+            f"{versions}: {d['inputs_removed']} initializers are no longer graph inputs"
+            " (onnxruntime already treats them as constants below IR 4)"
         )
         return {**d, "summary": line}

@@ -91,6 +91,16 @@ def test_upgrade_alone_is_lossless_and_keeps_weights_named_as_before():
     assert run_pipeline(model, "upgrade-ir").modified is False  # IR 4 now: nothing to do
 
 
+def test_upgrade_without_initializer_inputs_says_so():
+    proto = _two_layers(ir_version=3, weights_are_inputs=False)  # not valid IR 3, but seen in the wild
+    model = load(proto)
+
+    result = run_pipeline(model, "upgrade-ir")
+
+    assert result.ledger.rows[0].details["summary"] == "IR version 3 -> 4 (no initializer was a graph input)"
+    assert_same_outputs(run_ort(proto, X), run_ort(model, X))
+
+
 def test_models_from_ir4_on_get_no_upgrade_step():
     model = load(_two_layers(ir_version=4, weights_are_inputs=False))
 
@@ -142,3 +152,35 @@ def test_the_pass_is_registered_under_its_pipeline_name():
     from passes import BUILTIN_PASSES
 
     assert BUILTIN_PASSES["upgrade-ir"] is UpgradeIrPass
+
+
+def test_cli_pairs_the_users_steps_with_their_ledger_rows_after_the_upgrade(tmp_path, capsys):
+    # upgrade-ir's row comes first; zipping the spec with the rows sent the quick check to fold's row.
+    source = tmp_path / "ir3.onnx"
+    onnx.save(_two_layers(ir_version=3, weights_are_inputs=True), source)
+
+    code = main(["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "--passes", "fold,qdq(check_speed=false)"])
+
+    assert code == 0
+    assert "quick check after qdq: output cosine" in capsys.readouterr().out
+
+
+def test_cli_names_the_pass_that_failed_on_its_own_inputs_after_the_upgrade(tmp_path, capsys):
+    h = onnx.helper
+    weight = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32), "W")
+    shape = onnx.numpy_helper.from_array(np.array([-1, 32], np.int64), "shape")
+    graph = h.make_graph(
+        [h.make_node("Reshape", ["x", "shape"], ["r"]), h.make_node("MatMul", ["r", "W"], ["y"])],
+        "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N"]), h.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [32, 32]),
+         h.make_tensor_value_info("shape", onnx.TensorProto.INT64, [2])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [weight, shape],
+    )
+    source = tmp_path / "flat.onnx"  # N defaults to 1, which cannot be reshaped to [-1, 32]
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 9)], ir_version=3), source)
+
+    code = main(["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "--passes", "fold,qdq,prune"])
+
+    assert code == 2
+    assert "pass 'qdq' could not run the model on the inputs it synthesized" in capsys.readouterr().err
