@@ -26,13 +26,19 @@ def channel_axes(nodes: Sequence[ir.Node]) -> dict[str, int]:
 
     Calibration keeps these tensors' per-channel means in its own pass
     (calibration.collect's ``channel_axes``), so correction costs no run.
-    Constant inputs are left out: they vary with no sample.
+    Constant inputs are left out: they vary with no sample. So is a tensor
+    that a Conv and a MatMul both read: their channels lie on different
+    axes, and one set of means would correct one of them with the wrong
+    values (it did: a Conv got means along the width).
     """
-    return {
-        value.name: 1 if node.op_type == "Conv" else -1
-        for node in nodes
-        if node.inputs and (value := node.inputs[0]) is not None and value.name and not value.is_initializer()
-    }
+    axes: dict[str, int | None] = {}
+    for node in nodes:
+        value = node.inputs[0] if node.inputs else None
+        if value is None or not value.name or value.is_initializer():
+            continue
+        axis = 1 if node.op_type == "Conv" else -1
+        axes[value.name] = axis if axes.get(value.name, axis) == axis else None
+    return {name: axis for name, axis in axes.items() if axis is not None}
 
 
 def input_means(stats: Mapping[str, TensorStatistics]) -> dict[str, np.ndarray]:

@@ -249,3 +249,40 @@ def test_conv_bias_that_is_shared_or_an_input_is_kept_not_replaced_by_a_correcti
     assert all(node.inputs[2].name == "B" for node in model.graph if node.op_type == "Conv")
     check_full(model)
     _assert_close(proto, model, feeds)
+
+
+def _conv_and_matmul_read_one_tensor() -> onnx.ModelProto:
+    """t [N, 8, 8, 8] feeds a Conv (channels on axis 1) and a MatMul (channels on the last axis); C == W, so shapes agree."""
+    rng = np.random.default_rng(0)
+    offsets = (np.arange(8, dtype=np.float32) * 2).reshape(1, 8, 1, 1)  # a different mean per channel
+    graph = oh.make_graph(
+        [
+            oh.make_node("Add", ["x", "offsets"], ["t"], name="shift"),
+            oh.make_node("Conv", ["t", "W", "B"], ["y1"], pads=[1, 1, 1, 1], name="conv"),
+            oh.make_node("MatMul", ["t", "W2"], ["m"], name="mm"),
+            oh.make_node("Add", ["m", "B2"], ["y2"], name="mm_bias"),
+        ],
+        "shared",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])],
+        [oh.make_tensor_value_info("y1", TensorProto.FLOAT, None), oh.make_tensor_value_info("y2", TensorProto.FLOAT, None)],
+        [nh.from_array(offsets, "offsets"), nh.from_array(rng.normal(0, 0.3, (16, 8, 3, 3)).astype(np.float32), "W"),
+         nh.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "B"), nh.from_array(rng.normal(0, 0.3, (8, 16)).astype(np.float32), "W2"),
+         nh.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "B2")],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_tensor_read_along_two_channel_axes_corrects_neither_reader():
+    # One set of means served both: the Conv was corrected with means along the width (y1 error 7.2e-3 -> 9.7e-3).
+    proto = _conv_and_matmul_read_one_tensor()
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.standard_normal((2, 8, 8, 8)).astype(np.float32)} for _ in range(8)]
+    outputs = {}
+    for correction in (True, False):
+        model, result, pass_ = _quantize(proto, feeds, bias_correction=correction)
+        assert result.modified and {"conv", "mm"} <= set(pass_.summary.quantized)
+        assert pass_.summary.corrected == []
+        outputs[correction] = [_session(model).run(None, f) for f in feeds]
+    for with_correction, without in zip(outputs[True], outputs[False]):
+        for a, b in zip(with_correction, without):
+            np.testing.assert_array_equal(a, b)
