@@ -33,6 +33,9 @@ from passes.qdq.rewrite import NodeMaker
 # Below this many values the scale and the two nodes outweigh what int8 saves.
 MIN_ELEMENTS = 256
 _LAYER_OPS = ("Conv", "MatMul", "Gemm")
+# onnxruntime has no Mul kernel before opset 7 (Mul-6 broadcast by attribute):
+# the widening would make an opset-6 model unrunnable, so such models store nothing.
+_FIRST_RUNNABLE_MUL_OPSET = 7
 
 
 @dataclass
@@ -47,6 +50,7 @@ class StoredWeights:
 def store_int8(model: ir.Model, layers: Collection[str]) -> StoredWeights:
     """Stores the weights of the named main-graph Conv/MatMul/Gemm nodes as int8, widened by Cast and Mul.
 
+    Nothing is stored below opset 7, where onnxruntime cannot run the Mul.
     A weight is left alone unless it is a float32 initializer that is not a
     graph input, is read by that node only, has a per-channel axis, holds
     only finite values and has at least :data:`MIN_ELEMENTS` values.
@@ -54,6 +58,8 @@ def store_int8(model: ir.Model, layers: Collection[str]) -> StoredWeights:
     it up with the original.
     """
     stored = StoredWeights()
+    if model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) < _FIRST_RUNNABLE_MUL_OPSET:
+        return stored
     maker = NodeMaker(model)
     for node in list(model.graph):
         if node.op_type not in _LAYER_OPS or node.domain not in ("", "ai.onnx") or node.name not in layers:

@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from helpers import check_full, cosine, to_proto
+from helpers import check_full, cosine, run_ort, to_proto
 
 import model_zoo
 from graphopt import load, run_pipeline
@@ -51,6 +51,31 @@ def _stored_weight(node: ir.Node) -> np.ndarray | None:
     cast = multiply.inputs[0].producer()
     assert cast is not None and cast.op_type == "Cast" and cast.attributes.get_int("to") == ir.DataType.FLOAT
     return cast.inputs[0].const_value.numpy()
+
+
+def test_an_opset_6_model_that_backs_off_stores_nothing_and_still_runs(monkeypatch):
+    # onnxruntime has no Mul kernel before opset 7: the widening made such models unrunnable (exit 2).
+    from onnx import TensorProto, helper, numpy_helper
+
+    monkeypatch.setattr(mixed, "_latency_ratio", _int8_slower)
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"), helper.make_node("Relu", ["m"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])],
+        [weight],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=4)
+    model = load(proto)
+    pass_ = QuantizePass(check_speed=True)
+
+    result = run_pipeline(model, [pass_])
+
+    assert result.modified is False and pass_.summary.stored == [] and pass_.summary.backed_off
+    assert to_proto(result.model).SerializeToString() == to_proto(load(proto)).SerializeToString()
+    x = {"x": np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)}
+    np.testing.assert_array_equal(run_ort(result.model, x)[0], run_ort(proto, x)[0])
 
 
 def test_a_model_that_backs_off_keeps_its_kernels_float_and_its_weights_int8(monkeypatch, tmp_path):
