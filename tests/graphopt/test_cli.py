@@ -341,3 +341,18 @@ def test_validate_failing_on_synthesized_feeds_says_so_in_exactly_one_line(tmp_p
     assert err.rstrip().endswith("(on synthesized feeds: pass --data with real inputs)")
 
 
+
+
+def test_a_reader_that_leaves_early_ends_the_output_quietly(model_path):
+    # `graphopt inspect --json | head` printed a BrokenPipeError traceback.
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    try:
+        completed = subprocess.run(
+            [sys.executable, "-m", "graphopt", "inspect", str(model_path), "--json"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, check=False, cwd=Path(__file__).resolve().parents[2],
+        )
+    finally:
+        os.close(write_end)
+
+    assert completed.returncode == 141 and completed.stderr == ""
