@@ -151,6 +151,8 @@ class FidelityReport:
             if self.per_layer.first_divergent:
                 parts += ["", *_md_table(_LAYER_HEADER, [_layer_row(layer) for layer in self.per_layer.first_divergent])]
         parts += ["", *(f"- {_md(line)}" for line in self._summary_lines())]
+        if self.ledger:
+            parts += ["", "## Passes", "", *_md_table(_LEDGER_HEADER, self._ledger_rows())]
         image = self._plot() if plot else None
         if image is not None:
             parts += ["", f"![per-layer error](data:image/png;base64,{image})"]
@@ -174,6 +176,8 @@ class FidelityReport:
             if divergent:
                 body.append(_html_table(_LAYER_HEADER, [_layer_row(layer) for layer in divergent], [True] * len(divergent)))
         body += _html_list(self._summary_lines())
+        if self.ledger:
+            body += ["<h2>Passes</h2>", _html_table(_LEDGER_HEADER, self._ledger_rows(), [False] * len(self.ledger))]
         image = self._plot()
         if image is not None:
             body.append(f'<img alt="per-layer error" src="data:image/png;base64,{image}">')
@@ -229,6 +233,20 @@ class FidelityReport:
             lines.append(f"bisection: first pass breaking the tolerance: {self.bisection['first_failing_pass']} (step {self.bisection['step']})")
         return lines
 
+    def _ledger_rows(self) -> list[tuple[str, ...]]:
+        """One row per pass the optimize run made: what changed, and the pass's own one-line summary."""
+        return [
+            (
+                row["name"],
+                "yes" if row["modified"] else "no",
+                f"{row['nodes_before']} -> {row['nodes_after']}",
+                f"{format_bytes(row['param_bytes_before'])} -> {format_bytes(row['param_bytes_after'])}",
+                f"{row['seconds'] * 1000:.1f} ms",
+                str(row.get("details", {}).get("summary", "")),
+            )
+            for row in self.ledger or []
+        ]
+
     def _plot(self) -> str | None:
         """The per-layer plot as base64 PNG, or None without per-layer results or matplotlib."""
         image = _layer_plot_png(self.per_layer) if self.per_layer else None
@@ -237,6 +255,7 @@ class FidelityReport:
 
 _OUTPUT_HEADER = ("provider", "output", "max abs", "rel L2", "cosine", "SNR dB", "top-1", "result")
 _LAYER_HEADER = ("tensor", "op", "node", "max abs", "cosine", "result")
+_LEDGER_HEADER = ("pass", "changed", "nodes", "params", "time", "summary")
 _CSS = (
     "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
     "th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;font-family:monospace}"

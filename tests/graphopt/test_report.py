@@ -92,6 +92,27 @@ def test_html_escapes_every_model_derived_string():
     assert "h&lt;0&gt;" in text and "node &quot;a&quot; &amp; b" in text and "data &lt;dir&gt; &amp; more" in text
 
 
+def _ledger_row(name: str, summary: str) -> dict:
+    return {"name": name, "options": {}, "seconds": 0.0123, "nodes_before": 9, "nodes_after": 7, "param_bytes_before": 4096,
+            "param_bytes_after": 1024, "modified": True, "details": {"summary": summary}}
+
+
+def test_html_and_markdown_list_what_each_pass_did():
+    # The JSON carried the ledger; the pages a person reads said nothing of the passes.
+    report = _report()
+    report.ledger = [_ledger_row("fold", ""), _ledger_row("qdq", "2 layers <quantized> | 1 float")]
+
+    page = _Page()
+    page.feed(report.to_html())
+    markdown = report.to_markdown(plot=False)
+
+    passes = page.tables[-1]
+    assert passes[0] == ["pass", "changed", "nodes", "params", "time", "summary"]
+    assert passes[2] == ["qdq", "yes", "9 -> 7", "4.0 KiB -> 1.0 KiB", "12.3 ms", "2 layers <quantized> | 1 float"]
+    assert "## Passes" in markdown and "| qdq | yes | 9 -> 7 |" in markdown and "1 float |" in markdown.replace("\\|", "")
+    assert "Passes" not in _report().to_markdown(plot=False)  # validate alone ran no pass
+
+
 def test_markdown_keeps_its_table_columns_when_a_name_holds_a_pipe():
     lines = _report().to_markdown(plot=False).splitlines()
 
