@@ -80,7 +80,8 @@ def quick_check(
     if max(stats.param_bytes(rewritten), original_bytes) > MAX_WEIGHT_BYTES:
         return f"quick check skipped: weights over {format_bytes(MAX_WEIGHT_BYTES)}; {advice}"
     try:
-        tolerance = Tolerance(min_cosine=ADVISED_COSINE)
+        # atol 0 counts every differing element: for integer outputs, the values that changed.
+        tolerance = Tolerance(min_cosine=ADVISED_COSINE, atol=0.0)
         feeds = None if data is None else list(itertools.islice(load_feeds(data), SAMPLES))
         report = validate(original, rewritten, feeds, samples=SAMPLES, shapes=shapes, threads=threads, tolerance=tolerance)
     except GraphoptError as exc:
@@ -95,15 +96,36 @@ def quick_check(
     compared = [result for _, result in report.outputs if result.compared]
     if not compared:
         return "quick check: no output held values to compare (all empty)"
-    worst = min(compared, key=lambda result: _order(result.cosine))
+    # Integer outputs (class indices from an ArgMax, say) agree or not; a cosine of them means nothing.
+    integer = _integer_outputs(rewritten)
+    scores = [result for result in compared if result.name not in integer]
+    labels = [result for result in compared if result.name in integer]
     if feeds is None:
         where, follow = f"{SAMPLES} synthesized samples", ". Check with real inputs (--validate cpu --calib-data DIR)"
     else:
         where, follow = f"{len(feeds)} of the calibration samples the passes fitted (new inputs may land lower)", f"; {advice}"
-    measured = f"output cosine {worst.cosine:.5f} ({worst.name}) against the input on {where}"
-    if report.passed:
+    parts, close = [], True
+    if scores:
+        worst = min(scores, key=lambda result: _order(result.cosine))
+        parts.append(f"output cosine {worst.cosine:.5f} ({worst.name})")
+        close = worst.cosine >= ADVISED_COSINE
+    if labels:
+        least = min(labels, key=_agreement)
+        parts.append(f"{_agreement(least):.1%} of {least.name}'s values equal")
+        close = close and _agreement(least) >= ADVISED_COSINE
+    measured = f"{', '.join(parts)} against the input on {where}"
+    if close:
         return f"quick check after {steps}: {measured}; {advice}"
     return f"warning: {steps} moved the outputs far from the input's: {measured}, below {ADVISED_COSINE:g}{follow}{closer}"
+
+
+def _integer_outputs(model: ir.Model) -> set[str]:
+    return {value.name or "" for value in model.graph.outputs if value.dtype is not None and value.dtype.is_integer()}
+
+
+def _agreement(result: Any) -> float:
+    """The share of an integer output's values that are the same in both models (violations are the others)."""
+    return 1.0 - result.violations / result.elements if result.elements else 1.0
 
 def _order(cosine: float) -> float:
     return -math.inf if math.isnan(cosine) else cosine

@@ -193,3 +193,35 @@ def test_an_input_over_the_weight_limit_is_not_checked_even_when_the_result_is_u
     out = _optimize(capsys, _mlp(tmp_path), "lowrank(ratio=0.2,check_speed=false)")
 
     assert out.strip().splitlines()[-1].startswith("quick check skipped: weights over 20.0 KiB"), out
+
+
+def _scores_and_labels(weight: np.ndarray) -> onnx.ModelProto:
+    """x [2, 10] -> MatMul -> scores [2, 5], and ArgMax(scores) -> label [2] (int64), as exported classifiers end."""
+    h = onnx.helper
+    graph = h.make_graph(
+        [h.make_node("MatMul", ["x", "W"], ["scores"]), h.make_node("ArgMax", ["scores"], ["label"], axis=1, keepdims=0)],
+        "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 10])],
+        [h.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, [2, 5]), h.make_tensor_value_info("label", onnx.TensorProto.INT64, [2])],
+        [onnx.numpy_helper.from_array(weight.astype(np.float32), "W")],
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+def test_integer_outputs_are_judged_by_agreement_not_by_a_cosine_of_class_indices(tmp_path):
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((10, 5))
+    source = tmp_path / "classifier.onnx"
+    onnx.save(_scores_and_labels(weight), source)
+    changed = _scores_and_labels(weight + 0.8 * rng.standard_normal((10, 5)))
+    feeds = list(synthesize_feeds(load(source), count=4, seed=0))
+    labels = [(run_ort(onnx.load(source), f)[1], run_ort(changed, f)[1]) for f in feeds]
+    agreement = float(np.mean(np.concatenate([a == b for a, b in labels])))
+    assert 0 < agreement < 1  # the noise flips some labels, not all
+
+    line = quick_check_module.quick_check(source, load(changed), {"lowrank": ""})
+
+    assert f"{agreement:.1%} of label's values equal" in line and line.startswith("warning: lowrank moved the outputs")
+    assert "(label)" not in line  # no cosine of class indices
+    same = quick_check_module.quick_check(source, load(_scores_and_labels(weight)), {"lowrank": ""})
+    assert same.startswith("quick check after lowrank: output cosine 1.00000 (scores), 100.0% of label's values equal")
