@@ -11,7 +11,7 @@ never absorbs a NaN.
 
 from __future__ import annotations
 
-__all__ = ["channel_axes", "input_means", "output_shift"]
+__all__ = ["channel_axis", "channel_axes", "input_means", "output_shift"]
 
 from collections.abc import Mapping, Sequence
 
@@ -21,30 +21,33 @@ import onnx_ir as ir
 from passes.qdq.calibration import TensorStatistics
 
 
-def channel_axes(nodes: Sequence[ir.Node]) -> dict[str, int]:
-    """The channel axis of each node's first input, by tensor name: 1 for Conv, else the last.
+def channel_axis(node: ir.Node) -> int:
+    """Where ``node``'s first input holds its channels: axis 1 for a Conv, the last axis for MatMul and Gemm."""
+    return 1 if node.op_type == "Conv" else -1
+
+
+def channel_axes(nodes: Sequence[ir.Node]) -> dict[str, tuple[int, ...]]:
+    """The channel axes along which each node's first input is read, by tensor name.
 
     Calibration keeps these tensors' per-channel means in its own pass
     (calibration.collect's ``channel_axes``), so correction costs no run.
-    Constant inputs are left out: they vary with no sample. So is a tensor
-    that a Conv and a MatMul both read: their channels lie on different
-    axes, and one set of means would correct one of them with the wrong
-    values (it did: a Conv got means along the width).
+    A tensor that a Conv and a MatMul both read keeps means along both
+    axes: one set for both corrected one of them with the wrong values.
+    Constant inputs are left out: they vary with no sample.
     """
-    axes: dict[str, int | None] = {}
+    axes: dict[str, tuple[int, ...]] = {}
     for node in nodes:
         value = node.inputs[0] if node.inputs else None
         if value is None or not value.name or value.is_initializer():
             continue
-        axis = 1 if node.op_type == "Conv" else -1
-        axes[value.name] = axis if axes.get(value.name, axis) == axis else None
-    return {name: axis for name, axis in axes.items() if axis is not None}
+        axes[value.name] = tuple(dict.fromkeys([*axes.get(value.name, ()), channel_axis(node)]))
+    return axes
 
 
-def input_means(stats: Mapping[str, TensorStatistics]) -> dict[str, np.ndarray]:
-    """The per-channel means calibration kept, by tensor name; tensors with a channel of no finite value are left out."""
-    means = {name: s.channel_means() for name, s in stats.items() if s.channel_axis is not None}
-    return {name: mean for name, mean in means.items() if mean is not None}
+def input_means(stats: Mapping[str, TensorStatistics]) -> dict[tuple[str, int], np.ndarray]:
+    """The per-channel means calibration kept, by (tensor name, axis); a channel of no finite value leaves its entry out."""
+    means = {(name, axis): s.channel_means(axis) for name, s in stats.items() for axis in s.channel_axes}
+    return {key: mean for key, mean in means.items() if mean is not None}
 
 
 def output_shift(node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:

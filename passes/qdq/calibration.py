@@ -52,7 +52,7 @@ import contextlib
 import logging
 import math
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -88,17 +88,16 @@ class TensorStatistics:
         min, max: The extreme finite values seen (+inf and -inf before any).
         count: Finite values seen. nonfinite: NaN/Inf values seen and ignored.
         zeros: Values exactly 0 among ``count``.
-        channel_axis: The axis along which :meth:`channel_means` averages, or None.
+        channel_axes: The axes along which :meth:`channel_means` can average (none by default).
     """
 
-    def __init__(self, bins: int = DEFAULT_BINS, channel_axis: int | None = None) -> None:
+    def __init__(self, bins: int = DEFAULT_BINS, channel_axes: Collection[int] = ()) -> None:
         if bins < 2 or bins % 2:
             raise ValueError(f"bins must be an even number >= 2, got {bins}")
         self.bins = bins
-        self.channel_axis = channel_axis
-        self._channel_sums: np.ndarray | None = None
-        self._channel_counts: np.ndarray | None = None
-        self._channels_differ = False  # two arrays with different channel counts: no means
+        self.channel_axes = tuple(dict.fromkeys(channel_axes))
+        self._channel_sums: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # axis -> finite sums, counts
+        self._channels_differ: set[int] = set()  # axes whose channel count changed between arrays: no means
         self.count = 0
         self.nonfinite = 0
         self.zeros = 0
@@ -114,8 +113,8 @@ class TensorStatistics:
 
     def update(self, array: np.ndarray) -> None:
         """Adds an array's finite values; NaN and Inf are only counted in :attr:`nonfinite`."""
-        if self.channel_axis is not None:
-            self._add_channel_sums(np.asarray(array))
+        for axis in self.channel_axes:
+            self._add_channel_sums(np.asarray(array), axis)
         values = np.asarray(array).ravel()
         if values.dtype != np.float64:
             values = values.astype(np.float64)  # exact bin indices for any input type
@@ -135,33 +134,34 @@ class TensorStatistics:
         np.minimum(index, self.bins - 1, out=index)  # x == R lands on the last edge
         self._counts += np.bincount(index, minlength=self.bins)
 
-    def channel_means(self) -> np.ndarray | None:
-        """Mean of the finite values per channel along ``channel_axis``, in float64.
+    def channel_means(self, axis: int) -> np.ndarray | None:
+        """Mean of the finite values per channel along ``axis`` (one of ``channel_axes``), in float64.
 
-        None without a channel axis, for arrays of fewer than 2 dimensions,
+        None for an axis not kept, for arrays of fewer than 2 dimensions,
         when arrays disagreed on the channel count, or when some channel
         held no finite value.
         """
-        sums, counts = self._channel_sums, self._channel_counts
-        if sums is None or counts is None or self._channels_differ or not np.all(counts > 0):
+        kept = self._channel_sums.get(axis)
+        if kept is None or axis in self._channels_differ or not np.all(kept[1] > 0):
             return None
-        return sums / counts
+        return kept[0] / kept[1]
 
-    def _add_channel_sums(self, array: np.ndarray) -> None:
-        if array.ndim < 2 or self.channel_axis is None:
-            self._channels_differ = True
+    def _add_channel_sums(self, array: np.ndarray, axis: int) -> None:
+        if array.ndim < 2:
+            self._channels_differ.add(axis)
             return
-        channels = np.moveaxis(array.astype(np.float64, copy=False), self.channel_axis, -1)
+        channels = np.moveaxis(array.astype(np.float64, copy=False), axis, -1)
         flat = channels.reshape(-1, channels.shape[-1])
         finite = np.isfinite(flat)
         sums, counts = np.where(finite, flat, 0.0).sum(axis=0), finite.sum(axis=0)
-        if self._channel_sums is None or self._channel_counts is None:
-            self._channel_sums, self._channel_counts = sums, counts
-        elif self._channel_sums.shape != sums.shape:
-            self._channels_differ = True
+        kept = self._channel_sums.get(axis)
+        if kept is None:
+            self._channel_sums[axis] = (sums, counts)
+        elif kept[0].shape != sums.shape:
+            self._channels_differ.add(axis)
         else:
-            self._channel_sums += sums
-            self._channel_counts += counts
+            np.add(kept[0], sums, out=kept[0])
+            np.add(kept[1], counts, out=kept[1])
 
     def histogram(self) -> tuple[np.ndarray, np.ndarray]:
         """``(counts, edges)``: ``bins`` counts (copied) and ``bins + 1`` edges over [-R, R]."""
@@ -332,15 +332,15 @@ def collect(
     provider: str = "cpu",
     threads: int | None = None,
     progress: ProgressCallback | None = None,
-    channel_axes: Mapping[str, int] | None = None,
+    channel_axes: Mapping[str, Collection[int]] | None = None,
 ) -> dict[str, TensorStatistics]:
     """Statistics of the named main-graph tensors (node outputs or graph inputs) over every sample.
 
     Args:
         model: The model; never modified (the runner restores its outputs).
         names: Tensors to observe; duplicates are observed once.
-        channel_axes: Tensors whose per-channel means to keep, with the
-            channel axis (:meth:`TensorStatistics.channel_means`); they are
+        channel_axes: Tensors whose per-channel means to keep, with their
+            channel axes (:meth:`TensorStatistics.channel_means`); they are
             observed too, and returned with the others.
         feeds: Returns a fresh iterable of feed dicts; called once per chunk.
         bins: Histogram bins per tensor.
@@ -367,7 +367,7 @@ def collect(
         raise ValueError(
             f"cannot calibrate {', '.join(map(repr, unknown))}: not a graph input or an output of a main-graph node"
         )
-    stats = {name: TensorStatistics(bins, axes.get(name)) for name in wanted}
+    stats = {name: TensorStatistics(bins, axes.get(name, ())) for name in wanted}
     exposed = [name for name in wanted if name not in graph_inputs]
     first = chunk_size or FIRST_CHUNK
     chunks = [exposed[i : i + first] for i in range(0, len(exposed), first)] or [[]]

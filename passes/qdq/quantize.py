@@ -46,7 +46,12 @@ from graphopt.progress import report
 from passes.options import check_shapes
 from passes.qdq import calibration as calib
 from passes.qdq.arithmetic import ActivationParams, activation_params
-from passes.qdq.bias_correction import channel_axes, input_means, output_shift
+from passes.qdq.bias_correction import (
+    channel_axes,
+    channel_axis,
+    input_means,
+    output_shift,
+)
 from passes.qdq.options import check_options, exclude_names
 from passes.qdq.placement import Placement, Target, plan, representative
 from passes.qdq.prepare import check_runnable, name_unnamed_nodes, prepare, unname
@@ -168,7 +173,7 @@ class QuantizePass(ir.passes.InPlacePass):
         self.check_speed = check_speed
         self.fallback = fallback
         self.threads = None if threads is None else int(threads)
-        self._input_means: dict[str, np.ndarray] = {}
+        self._input_means: dict[tuple[str, int], np.ndarray] = {}  # (tensor, channel axis) -> means
         self._rounded: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # weight name -> GPTQ levels, scales
         self.summary = QuantizationSummary()
 
@@ -230,7 +235,10 @@ class QuantizePass(ir.passes.InPlacePass):
         self.summary.float_activations = {name: "no finite value in calibration" for name, s in stats.items() if not s.count}
         params = self._activation_params(placement, {name: s for name, s in stats.items() if s.count})
         if self.rounding == "gptq":
-            from passes.qdq.gptq import in_weight_layout, round_targets  # loaded only when asked for
+            from passes.qdq.gptq import (  # loaded only when asked for
+                in_weight_layout,
+                round_targets,
+            )
 
             by_name = {t.weight.name or "": t for t in placement.targets}
             rounded = round_targets(model, placement.targets, samples.calibration, self.threads, reduce_range=self.reduce_range)
@@ -345,7 +353,7 @@ class QuantizePass(ir.passes.InPlacePass):
         source = _quantized_source(node.inputs[0])
         float_input = source or (node.inputs[0].name if node.inputs[0] is not None else None)
         bias, reader, values = target.bias, target.bias_reader or node, target.bias_values
-        mean = self._input_means.get(float_input or "")
+        mean = self._input_means.get((float_input or "", channel_axis(node)))
         shift = output_shift(node, delta, mean) if mean is not None else None
         # A bias that is not one value per channel stays as it is: correcting it would replace it.
         corrected = shift is not None and not target.keeps_bias and (values is not None or node.op_type in ("Conv", "Gemm"))

@@ -340,12 +340,14 @@ def test_channel_means_average_finite_values_per_channel_over_every_sample():
     rng = np.random.default_rng(3)
     batches = [rng.standard_normal((2, 3, 4, 4)) for _ in range(3)]
     batches[1][0, 2, 1, 1] = np.nan
-    stats = TensorStatistics(bins=8, channel_axis=1)
+    stats = TensorStatistics(bins=8, channel_axes=[1, -1])
     for batch in batches:
         stats.update(batch)
     channels = np.moveaxis(np.stack(batches), 2, -1).reshape(-1, 3)
 
-    np.testing.assert_allclose(stats.channel_means(), np.nanmean(channels, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.channel_means(1), np.nanmean(channels, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.channel_means(-1), np.nanmean(np.stack(batches).reshape(-1, 4), axis=0), rtol=1e-12)
+    assert stats.channel_means(2) is None  # not kept
     assert stats.nonfinite == 1 and stats.count == channels.size - 1
 
 
@@ -355,10 +357,10 @@ def test_channel_means_average_finite_values_per_channel_over_every_sample():
     ids=["one-dimensional", "channel-count-changes", "a-channel-never-finite"],
 )
 def test_channel_means_are_none_when_a_channel_has_no_honest_mean(batches):
-    stats = TensorStatistics(bins=8, channel_axis=-1)
+    stats = TensorStatistics(bins=8, channel_axes=[-1])
     for batch in batches:
         stats.update(batch)
-    assert stats.channel_means() is None
+    assert stats.channel_means(-1) is None
 
 
 def test_collect_keeps_channel_means_in_the_same_pass(monkeypatch):
@@ -366,13 +368,13 @@ def test_collect_keeps_channel_means_in_the_same_pass(monkeypatch):
     exposed: list[int] = []
     monkeypatch.setattr(calibration, "ModelRunner", _CountingRunner(calibration.ModelRunner, exposed))
 
-    stats = collect(model, ["a"], lambda: feeds, channel_axes={"r": -1, "x": 0})
+    stats = collect(model, ["a"], lambda: feeds, channel_axes={"r": [-1], "x": [0]})
 
     assert exposed == [2]  # one session: "a" and "r" exposed together; "x" read from the feeds
     relu = np.concatenate([np.maximum(f["x"] + f["x"], 0) for f in feeds]).astype(np.float64)
-    np.testing.assert_allclose(stats["r"].channel_means(), relu.mean(axis=0), rtol=1e-12)
-    np.testing.assert_allclose(stats["x"].channel_means(), np.stack([f["x"] for f in feeds]).astype(np.float64).mean(axis=(0, 2)), rtol=1e-12)
-    assert stats["a"].channel_means() is None and stats["a"].channel_axis is None
+    np.testing.assert_allclose(stats["r"].channel_means(-1), relu.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats["x"].channel_means(0), np.stack([f["x"] for f in feeds]).astype(np.float64).mean(axis=(0, 2)), rtol=1e-12)
+    assert stats["a"].channel_means(-1) is None and stats["a"].channel_axes == ()
 
 
 def _chain(length: int, width: int = 8) -> ir.Model:
