@@ -104,6 +104,14 @@ def quick_check(
         where, follow = f"{SAMPLES} synthesized samples", ". Check with real inputs (--validate cpu --calib-data DIR)"
     else:
         where, follow = f"{len(feeds)} of the calibration samples the passes fitted (new inputs may land lower)", f"; {advice}"
+    unmeasurable = [r for r in compared if r.nan_reference + r.inf_reference and not math.isfinite(r.cosine)]
+    if unmeasurable:  # NaN/Inf in the calibration data, say: the input's own outputs are not numbers there
+        first = unmeasurable[0]
+        count = first.nan_reference + first.inf_reference
+        return (
+            f"quick check after {steps}: the input model's own output {first.name} holds {count} NaN/Inf values on {where}, "
+            f"so no cosine measures the change; {advice}"
+        )
     parts, close = [], True
     if scores:
         worst = min(scores, key=lambda result: _order(result.cosine))

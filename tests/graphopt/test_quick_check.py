@@ -225,3 +225,27 @@ def test_integer_outputs_are_judged_by_agreement_not_by_a_cosine_of_class_indice
     assert "(label)" not in line  # no cosine of class indices
     same = quick_check_module.quick_check(source, load(_scores_and_labels(weight)), {"lowrank": ""})
     assert same.startswith("quick check after lowrank: output cosine 1.00000 (scores), 100.0% of label's values equal")
+
+
+def test_a_reference_that_is_not_a_number_is_said_so_not_blamed_on_the_pass(tmp_path):
+    # NaN in the calibration samples: the input's outputs are NaN there, the int8 result's are not,
+    # and the line used to warn that qdq moved the outputs, with "cosine nan".
+    text = '<ir_version: 8, opset_import: ["" : 17]> g (float[2,4] x) => (float[2,4] y) { y = Relu(x) }'
+    source = tmp_path / "relu.onnx"
+    onnx.save(onnx.parser.parse_model(text), source)
+    samples = tmp_path / "calib.npz"
+    np.savez(samples, x=np.array([[np.nan, 1, 2, 3], [4, 5, 6, 7]], np.float32))
+    zeroed = onnx.parser.parse_model(  # int8 Q/DQ first, as qdq writes: NaN saturates to a number
+        """<ir_version: 8, opset_import: ["" : 17]> g (float[2,4] x) => (float[2,4] y) {
+            s = Constant <value = float {0.1}> ()
+            z = Constant <value = int8 {0}> ()
+            q = QuantizeLinear(x, s, z)
+            d = DequantizeLinear(q, s, z)
+            y = Relu(d)
+        }"""
+    )
+
+    line = quick_check_module.quick_check(source, load(zeroed), {"qdq": "a hint"}, data=samples)
+
+    assert line.startswith("quick check after qdq: the input model's own output y holds 1 NaN/Inf values on 1 of the calibration")
+    assert "warning" not in line and "cosine nan" not in line
