@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        with _terminate_as_interrupt():
+        with _terminate_as_interrupt(), _summarized_warnings_hidden(not args.debug):
             return args.handler(args)
     except PassCheckError as exc:
         return _fail(args, exc, EXIT_CHECK_FAILED)
@@ -86,6 +86,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         # killed by SIGPIPE would, and keep the interpreter's final flush from raising again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+
+
+@contextlib.contextmanager
+def _summarized_warnings_hidden(hide: bool) -> Iterator[None]:
+    """Within the block, log handlers drop the warnings that a pass's printed summary line repeats (ledger.IN_SUMMARY)."""
+    handlers = list(logging.getLogger().handlers) if hide else []
+    for handler in handlers:
+        handler.addFilter(_not_in_summary)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(_not_in_summary)
+
+
+def _not_in_summary(record: logging.LogRecord) -> bool:
+    return not getattr(record, "graphopt_in_summary", False)
 
 
 class _Terminated(KeyboardInterrupt):

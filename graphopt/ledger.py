@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-__all__ = ["LedgerRow", "Ledger", "format_bytes"]
+__all__ = ["IN_SUMMARY", "LedgerRow", "Ledger", "format_bytes"]
 
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+# ``extra=`` for a pass's log warning that its ledger summary line also carries: the
+# CLI prints that line, so it drops such records instead of saying the same twice;
+# library callers, who may never print the summary, still get the warning.
+IN_SUMMARY = {"graphopt_in_summary": True}
 
 
 @dataclass(frozen=True)

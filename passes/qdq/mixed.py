@@ -33,6 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.data import Feeds
+from graphopt.ledger import IN_SUMMARY
 from graphopt.progress import report
 from graphopt.runtime import ModelRunner, measure_latency
 from passes.held_back import Judgement, judge, meets
@@ -114,7 +115,7 @@ def choose(
                 # Nothing quantized left (every layer slower) is float too: the model as given, not the prepared one.
                 why = f"took {ratio:.2f}x the float latency on onnxruntime CPU" if summary.quantized else "kernels were all slower than float"
                 summary.backed_off = f"{kind} {why}; the model stays float"
-                logger.warning("qdq: %s", summary.backed_off)
+                logger.warning("qdq: %s", summary.backed_off, extra=IN_SUMMARY)
                 layers = [*summary.quantized, *summary.stored]
                 for name in summary.quantized:
                     summary.float_layers[name] = f"{kind} model slower than float"

@@ -41,6 +41,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
+from graphopt.ledger import IN_SUMMARY
 from graphopt.pipeline import adopt_model
 from graphopt.progress import report
 from passes.options import check_shapes
@@ -273,7 +274,7 @@ class QuantizePass(ir.passes.InPlacePass):
         if self.target_cosine is None and self.target_snr is None and cosine < ADVISED_COSINE:
             # No target means no guard: say so rather than hand back a degraded model quietly.
             summary.advice = f"below {ADVISED_COSINE:g}: target_cosine={ADVISED_COSINE:g} keeps the layers that cost it float"
-            logger.warning("qdq: output cosine %.5f on held-back calibration samples, %s", cosine, summary.advice)
+            logger.warning("qdq: output cosine %.5f on held-back calibration samples, %s", cosine, summary.advice, extra=IN_SUMMARY)
         return self._adopt(model, chosen, summary, placement)
 
     def _adopt(self, model: ir.Model, chosen: ir.Model, summary: QuantizationSummary, placement: Placement) -> ir.passes.PassResult:

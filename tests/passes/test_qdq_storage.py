@@ -261,3 +261,41 @@ def test_backing_off_after_the_slow_layer_variant_stores_every_layer_in_the_mode
     assert ops["BatchNormalization"] == 2  # the model as given: qdq's BatchNorm folding is not kept
     want = _session(zoo.model).run(None, zoo.feeds)[0]
     assert cosine(want, _session(result.model).run(None, zoo.feeds)[0]) >= STORAGE_COSINE
+
+
+def test_a_back_off_is_logged_for_library_callers_and_marked_as_in_the_summary(monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setattr(mixed, "_latency_ratio", _int8_slower)
+    pass_ = QuantizePass(check_speed=True)
+    with caplog.at_level(logging.WARNING, logger="passes.qdq.mixed"):
+        run_pipeline(load(model_zoo.build("mlp").model), [pass_])
+
+    (record,) = [r for r in caplog.records if "int8 took 1.40x the float latency" in r.getMessage()]
+    assert record.graphopt_in_summary and "int8 took 1.40x the float latency" in pass_.summary.line()
+
+
+def test_the_cli_hides_warnings_its_printed_summaries_repeat_and_only_while_it_runs():
+    import logging
+
+    from graphopt.cli import _summarized_warnings_hidden
+    from graphopt.ledger import IN_SUMMARY
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    root, handler = logging.getLogger(), Keep(logging.WARNING)
+    root.addHandler(handler)
+    try:
+        log = logging.getLogger("passes.qdq.mixed")
+        with _summarized_warnings_hidden(True):
+            log.warning("said in the summary", extra=IN_SUMMARY)
+            log.warning("said only here")
+        log.warning("said in the summary, library call", extra=IN_SUMMARY)
+    finally:
+        root.removeHandler(handler)
+
+    assert seen == ["said only here", "said in the summary, library call"]
