@@ -144,8 +144,9 @@ def test_leaves_constants_smaller_than_min_elements():
     assert_same_outputs(run_ort(original, {"x": X}), run_ort(result.model, {"x": X}))
 
 
-def test_ir3_model_gets_lifted_initializers_listed_as_inputs():
-    proto = onnx.parser.parse_model(
+def _ir3_add_constant() -> onnx.ModelProto:
+    """IR version 3: x + b, with b a Constant node (every initializer would have to be a graph input)."""
+    return onnx.parser.parse_model(
         """
         <ir_version: 3, opset_import: ["" : 9]>
         g (float[2,4] x) => (float[2,4] y) {
@@ -154,6 +155,10 @@ def test_ir3_model_gets_lifted_initializers_listed_as_inputs():
         }
         """
     )
+
+
+def test_ir3_model_gets_lifted_initializers_listed_as_inputs():
+    proto = _ir3_add_constant()
     model = ir.serde.deserialize_model(proto)
 
     # The pass on its own keeps IR 3's rule; run_pipeline raises such models to IR 4 first.
@@ -167,15 +172,7 @@ def test_ir3_model_gets_lifted_initializers_listed_as_inputs():
 
 
 def test_ir3_model_through_the_pipeline_is_raised_to_ir4_and_lifts_plain_initializers():
-    proto = onnx.parser.parse_model(
-        """
-        <ir_version: 3, opset_import: ["" : 9]>
-        g (float[2,4] x) => (float[2,4] y) {
-          b = Constant <value = float[4] {1, 2, 3, 4}> ()
-          y = Add(x, b)
-        }
-        """
-    )
+    proto = _ir3_add_constant()
     model = ir.serde.deserialize_model(proto)
 
     result = run_pipeline(model, "lift-constants")
