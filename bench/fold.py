@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import workers
 from cli_args import OneLineParser, positive_int, positive_seconds  # bench/ is on sys.path when run as a script
 from machine import machine_line
 from peak_rss import peak_rss_kib
@@ -90,7 +91,7 @@ MIN_LATENCY_ROUNDS = 5
 SLOW_ROUND_SECONDS = 1.5
 CHAIN_SPEEDUP_GOAL = 3.0
 DEFAULT_REPEATS = 3
-_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_THREAD_ENV = workers.THREAD_ENV  # one thread for numpy/BLAS and onnxruntime
 
 
 # --------------------------------------------------------------------------

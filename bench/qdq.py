@@ -88,6 +88,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import workers
 from cli_args import OneLineParser, positive_int, positive_seconds  # bench/ is on sys.path when run as a script
 from machine import machine_line
 
@@ -95,7 +96,7 @@ from machine import machine_line
 # be set before numpy and onnxruntime are first imported.
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_THREAD_ENV = workers.THREAD_ENV  # one thread for numpy/BLAS and onnxruntime
 DEFAULT_MODELS = ("cnn_bn", "mlp", "attention", "resnet50", "squeezenet", "encoder")
 QUICK_MODELS = ("cnn_bn", "mlp", "attention", "squeezenet")
 TOOLS = ("graphopt", "graphopt-cos", "ort-static", "ort-dynamic")

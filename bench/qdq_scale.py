@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import workers
 from cli_args import OneLineParser, positive_int  # bench/ is on sys.path when run as a script
 from peak_rss import peak_rss_kib
 
@@ -56,7 +56,6 @@ SAMPLES = 16
 DEFAULT_BUDGET_SECONDS = 200.0
 WORKER_TIMEOUT_SECONDS = 1200
 LINEAR_SLACK = 1.25
-_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _feeds(count: int, seed: int) -> list[dict[str, Any]]:
@@ -143,14 +142,7 @@ class Run:
 
 def launch(tool: str, path: Path, out: Path) -> dict[str, Any]:
     """Runs one measurement in a fresh interpreter and returns its JSON report."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--path", str(path), "--out", str(out)]
-    done = subprocess.run(
-        command, env={**os.environ, **_THREAD_ENV}, capture_output=True, text=True, timeout=WORKER_TIMEOUT_SECONDS
-    )
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
-        raise RuntimeError(f"{tool} worker failed: {tail[0]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return workers.launch(__file__, tool, path, out, WORKER_TIMEOUT_SECONDS)
 
 
 def measure(sizes: list[int], budget: float, folder: Path) -> list[Run]:

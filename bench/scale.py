@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import workers
 from cli_args import OneLineParser, positive_int  # bench/ is on sys.path when run as a script
 from peak_rss import peak_rss_kib
 
@@ -73,9 +73,6 @@ WORKER_TIMEOUT_SECONDS = 900
 # graphopt's goal is near-linear scaling: 80k/5k is a 16x size ratio, and the
 # goal allows 20x time, i.e. 1.25 times the size ratio for custom sizes.
 LINEAR_SLACK = 20 / 16
-# Thread pools of numpy/BLAS and onnxruntime would otherwise use every core
-# for one tool and not the other.
-_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 # --------------------------------------------------------------------------
@@ -255,13 +252,7 @@ class Cell:
 
 def launch(tool: str, path: Path, out: Path) -> dict[str, Any]:
     """Runs one measurement in a fresh interpreter and returns its JSON report."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--path", str(path), "--out", str(out)]
-    env = {**os.environ, **_THREAD_ENV}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_SECONDS)
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
-        raise RuntimeError(f"{tool} worker failed: {tail[0]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return workers.launch(__file__, tool, path, out, WORKER_TIMEOUT_SECONDS)
 
 
 def measure_size(size: int, folder: Path, repeats: int) -> tuple[dict[str, Cell], ChainInfo, Path]:

@@ -54,13 +54,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import workers
 from cli_args import OneLineParser, positive_int  # bench/ is on sys.path when run as a script
 
 # Only the standard library at module level: the thread variables below must
 # be set before numpy and onnxruntime are first imported.
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_THREAD_ENV = workers.THREAD_ENV  # one thread for numpy/BLAS and onnxruntime
 SAMPLES = 16
 PLAIN_RUNS = 20
 BATCH, SEQUENCE = 1, 128
