@@ -4,11 +4,12 @@ from __future__ import annotations
 
 __all__ = ["IN_SUMMARY", "LedgerRow", "Ledger", "format_bytes"]
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+from graphopt.metrics import json_float
 
 # ``extra=`` for a pass's log warning that its ledger summary line also carries: the
 # CLI prints that line, so it drops such records instead of saying the same twice;
@@ -35,7 +36,7 @@ class LedgerRow:
         """A JSON-ready dict; the schema is the field list above.
 
         Non-finite floats in the details (an SNR of an exact layer is inf)
-        become the strings ``"inf"``, ``"-inf"``, ``"nan"``, as in the
+        become the strings ``"inf"``, ``"-inf"``, ``"nan"`` (metrics.json_float), as in the
         fidelity report: strict JSON has no such numbers.
         """
         return _json_safe(asdict(self))
@@ -90,10 +91,8 @@ def _json_safe(value: Any) -> Any:
     """
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
         return {key: _json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_safe(item) for item in value]
-    return value
+    return json_float(value)

@@ -45,6 +45,7 @@ __all__ = [
     "cosine_of_sums",
     "snr_of_sums",
     "output_arrays",
+    "json_float",
 ]
 
 import dataclasses
@@ -150,7 +151,7 @@ class ComparisonResult:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict: non-finite floats become the strings ``"inf"``, ``"-inf"``, ``"nan"``."""
-        return {key: _json_float(value) for key, value in dataclasses.asdict(self).items()}
+        return {key: json_float(value) for key, value in dataclasses.asdict(self).items()}
 
 
 class OutputComparator:
@@ -415,7 +416,8 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "(" + ",".join(str(d) for d in shape) + ")"
 
 
-def _json_float(value: Any) -> Any:
+def json_float(value: Any) -> Any:
+    """``value``, or for a non-finite float the string ``"inf"``, ``"-inf"`` or ``"nan"``: strict JSON has no such numbers."""
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     return value
