@@ -39,7 +39,7 @@ from graphopt import stats
 from graphopt.data import load_feeds
 from graphopt.errors import GraphoptError, first_line
 from graphopt.ledger import format_bytes
-from graphopt.metrics import Tolerance
+from graphopt.metrics import ComparisonResult, Tolerance
 from graphopt.validate import validate
 
 SAMPLES = 4
@@ -131,9 +131,10 @@ def _integer_outputs(model: ir.Model) -> set[str]:
     return {value.name or "" for value in model.graph.outputs if value.dtype is not None and value.dtype.is_integer()}
 
 
-def _agreement(result: Any) -> float:
+def _agreement(result: ComparisonResult) -> float:
     """The share of an integer output's values that are the same in both models (violations are the others)."""
     return 1.0 - result.violations / result.elements if result.elements else 1.0
+
 
 def _order(cosine: float) -> float:
     return -math.inf if math.isnan(cosine) else cosine

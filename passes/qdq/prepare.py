@@ -9,7 +9,7 @@ is refused before anything changes, since calibration runs it.
 
 from __future__ import annotations
 
-__all__ = ["prepare", "check_runnable", "name_unnamed_nodes", "unname"]
+__all__ = ["onnx_opset", "prepare", "check_runnable", "name_unnamed_nodes", "unname"]
 
 import logging
 import os
@@ -32,9 +32,14 @@ from passes.lift_constants import LiftConstantsPass
 logger = logging.getLogger(__name__)
 
 
+def onnx_opset(model: ir.Model) -> int:
+    """The model's default-domain (ai.onnx) opset version; 1 when it imports none."""
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+
+
 def prepare(model: ir.Model, opset: int) -> None:
     """Weights as initializers, BatchNorms folded, and an opset with the Q/DQ features needed."""
-    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    version = onnx_opset(model)
     if version < opset:
         _upgrade(model, opset, version)
     LiftConstantsPass()(model)

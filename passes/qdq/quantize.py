@@ -47,12 +47,7 @@ from graphopt.progress import report
 from passes.options import check_shapes
 from passes.qdq import calibration as calib
 from passes.qdq.arithmetic import ActivationParams, activation_params
-from passes.qdq.bias_correction import (
-    channel_axes,
-    channel_axis,
-    input_means,
-    output_shift,
-)
+from passes.qdq.bias_correction import channel_axes, channel_axis, input_means, output_shift
 from passes.qdq.options import check_options, exclude_names
 from passes.qdq.placement import Placement, Target, plan, representative
 from passes.qdq.prepare import check_runnable, name_unnamed_nodes, prepare, unname
@@ -236,10 +231,7 @@ class QuantizePass(ir.passes.InPlacePass):
         self.summary.float_activations = {name: "no finite value in calibration" for name, s in stats.items() if not s.count}
         params = self._activation_params(placement, {name: s for name, s in stats.items() if s.count})
         if self.rounding == "gptq":
-            from passes.qdq.gptq import (  # loaded only when asked for
-                in_weight_layout,
-                round_targets,
-            )
+            from passes.qdq.gptq import in_weight_layout, round_targets  # loaded only when asked for
 
             by_name = {t.weight.name or "": t for t in placement.targets}
             rounded = round_targets(model, placement.targets, samples.calibration, self.threads, reduce_range=self.reduce_range)

@@ -28,6 +28,7 @@ import onnx_ir as ir
 
 from passes.qdq.arithmetic import quantize_per_channel
 from passes.qdq.placement import weight_axis
+from passes.qdq.prepare import onnx_opset
 from passes.qdq.rewrite import NodeMaker
 
 # Below this many values the scale and the two nodes outweigh what int8 saves.
@@ -58,7 +59,7 @@ def store_int8(model: ir.Model, layers: Collection[str]) -> StoredWeights:
     it up with the original.
     """
     stored = StoredWeights()
-    if model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) < _FIRST_RUNNABLE_MUL_OPSET:
+    if onnx_opset(model) < _FIRST_RUNNABLE_MUL_OPSET:
         return stored
     maker = NodeMaker(model)
     for node in list(model.graph):
