@@ -26,6 +26,7 @@ __all__ = [
     "reference_tensors",
     "candidate_tensors",
     "update_layers",
+    "layer_comparators",
     "DEFAULT_CHUNK_SIZE",
 ]
 
@@ -157,7 +158,8 @@ def localize(
         reference: The original model (path or IR).
         candidate: The rewritten model (path or IR).
         samples: Feed dicts; a few suffice (validation passes the worst one).
-        tolerance: Applied to each tensor as to the outputs.
+        tolerance: Applied to each tensor as to the outputs, except that
+            rtol scales with the tensor's largest ``|value|`` in the sample.
         provider: Execution provider name, as in graphopt.runtime.
         optimization: onnxruntime graph optimization level name.
         threads: intra-op threads; None lets onnxruntime decide.
@@ -191,7 +193,7 @@ def _compare_chunk(
     options: dict[str, Any],
 ) -> list[OutputComparator]:
     """``options`` are ModelRunner's keyword arguments."""
-    comparators = [OutputComparator(pair.candidate, tolerance) for pair in chunk]
+    comparators = layer_comparators(chunk, tolerance)
     # The two sessions open and run side by side: onnxruntime releases the GIL.
     with ThreadPoolExecutor(max_workers=1) as pool, contextlib.ExitStack() as stack:
         pending = pool.submit(ModelRunner, candidate, provider, extra_outputs=candidate_tensors(chunk), **options)
@@ -202,6 +204,11 @@ def _compare_chunk(
             ref_out = ref_runner.run(ref_runner.own(feeds))
             update_layers(ref_model, chunk, ref_out, running.result(), comparators)
     return comparators
+
+
+def layer_comparators(pairs: Sequence[TensorPair], tolerance: Tolerance) -> list[OutputComparator]:
+    """One comparator per pair, with atol/rtol relative to each tensor's peak (see graphopt.metrics)."""
+    return [OutputComparator(pair.candidate, tolerance, peak_relative=True) for pair in pairs]
 
 
 def reference_tensors(pairs: Sequence[TensorPair]) -> list[str]:

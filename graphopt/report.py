@@ -209,7 +209,16 @@ class FidelityReport:
     def _layer_summary(self) -> str:
         assert self.per_layer is not None
         divergent = self.per_layer.first_divergent
-        return f"per-layer: {len(self.per_layer.layers)} tensors compared, {len(divergent)} first divergent shown"
+        compared = f"per-layer: {len(self.per_layer.layers)} tensors compared"
+        if not divergent:
+            if not self.tolerance.rtol:
+                return f"{compared}, none beyond the tolerance ({self.tolerance.describe()})"
+            # An output can miss the elementwise rule where every tensor keeps within its scale.
+            return (
+                f"{compared}, none beyond {self.tolerance.describe()} of each tensor's peak |value| "
+                "(a miss only where values are near zero is float rounding)"
+            )
+        return f"{compared}, {len(divergent)} first divergent shown"
 
     def _summary_lines(self) -> list[str]:
         """Latency, task metric, size and bisection, one line each when present."""

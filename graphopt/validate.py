@@ -36,6 +36,7 @@ from graphopt.localize import (
     LayerResult,
     TensorPair,
     candidate_tensors,
+    layer_comparators,
     localize,
     reference_tensors,
     tensor_pairs,
@@ -293,7 +294,7 @@ def _localize_worst(
     # and two threads faulting pages into one process wait on each other (MiniLM
     # at 128 tokens, 80 MB a run: 0.2-0.3 s side by side, 0.11-0.13 s in turn).
     ref_out, cand_out = ref_runner.run(worst), cand_runner.run(worst)
-    comparators = [OutputComparator(pair.candidate, tolerance) for pair in layer_pairs]
+    comparators = layer_comparators(layer_pairs, tolerance)
     update_layers(ref_model, layer_pairs, ref_out, cand_out, comparators)
     layers = [LayerResult(pair, comparator.result()) for pair, comparator in zip(layer_pairs, comparators)]
     return LayerReport(provider=provider, samples=1, layers=layers)

@@ -394,3 +394,20 @@ def test_only_empty_is_false_once_an_element_is_compared_or_shapes_differ():
 
     assert compared.only_empty is False and compared.result().elements == 4 and compared.result().cosine == 1.0
     assert mismatched.only_empty is False and mismatched.result().passed is False
+
+
+def test_peak_relative_comparator_scales_rtol_by_the_largest_reference_value():
+    reference = np.array([1000.0, 1e-4, -500.0], dtype=np.float32)
+    candidate = np.array([1000.0, 6e-4, -500.0], dtype=np.float32)  # 5e-4 off where |r| is tiny
+    tolerance = Tolerance()  # atol 1e-4, rtol 1e-3
+
+    elementwise = OutputComparator("t", tolerance)
+    peak = OutputComparator("t", tolerance, peak_relative=True)
+    for comparator in (elementwise, peak):
+        comparator.update(reference, candidate)
+
+    assert not elementwise.result().passed and elementwise.result().violations == 1
+    assert peak.result().passed and peak.result().violations == 0
+    drifted = OutputComparator("t", tolerance, peak_relative=True)
+    drifted.update(reference, reference * np.float32(1.01))  # 10 off at the peak: beyond 1e-4 + 1e-3 * 1000
+    assert not drifted.result().passed and "of the peak |value| 1e+03" in drifted.result().reason
