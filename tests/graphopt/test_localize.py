@@ -166,6 +166,7 @@ def test_rounding_near_zero_after_a_lossless_fold_is_not_reported_as_drift():
 
     (output,) = [result for _, result in report.outputs]
     assert not output.passed and output.violations > 0 and output.rel_l2 < 1e-5  # elementwise misses, rounding only
+    assert "all within rtol of the peak |value|" in output.reason and output.reason.endswith("float rounding near zero?")
     assert {layer.pair.candidate for layer in report.per_layer.layers} == {"bn", "r", "y"}
     assert report.per_layer.first_divergent == []
     assert "none beyond atol=0.0001, rtol=0.001 of each tensor's peak |value|" in report.to_text()

@@ -407,7 +407,15 @@ def test_peak_relative_comparator_scales_rtol_by_the_largest_reference_value():
         comparator.update(reference, candidate)
 
     assert not elementwise.result().passed and elementwise.result().violations == 1
+    assert "all within rtol of the peak |value| 1e+03" in elementwise.result().reason
     assert peak.result().passed and peak.result().violations == 0
     drifted = OutputComparator("t", tolerance, peak_relative=True)
     drifted.update(reference, reference * np.float32(1.01))  # 10 off at the peak: beyond 1e-4 + 1e-3 * 1000
     assert not drifted.result().passed and "of the peak |value| 1e+03" in drifted.result().reason
+
+
+def test_an_elementwise_failure_beyond_the_peak_bound_gets_no_rounding_hint():
+    comparator = OutputComparator("t", Tolerance())
+    comparator.update(np.array([1.0, 0.0], dtype=np.float32), np.array([1.5, 0.0], dtype=np.float32))
+
+    assert not comparator.result().passed and "rounding" not in comparator.result().reason
