@@ -32,6 +32,13 @@ a kernel-size-1 CausalConvWithState, Resize's empty ``roi``), and the models
 agree on them; the caller decides whether any evidence was gathered at all
 (``graphopt.validate`` refuses when every output was empty).
 
+Integer and bool outputs (class indices, counts, masks) also get ``equal_share``,
+the share of elements equal in both models. Under ``min_cosine`` or
+``min_snr_db`` they are judged by it instead of by cosine or SNR, which say
+nothing about indices (every label swapped with a neighbour kept a cosine of
+0.986): they need ``equal_share >= min_cosine`` and ``>= 1 - 10^(-min_snr_db/10)``.
+The atol/rtol rule applies to them as to any output.
+
 Classifier-shaped outputs, float ``(N, C)`` or ``(N, C, 1, 1)`` with ``C >= 2``
 in every sample, also get ``top1`` (fraction of rows whose argmax agrees) and,
 when ``C >= 5``, ``top5`` (fraction of rows whose reference argmax is among the
@@ -117,13 +124,13 @@ class Tolerance:
         """One line such as ``"atol=0.0001, rtol=0.001"`` or ``"cosine >= 0.99"``."""
         parts = []
         if self.atol is not None:
-            parts.append(f"atol={self.atol:g}")
+            parts.append(f"atol={_threshold(self.atol)}")
         if self.rtol is not None:
-            parts.append(f"rtol={self.rtol:g}")
+            parts.append(f"rtol={_threshold(self.rtol)}")
         if self.min_cosine is not None:
-            parts.append(f"cosine >= {self.min_cosine:g}")
+            parts.append(f"cosine >= {_threshold(self.min_cosine)}")
         if self.min_snr_db is not None:
-            parts.append(f"SNR >= {self.min_snr_db:g} dB")
+            parts.append(f"SNR >= {_threshold(self.min_snr_db)} dB")
         return ", ".join(parts)
 
 
@@ -148,6 +155,8 @@ class ComparisonResult:
     top5: float | None
     passed: bool
     reason: str
+    # Integer and bool outputs (class indices, counts, masks): the share of elements equal in both models.
+    equal_share: float | None = None
 
     def __bool__(self) -> bool:
         return self.passed
@@ -187,6 +196,8 @@ class OutputComparator:
         self._top5_hits: int | None = 0
         self._classifier = True
         self._unequal = 0  # non-numeric (string) elements that differ
+        self._integer = True  # every sample so far integer or bool on both sides
+        self._equal = 0  # integer outputs: elements equal in both models
 
     def update(self, reference: Any, candidate: Any) -> None:
         """Adds one sample's pair of outputs to the running statistics.
@@ -223,6 +234,10 @@ class OutputComparator:
             self._unequal += int(np.count_nonzero(reference.astype(str) != candidate.astype(str)))
             return
         self._update_classification(reference, candidate)
+        if reference.dtype.kind in "iub" and candidate.dtype.kind in "iub":
+            self._equal += int(np.count_nonzero(reference == candidate))
+        else:
+            self._integer = False
         ref = reference.astype(np.float64, copy=False).ravel()
         cand = candidate.astype(np.float64, copy=False).ravel()
         self._elements += ref.size
@@ -243,7 +258,9 @@ class OutputComparator:
     def result(self) -> ComparisonResult:
         """The statistics and verdict so far; the comparator can keep accumulating."""
         abs_sum, rr, cc, rc, dd = (float(v) for v in self._sums)
-        failures = self._failures(cosine_of_sums(rr, cc, rc), snr_of_sums(rr, dd), _rel_l2(rr, dd))
+        integer = self._integer and self._elements > 0 and not self._unequal
+        equal_share = self._equal / self._elements if integer else None
+        failures = self._failures(cosine_of_sums(rr, cc, rc), snr_of_sums(rr, dd), _rel_l2(rr, dd), equal_share)
         nan_ref, inf_ref, nan_cand, inf_cand = (int(v) for v in self._nonfinite)
         # Differing shapes void the comparison: what matched in other samples is no evidence either.
         elements = 0 if self._shape_error else self._elements
@@ -276,6 +293,7 @@ class OutputComparator:
             top5=self._top5_hits / rows if rows and self._top5_hits is not None else None,
             passed=not failures,
             reason="; ".join(failures),
+            equal_share=None if elements == 0 else equal_share,
         )
 
     def _split_nonfinite(self, ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -336,7 +354,7 @@ class OutputComparator:
         top5 = np.argpartition(-cand, 4, axis=1)[:, :5]
         self._top5_hits += int((top5 == expected[:, None]).any(axis=1).sum())
 
-    def _failures(self, cosine: float, snr_db: float, rel_l2: float) -> list[str]:
+    def _failures(self, cosine: float, snr_db: float, rel_l2: float, equal_share: float | None) -> list[str]:
         if self._samples == 0:
             return ["no samples compared"]
         if self._shape_error:
@@ -352,18 +370,39 @@ class OutputComparator:
             return failures
         tol = self.tolerance
         if tol.uses_allclose and self._violations:
-            limits = ", ".join(f"{k}={v:g}" for k, v in (("atol", tol.atol), ("rtol", tol.rtol)) if v is not None)
+            limits = ", ".join(f"{k}={_threshold(v)}" for k, v in (("atol", tol.atol), ("rtol", tol.rtol)) if v is not None)
             if self.peak_relative and tol.rtol:
                 limits += f" of the peak |value| {self._peak:.3g}"
             failures.append(f"{_elements(self._violations)} beyond {limits} (max abs {self._max_abs:.3g})")
             if not self.peak_relative and tol.rtol and not self._beyond_peak and rel_l2 <= _ROUNDING_REL_L2:
                 # Worth saying: a lossless rewrite fails this way (reordered float sums near zero).
                 failures[-1] += f", all within rtol of the peak |value| {self._peak:.3g}: float rounding near zero?"
+        if equal_share is not None:
+            # Class indices that all moved by one keep a cosine near 1: integer outputs
+            # are judged by how many values agree (see the module docstring).
+            required = _required_agreement(tol)
+            if required is not None and not equal_share >= required:
+                failures.append(f"{equal_share:.1%} of values equal < {required:.4g} required (integer output)")
+            return failures
         if tol.min_cosine is not None and not cosine >= tol.min_cosine:
             failures.append(f"cosine {_below(cosine, tol.min_cosine)}")
         if tol.min_snr_db is not None and not snr_db >= tol.min_snr_db:
             failures.append(f"SNR {_below(snr_db, tol.min_snr_db)} dB")
         return failures
+
+
+def _required_agreement(tolerance: Tolerance) -> float | None:
+    """The share of equal values an integer output needs under a cosine or SNR tolerance.
+
+    ``min_cosine`` is read as that share; ``min_snr_db`` as a mismatch rate of
+    ``10^(-snr/10)`` (20 dB: 1% may differ). Both set: the stricter.
+    """
+    shares = []
+    if tolerance.min_cosine is not None:
+        shares.append(tolerance.min_cosine)
+    if tolerance.min_snr_db is not None:
+        shares.append(1.0 - 10.0 ** (-tolerance.min_snr_db / 10.0))
+    return max(shares) if shares else None
 
 
 def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance) -> ComparisonResult:
@@ -429,7 +468,13 @@ def _below(value: float, threshold: float) -> str:
         shown = f"{value:.{digits}g}"
         if shown != f"{threshold:.{digits}g}":
             break
-    return f"{shown} < {threshold:g}"
+    return f"{shown} < {_threshold(threshold)}"
+
+
+def _threshold(value: float) -> str:
+    """A user's threshold as given: ``0.99999999`` must not print as ``1`` (``:g`` keeps 6 digits)."""
+    shown = f"{value:g}"
+    return shown if float(shown) == value else repr(float(value))
 
 
 def _elements(count: int) -> str:

@@ -419,3 +419,36 @@ def test_an_elementwise_failure_beyond_the_peak_bound_gets_no_rounding_hint():
     comparator.update(np.array([1.0, 0.0], dtype=np.float32), np.array([1.5, 0.0], dtype=np.float32))
 
     assert not comparator.result().passed and "rounding" not in comparator.result().reason
+
+
+@pytest.mark.parametrize(
+    "tolerance",
+    [Tolerance(min_cosine=0.9), Tolerance(min_snr_db=10.0), Tolerance(min_cosine=0.5, min_snr_db=10.0)],
+    ids=["cosine", "snr", "both"],
+)
+def test_integer_outputs_are_judged_by_the_share_of_equal_values(tolerance):
+    # Every class index swapped with its neighbour: a cosine of 0.98 and an SNR of 15 dB, no label right.
+    labels = np.arange(10, dtype=np.int64)[None, :].repeat(4, axis=0)
+    swapped = labels[:, [1, 0, 3, 2, 5, 4, 7, 6, 9, 8]]
+    mostly_right = labels.copy()
+    mostly_right[0, 0] = 1  # 1 of 40 differs: 97.5% equal
+
+    wrong, close = compare_arrays("label", labels, swapped, tolerance), compare_arrays("label", labels, mostly_right, tolerance)
+
+    assert wrong.cosine > 0.98 and wrong.equal_share == 0.0 and not wrong.passed
+    assert "of values equal < 0.9 required (integer output)" in wrong.reason
+    assert close.equal_share == pytest.approx(0.975) and close.passed  # 0.975 >= 0.9, and >= 1 - 10^-1
+
+
+def test_float_outputs_have_no_equal_share():
+    assert compare_arrays("y", np.ones(3, dtype=np.float32), np.ones(3, dtype=np.float32), Tolerance()).equal_share is None
+
+
+def test_thresholds_print_as_given_not_rounded_to_six_digits():
+    tolerance = Tolerance(min_cosine=0.99999999)
+
+    result = compare_arrays("y", np.array([1.0, 0.0]), np.array([1.0, 0.001]), tolerance)  # cosine 0.9999995
+
+    assert tolerance.describe() == "cosine >= 0.99999999"
+    assert result.reason.endswith("< 0.99999999")
+    assert Tolerance().describe() == "atol=0.0001, rtol=0.001"
