@@ -94,7 +94,8 @@ class LayerReport:
         return {
             "provider": self.provider,
             "samples": self.samples,
-            "compared": len(self.layers),
+            "paired": len(self.layers),
+            "compared": sum(1 for layer in self.layers if layer.result.compared),
             "first_divergent": [layer.to_dict() for layer in self.first_divergent],
             "layers": [layer.to_dict() for layer in self.layers],
         }

@@ -12,15 +12,18 @@ JSON schema ``graphopt.fidelity/1`` (keys of ``FidelityReport.to_dict()``):
 - ``outputs``: one entry per (provider, output): ``{provider, output, samples,
   elements, max_abs, mean_abs, rel_l2, cosine, snr_db, nan_reference,
   inf_reference, nan_candidate, inf_candidate, violations, top1, top5, passed,
-  reason}``. Non-finite floats are written as the strings ``"inf"``, ``"-inf"``,
-  ``"nan"``.
+  reason, equal_share}`` (``equal_share``: integer and bool outputs only, the
+  share of values equal in both models; null otherwise). Non-finite floats are
+  written as the strings ``"inf"``, ``"-inf"``, ``"nan"``.
 - ``noise_floor``: the same entries comparing the *reference* on CPU with the
   reference on each other provider (the provider's own numeric noise).
 - ``task``: null, or ``{metric, reference, candidate, drop}`` plus
   ``samples`` (a metric callback) or ``labelled rows`` (top-1 accuracy from
   ``labels`` in the data).
-- ``per_layer``: null, or ``{provider, samples, compared, first_divergent,
-  layers}``; each layer is ``{reference_tensor, candidate_tensor, node, op}``
+- ``per_layer``: null, or ``{provider, samples, paired, compared,
+  first_divergent, layers}`` (``paired``: tensors matched across the models;
+  ``compared``: those of them with values compared, the rest changed shape
+  or were empty); each layer is ``{reference_tensor, candidate_tensor, node, op}``
   plus the output metrics.
 - ``latency``: null, or ``{provider, threads, warmup, repeats,
   reference_ms, candidate_ms, ratio}`` (ratio = candidate / reference).
@@ -209,7 +212,10 @@ class FidelityReport:
     def _layer_summary(self) -> str:
         assert self.per_layer is not None
         divergent = self.per_layer.first_divergent
-        compared = f"per-layer: {len(self.per_layer.layers)} tensors compared"
+        layers = self.per_layer.layers
+        shown = sum(1 for layer in layers if layer.result.compared)
+        # Channel pruning changes tensor shapes: such pairs have no values to compare.
+        compared = f"per-layer: {len(layers)} tensors paired, {shown} compared" if shown < len(layers) else f"per-layer: {shown} tensors compared"
         if not divergent:
             if not self.tolerance.rtol:
                 return f"{compared}, none beyond the tolerance ({self.tolerance.describe()})"
@@ -240,6 +246,12 @@ class FidelityReport:
             lines.append(f"size: {format_bytes(size['reference_bytes'])} -> {format_bytes(size['candidate_bytes'])} (x{size['ratio']:.3f})")
         if self.bisection is not None and self.bisection.get("first_failing_pass"):
             lines.append(f"bisection: first pass breaking the tolerance: {self.bisection['first_failing_pass']} (step {self.bisection['step']})")
+        elif self.bisection is not None:
+            # The replay ended elsewhere than the run that failed: passes whose choices follow timings.
+            lines.append(
+                f"bisection: none of the {self.bisection.get('checked', 0)} replayed prefixes failed; a pass that decides by "
+                "timing (qdq or lowrank with check_speed) may have chosen differently: rerun with --deterministic"
+            )
         return lines
 
     def _ledger_rows(self) -> list[tuple[str, ...]]:
@@ -284,6 +296,8 @@ def _entry(provider: str, result: ComparisonResult) -> dict[str, Any]:
 def _row(provider: str, result: ComparisonResult) -> tuple[str, ...]:
     top1 = "-" if result.top1 is None else f"{result.top1:.3f}"
     metrics = (_num(result.max_abs), _num(result.rel_l2), _num(result.cosine, 6), _num(result.snr_db, 1))
+    if result.equal_share is not None:  # class indices and the like: how many agree, not a cosine
+        metrics = (*metrics[:2], f"{result.equal_share:.1%} equal", "-")
     if not result.compared:  # no element compared: the NaN statistics are shown as absent
         metrics = ("-",) * len(metrics)
     return (provider, result.name, *metrics, top1, _verdict(result))

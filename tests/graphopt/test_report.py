@@ -121,3 +121,32 @@ def test_markdown_keeps_its_table_columns_when_a_name_holds_a_pipe():
     assert unescaped_pipes == 9  # 8 cells
     assert "logits\\<script>alert(\"x\")\\</script>&amp;\\|pipe" in row
     assert lines[2] == "**FAIL** against atol=0.0001, rtol=0.001"
+
+
+def test_per_layer_line_separates_paired_tensors_from_those_with_values_compared():
+    tolerance = Tolerance()
+    same = LayerResult(TensorPair("a", "a", "n1", "Conv"), compare_arrays("a", np.ones(4), np.ones(4), tolerance))
+    pruned = LayerResult(TensorPair("b", "b", "n2", "Conv"), compare_arrays("b", np.ones((1, 8)), np.ones((1, 4)), tolerance))
+    report = _report()
+    report.per_layer = LayerReport(provider="cpu", samples=1, layers=[same, pruned])
+
+    assert "per-layer: 2 tensors paired, 1 compared, 1 first divergent shown" in report.to_text()
+    assert (report.per_layer.to_dict()["paired"], report.per_layer.to_dict()["compared"]) == (2, 1)
+
+
+def test_bisection_that_found_no_failing_prefix_says_so():
+    report = _report()
+    report.bisection = {"first_failing_pass": None, "step": None, "checked": 2}
+
+    assert "bisection: none of the 2 replayed prefixes failed" in report.to_text()
+    assert "--deterministic" in report.to_text()
+
+
+def test_integer_outputs_show_the_share_of_equal_values_instead_of_a_cosine():
+    labels = np.arange(10)[None, :].repeat(4, axis=0)
+    report = _report()
+    report.outputs = [("cpu", compare_arrays("label", labels, labels[:, ::-1], Tolerance(min_cosine=0.9)))]
+
+    (row,) = [line for line in report.to_text().splitlines() if line.startswith("cpu ")]
+    assert "0.0% equal" in row and "FAIL: 0.0% of values equal < 0.9 required (integer output)" in row
+    assert report.to_dict()["outputs"][0]["equal_share"] == 0.0
