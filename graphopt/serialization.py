@@ -117,9 +117,11 @@ def initializer_types_hidden(model: ir.Model) -> Iterator[None]:
     for graph in iter_graphs(model, functions=False):
         if not isinstance(graph, ir.Graph):
             continue
-        inputs = set(graph.inputs)  # an initializer that is also an input keeps its declared type
+        # An initializer that is also a graph input or output keeps its declared type:
+        # the graph's input/output entries are written from it, and onnx requires one.
+        declared = {*graph.inputs, *graph.outputs}
         for value in graph.initializers.values():
-            if value in inputs or value.metadata_props or value.doc_string or (value.type is None and value.shape is None):
+            if value in declared or value.metadata_props or value.doc_string or (value.type is None and value.shape is None):
                 continue
             hidden.append((value, value.type, value.shape))
             value.type, value.shape = None, None

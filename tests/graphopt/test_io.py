@@ -438,3 +438,32 @@ def test_a_valid_model_the_ir_cannot_hold_is_unsupported_and_says_why(tmp_path):
 
     with pytest.raises(UnsupportedModelError, match=r"zipmap.onnx: valid ONNX that graphopt's IR \(onnx_ir .*\) cannot hold yet: Map types"):
         graphopt.load(path)
+
+
+def test_an_initializer_that_is_a_graph_output_keeps_its_declared_type_through_save(tmp_path):
+    # Before: the save hid every initializer's type, graph outputs included, and onnx.checker
+    # refused the result ("Field 'type' of 'value_info' is required but missing").
+    weight = onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [
+            onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4]),
+            onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [4, 4]),
+        ],
+        [weight],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    check_full(model)
+    loaded = graphopt.load(model)
+
+    graphopt.run_pipeline(loaded, "dce")
+    graphopt.save(loaded, tmp_path / "out.onnx")
+
+    saved = onnx.load(tmp_path / "out.onnx")
+    check_full(saved)
+    (declared,) = [output for output in saved.graph.output if output.name == "w"]
+    assert declared.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert [d.dim_value for d in declared.type.tensor_type.shape.dim] == [4, 4]
