@@ -71,7 +71,7 @@ _ACTIVATION_TYPES = ("u8", "s8")
 _FALLBACKS = ("storage", "float")
 _ROUNDINGS = ("nearest", "gptq")
 _CHOICES = {"calibration": calib.METHODS, "activations": _ACTIVATION_TYPES, "rounding": _ROUNDINGS, "fallback": _FALLBACKS}
-# Without a fidelity target, a result whose held-back output cosine falls below this is reported with a warning.
+# Without a target, an output cosine below this (held back where the data allows) is reported with a warning.
 ADVISED_COSINE = 0.99
 
 
@@ -208,7 +208,9 @@ class QuantizePass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, False)
         if not measured:  # weight-only unchecked: a pure rewrite, so models onnxruntime cannot run still compress
             return self._adopt(model, *self._build_weight_only(model, frozenset()), placement)
-        samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=hold_back, shapes=self.shapes)
+        samples = Samples(
+            model, self.data, count=self.samples, seed=self.seed, hold_back=hold_back, shapes=self.shapes, check_unseen=True
+        )
         if self.weight_only:
             kind = "int4" if self.weight_bits == 4 else "int8 weight-only"
             if self.rounding == "gptq":
@@ -263,10 +265,13 @@ class QuantizePass(ir.passes.InPlacePass):
             threads=self.threads, kind=kind, speed_reference=original, store_slow=self.fallback == "storage",
         )
         cosine = summary.fidelity.get("cosine", 1.0)
+        if summary.fidelity:
+            summary.fidelity["samples"] = len(samples.held_back)
+            summary.fidelity_samples = samples.judged_on
         if self.target_cosine is None and self.target_snr is None and cosine < ADVISED_COSINE:
             # No target means no guard: say so rather than hand back a degraded model quietly.
             summary.advice = f"below {ADVISED_COSINE:g}: target_cosine={ADVISED_COSINE:g} keeps the layers that cost it float"
-            logger.warning("qdq: output cosine %.5f on held-back calibration samples, %s", cosine, summary.advice, extra=IN_SUMMARY)
+            logger.warning("qdq: output cosine %.5f %s, %s", cosine, summary.judged_text(), summary.advice, extra=IN_SUMMARY)
         return self._adopt(model, chosen, summary, placement)
 
     def _adopt(self, model: ir.Model, chosen: ir.Model, summary: QuantizationSummary, placement: Placement) -> ir.passes.PassResult:
@@ -356,7 +361,7 @@ class QuantizePass(ir.passes.InPlacePass):
             if bias is None:  # a corrected layer without bias: give it one to quantize
                 set_float_bias(maker, reader, None, values)  # type: ignore[arg-type]
                 bias = reader.inputs[2]
-            quantize_bias_input(maker, reader, bias, scales[source], weight_scales, values)  # type: ignore[arg-type]
+            quantize_bias_input(maker, reader, bias, scales[source], weight_scales, values, corrected=corrected)  # type: ignore[arg-type]
         elif corrected:
             set_float_bias(maker, reader, bias, values)  # type: ignore[arg-type]
         return corrected

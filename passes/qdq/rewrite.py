@@ -159,13 +159,16 @@ def quantize_bias_input(
     input_scale: np.float32,
     weight_scales: np.ndarray,
     values: np.ndarray | None = None,
+    *,
+    corrected: bool = False,
 ) -> None:
     """Replaces ``node``'s float bias by int32 [N] with scale input_scale * weight_scales.
 
     ``values`` are what the bias adds per output channel (placement's
     ``Target.bias_values``, a Gemm's beta included, or a corrected bias);
     None reads a [N] bias's own values. A Gemm's beta becomes 1, since the
-    values include it.
+    values include it. A ``corrected`` bias gets no provenance: it differs
+    from the float bias on purpose, so validation must not compare the two.
     """
     array = bias.const_value.numpy() if values is None else values  # type: ignore[union-attr]
     q, scales = quantize_bias(array, input_scale, weight_scales)
@@ -173,7 +176,7 @@ def quantize_bias_input(
     quantized = maker.initializer(f"{base}_quantized", q)
     scale = maker.initializer(f"{base}_scale", scales)
     zero = maker.initializer(f"{base}_zero_point", np.zeros(scales.shape, dtype=np.int32))
-    _dequantize_into(maker, node, bias, [quantized, scale, zero], {"axis": 0}, ir.Shape(q.shape))
+    _dequantize_into(maker, node, bias, [quantized, scale, zero], {"axis": 0}, ir.Shape(q.shape), record=not corrected)
     _unit_beta(node)
 
 
@@ -184,11 +187,19 @@ def _unit_beta(node: ir.Node) -> None:
 
 
 def _dequantize_into(
-    maker: NodeMaker, node: ir.Node, original: ir.Value, inputs: list[ir.Value], attributes: dict, shape: ir.Shape | None = None
+    maker: NodeMaker,
+    node: ir.Node,
+    original: ir.Value,
+    inputs: list[ir.Value],
+    attributes: dict,
+    shape: ir.Shape | None = None,
+    *,
+    record: bool = True,
 ) -> None:
     """Puts DequantizeLinear(inputs) before ``node`` in place of ``original``, which is then dropped.
 
-    ``shape`` is the dequantized tensor's, when it is not ``original``'s.
+    ``shape`` is the dequantized tensor's, when it is not ``original``'s;
+    ``record``: whether provenance pairs the result with ``original``.
     """
     base = original.name or "weight"
     dequantize = maker.node("DequantizeLinear", list(inputs), f"{base}_dequantized", attributes)
@@ -197,7 +208,8 @@ def _dequantize_into(
     for index, value in enumerate(node.inputs):
         if value is original:
             node.replace_input_with(index, dequantize.outputs[0])
-    maker.renames.append((dequantize.outputs[0].name or "", base))
+    if record:
+        maker.renames.append((dequantize.outputs[0].name or "", base))
     if not original.uses() and original.name in maker.graph.initializers:
         maker.graph.initializers.pop(original.name)
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["QuantizationSummary"]
+__all__ = ["QuantizationSummary", "counted"]
 
 from collections import Counter
 from dataclasses import dataclass, field
+
+
+def counted(number: int, noun: str) -> str:
+    """``1 layer``, ``2 layers``: a count for a summary line (prune and lowrank use it too)."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 @dataclass
@@ -23,7 +28,8 @@ class QuantizationSummary:
     weight_bytes_before: int = 0
     weight_bytes_after: int = 0
     float_subgraph_nodes: int = 0
-    fidelity: dict[str, float] = field(default_factory=dict)
+    fidelity: dict[str, float] = field(default_factory=dict)  # with "samples": how many judged it
+    fidelity_samples: str = ""  # "held back" (calibration never read them) or "calibration" (too few to spare any)
     latency_ratio: float | None = None
     backed_off: str = ""
     advice: str = ""  # set when the result is far from the float model and no target was given
@@ -32,7 +38,7 @@ class QuantizationSummary:
         """One line a person reads after the run."""
         if self.backed_off:
             return self.backed_off + (f", {self._stored_text()}" if self.stored else "")
-        parts = [f"{len(self.quantized)} layers quantized" + (f" ({len(self.gptq)} GPTQ-rounded)" if self.gptq else "")]
+        parts = [f"{counted(len(self.quantized), 'layer')} quantized" + (f" ({len(self.gptq)} GPTQ-rounded)" if self.gptq else "")]
         if self.float_layers:
             # Grouped without their per-layer details, such as kernel timings: the ledger keeps those.
             reasons = Counter(reason.split(" (")[0] for reason in self.float_layers.values())
@@ -43,19 +49,27 @@ class QuantizationSummary:
         if self.weight_bytes_after:
             parts.append(f"weights {self.weight_bytes_before / self.weight_bytes_after:.1f}x smaller")
         if "cosine" in self.fidelity:
-            parts.append(f"output cosine {self.fidelity['cosine']:.5f}" + (f" ({self.advice})" if self.advice else ""))
+            on = f" {self.judged_text()}" if self.fidelity_samples == "calibration" else ""
+            parts.append(f"output cosine {self.fidelity['cosine']:.5f}{on}" + (f" ({self.advice})" if self.advice else ""))
         if self.latency_ratio is not None:
             parts.append(f"latency {self.latency_ratio:.2f}x float")
         if self.float_subgraph_nodes:
-            parts.append(f"{self.float_subgraph_nodes} nodes in If/Loop bodies stay float")
+            parts.append(f"{counted(self.float_subgraph_nodes, 'node')} in If/Loop bodies stay{'s' if self.float_subgraph_nodes == 1 else ''} float")
         if self.nonfinite_activations:
-            parts.append(f"NaN/Inf ignored in calibrating {len(self.nonfinite_activations)} tensors")
+            parts.append(f"NaN/Inf ignored in calibrating {counted(len(self.nonfinite_activations), 'tensor')}")
         if self.float_activations:
-            parts.append(f"{len(self.float_activations)} tensors kept float ({'; '.join(sorted(set(self.float_activations.values())))})")
+            parts.append(f"{counted(len(self.float_activations), 'tensor')} kept float ({'; '.join(sorted(set(self.float_activations.values())))})")
         return ", ".join(parts)
+
+    def judged_text(self) -> str:
+        """Which samples the fidelity figures come from, as the summary words it."""
+        count = int(self.fidelity.get("samples", 0))
+        if self.fidelity_samples == "calibration":
+            return f"on {count} calibration sample{'s' if count != 1 else ''}"
+        return "on held-back samples"
 
     def _stored_text(self) -> str:
         ratio = self.weight_bytes_before / self.weight_bytes_after if self.weight_bytes_after else 1.0
         latency = f", latency {self.latency_ratio:.2f}x float" if self.latency_ratio is not None else ""
-        layers = f"{len(self.stored)} layer{'s' if len(self.stored) != 1 else ''}"
+        layers = counted(len(self.stored), "layer")
         return f"with the weights of {layers} stored as int8 ({ratio:.1f}x smaller){latency}"

@@ -23,7 +23,7 @@ from helpers import check_full, cosine, parse, to_proto
 import model_zoo
 from graphopt import load, run_pipeline
 from graphopt.runtime import ModelRunner
-from passes.qdq import QuantizePass, mixed
+from passes.qdq import QuantizationSummary, QuantizePass, mixed
 from passes.qdq.samples import Samples
 
 MIN_COSINE = 0.99
@@ -310,6 +310,12 @@ def test_ledger_row_carries_the_summary():
 
     details = result.ledger.rows[0].details
     assert details["quantized"] and "layers quantized" in details["summary"]
+
+
+def test_summary_counts_one_layer_and_one_tensor_in_the_singular():
+    summary = QuantizationSummary(quantized=["fc"], float_activations={"t": "no finite value in calibration"}, float_subgraph_nodes=1)
+
+    assert summary.line() == "1 layer quantized, 1 node in If/Loop bodies stays float, 1 tensor kept float (no finite value in calibration)"
 
 
 def test_samples_are_streamed_again_on_each_read_and_a_quarter_is_held_back():

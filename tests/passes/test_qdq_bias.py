@@ -22,7 +22,7 @@ from onnx import TensorProto
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
-from graphopt import PassSpec, load, run_pipeline
+from graphopt import PassSpec, Tolerance, load, run_pipeline, validate
 from passes.qdq import QuantizePass
 
 M, K, N = 6, 64, 48
@@ -290,3 +290,32 @@ def test_a_tensor_read_along_two_channel_axes_corrects_each_reader_with_its_own_
             for i, axis in ((0, 1), (1, -1))
         ]
     assert all(on < off / 2 for on, off in zip(shift[True], shift[False])), shift
+
+
+def _gemm_and_conv(op: str) -> tuple[onnx.ModelProto, str, list[dict[str, np.ndarray]]]:
+    """A Gemm with C [N] or a Conv with B (the bias's name is returned), and inputs far from zero so correction fires."""
+    rng = np.random.default_rng(5)
+    if op == "Gemm":
+        return _gemm_model(rng.standard_normal(N).astype(np.float32)), "C", _feeds(rng, (M, K))
+    proto = _conv_model(shared_bias=True)
+    del proto.graph.node[1:]  # one Conv: x -> Conv(W1, B) -> y
+    proto.graph.node[0].output[0] = "y"
+    return proto, "B", _feeds(rng, (1, 8, 10, 10))
+
+
+@pytest.mark.parametrize("op", ["Gemm", "Conv"])
+def test_a_corrected_bias_is_not_paired_with_the_float_bias_when_validation_localizes(op):
+    # Corrected on purpose, the bias was compared with the float one and listed first divergent
+    # in a passing model (cnn_bn: fc_bias_dequantized at cosine 0.907, the output at 0.999995).
+    proto, bias, feeds = _gemm_and_conv(op)
+    for correction in (True, False):
+        model, result, pass_ = _quantize(proto, feeds, bias_correction=correction)
+        assert result.modified and pass_.summary.corrected == (pass_.summary.quantized if correction else [])
+        check_full(model)
+        report = validate(load(proto), model, feeds, tolerance=Tolerance(min_cosine=0.999), per_layer=True)
+        assert report.passed
+        paired = {layer.pair.reference: layer for layer in report.per_layer.layers}
+        assert paired.keys() == ({"W" if op == "Gemm" else "W1", "y"} | (set() if correction else {bias}))
+        assert not report.per_layer.first_divergent
+        if not correction:  # the uncorrected int32 bias is its float self within a step of its scale
+            assert paired[bias].pair.candidate == f"{bias}_dequantized" and paired[bias].result.passed
