@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.lowrank.rewrite import is_factor
-from passes.prune.layer_checks import GRAPH_INPUT_WEIGHT, layer_label, left_constant, nonfinite_count
+from passes.prune.layer_checks import GRAPH_INPUT_WEIGHT, layer_label, left_constant, nonfinite_count, quantized_weight
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,8 @@ def _refusal(node: ir.Node, skip: frozenset[str]) -> str | None:
         return "the constant is the left operand (W @ x): only x @ W is factored"
     if weight is not None and weight.const_value is not None and weight.is_graph_input():
         return GRAPH_INPUT_WEIGHT
+    if quantized := quantized_weight(weight, "lowrank"):
+        return quantized
     if weight is None or weight.const_value is None or weight.const_value.dtype not in _FLOAT:
         return "weight is not a float initializer"
     if any(user is not node for user, _ in weight.uses()):

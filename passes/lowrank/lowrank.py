@@ -50,6 +50,7 @@ from passes.options import check_bool, check_int, check_names, check_number, che
 from passes.prune.layer_checks import NONFINITE_INPUTS, finite
 from passes.prune.reconstruct import input_gram
 from passes.qdq.samples import Samples
+from passes.qdq.summary import counted
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class LowRankSummary:
         after = sum(entry["params_after"] for entry in self.decomposed.values())
         if self.decomposed:
             ranks = [rank for entry in self.decomposed.values() for rank in entry["ranks"]]
-            parts = [f"{len(self.decomposed)} layers factored (ranks {min(ranks)}-{max(ranks)}), weights {before} -> {after} params"]
+            parts = [f"{counted(len(self.decomposed), 'layer')} factored (ranks {min(ranks)}-{max(ranks)}), weights {before} -> {after} params"]
         else:
             parts = ["no layer factored"]
         if self.skipped:
@@ -83,7 +84,7 @@ class LowRankSummary:
         if self.reconstructed or self.not_reconstructed:
             parts.append(f"{len(self.reconstructed)} refit to the original outputs")
         if self.sensitivity and not self.fidelity:
-            parts.append(f"ranks spread across layers by the output drift measured on each ({len(self.sensitivity)} layers)")
+            parts.append(f"ranks spread across layers by the output drift measured on each ({counted(len(self.sensitivity), 'layer')})")
         if self.fidelity:
             parts.append(
                 f"output cosine {self.fidelity['cosine']:.5f} on held-back samples, at least {self.fidelity['lower_bound']:.5f} "

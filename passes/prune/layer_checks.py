@@ -1,4 +1,4 @@
-"""Checks shared by ``prune`` and ``lowrank`` on the layers they change: which operand is the constant, and NaN/Inf.
+"""Checks shared by ``prune`` and ``lowrank`` on the layers they change: which operand is the constant, quantized weights, NaN/Inf.
 
 A weight holding NaN/Inf is left whole: magnitude ranks and SVD mean
 nothing on it (numpy's SVD fails with "SVD did not converge"), and a fit on
@@ -7,7 +7,15 @@ calibration inputs holding NaN/Inf would write NaN weights.
 
 from __future__ import annotations
 
-__all__ = ["GRAPH_INPUT_WEIGHT", "NONFINITE_INPUTS", "finite", "layer_label", "left_constant", "nonfinite_count"]
+__all__ = [
+    "GRAPH_INPUT_WEIGHT",
+    "NONFINITE_INPUTS",
+    "finite",
+    "layer_label",
+    "left_constant",
+    "nonfinite_count",
+    "quantized_weight",
+]
 
 import numpy as np
 import onnx_ir as ir
@@ -29,6 +37,20 @@ def left_constant(node: ir.Node) -> bool:
         return False
     first, second = node.inputs[0], node.inputs[1]
     return _constant(first) and not _constant(second)
+
+
+def quantized_weight(weight: ir.Value | None, pass_name: str) -> str | None:
+    """Why ``weight`` is left alone when it is a DequantizeLinear of a constant (a model already through qdq), else None.
+
+    Its int8 levels would have to be requantized after the change, so the
+    fix is the order of the passes, not a rewrite here.
+    """
+    producer = weight.producer() if weight is not None else None
+    if producer is None or producer.op_type != "DequantizeLinear" or producer.domain not in ("", "ai.onnx") or not producer.inputs:
+        return None
+    if not _constant(producer.inputs[0]):
+        return None
+    return f"weight is quantized (behind DequantizeLinear): run {pass_name} before qdq"
 
 
 def nonfinite_count(array: np.ndarray) -> int:

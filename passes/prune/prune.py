@@ -31,12 +31,13 @@ from passes.options import check_bool, check_int, check_names, check_number, che
 from passes.prune.channels import Chain, find_chains, grouped_keep, prune_chain, prune_concat_consumers
 from passes.prune.compression import compression_report
 from passes.prune.importance import FeatureStats, activation_importance, compensate_means, weight_importance
-from passes.prune.layer_checks import GRAPH_INPUT_WEIGHT, layer_label, left_constant, nonfinite_count
+from passes.prune.layer_checks import GRAPH_INPUT_WEIGHT, layer_label, left_constant, nonfinite_count, quantized_weight
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
 from passes.prune.reconstruct import input_gram_halves
 from passes.prune.refit_channels import layers_to_refit, refit_in_order
 from passes.prune.refit_masked import checked_refit
 from passes.qdq.samples import Samples
+from passes.qdq.summary import counted
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ _TARGET_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _ONNX_DOMAINS = ("", "ai.onnx")
 _FLOAT = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 DEFAULT_SKIP = "default"
+# The channel summary says when align moved a layer's share of channels removed this far from ratio.
+_ROUNDING_NOTED = 0.05
 
 
 @dataclass
@@ -59,6 +62,7 @@ class PruneSummary:
     not_reconstructed: dict[str, str] = field(default_factory=dict)
     compensated: list[str] = field(default_factory=list)  # consumers whose bias took the removed channels' mean
     norm: str = ""  # the channel importance used: l1, l2 or activation
+    rounded: str = ""  # channel: how far align moved the share removed from ratio, when it did
 
     def line(self) -> str:
         total = self.compression.get("dense_bytes", 0)
@@ -66,15 +70,17 @@ class PruneSummary:
             before = sum(b for b, _ in self.channels.values())
             after = sum(a for _, a in self.channels.values())
             if self.channels:
-                parts = [f"{len(self.channels)} layers lost {before - after} of {before} output channels (tensors shrink, {self.norm} importance)"]
+                parts = [f"{counted(len(self.channels), 'layer')} lost {before - after} of {before} output channels (tensors shrink, {self.norm} importance)"]
             else:
                 parts = ["no output channel removed"]
+            if self.rounded:
+                parts.append(self.rounded)
             if self.compensated:
-                parts.append(f"{len(self.compensated)} layers took the removed channels' mean into their bias")
+                parts.append(f"{counted(len(self.compensated), 'layer')} took the removed channels' mean into their bias")
             if self.skipped:
                 parts.append(f"{len(self.skipped)} left whole ({'; '.join(sorted(set(self.skipped.values()))[:4])})")
             return ", ".join(parts)
-        pruned = f"{len(self.sparsity)} layers pruned"
+        pruned = f"{counted(len(self.sparsity), 'layer')} pruned" if self.sparsity else "no layer pruned"
         if self.sparsity:
             pruned += f" (sparsity {min(self.sparsity.values()):.3f}-{max(self.sparsity.values()):.3f})"
         parts = [pruned]
@@ -84,7 +90,7 @@ class PruneSummary:
             best = min(self.compression["zlib_bytes"], self.compression["lzma_bytes"], self.compression["sparse_bytes"])
             parts.append(f"int8 + entropy coding {total / best:.1f}x smaller than dense")
         if self.reconstructed:
-            parts.append(f"{len(self.reconstructed)} layers refit on calibration data")
+            parts.append(f"{counted(len(self.reconstructed), 'layer')} refit on calibration data")
         if self.not_reconstructed:
             parts.append(f"{len(self.not_reconstructed)} not refit ({'; '.join(sorted(set(self.not_reconstructed.values()))[:3])})")
         parts.append("zeros alone do not speed up onnxruntime CPU")
@@ -221,6 +227,7 @@ class PrunePass(ir.passes.InPlacePass):
         for chain in chains:
             scores = activation_importance(chain, stats[chain.output.name]) if stats else weight_importance(chain, self.summary.norm)  # type: ignore[union-attr]
             keeps.append(grouped_keep(scores, _kept_channels(len(scores), self.ratio, self.align), chain.groups))
+        self.summary.rounded = self._rounding_note(chains, keeps)
         # The unpruned model is the teacher that reconstruction fits the pruned layers to.
         # clone() shares tensors, so external data keeps its folder (a proto round trip loses it).
         teacher = model.clone() if self.reconstruct and chains else None
@@ -245,6 +252,20 @@ class PrunePass(ir.passes.InPlacePass):
             self.summary.reconstructed.extend(done)
             self.summary.not_reconstructed.update({**not_built, **refused})
         return bool(cut)
+
+    def _rounding_note(self, chains: list[Chain], keeps: list) -> str:
+        """Says so when align, not ratio, set a layer's share of channels removed (digits_cnn, ratio 0.3: 16 of 32)."""
+        shares = [1 - len(keep) / chain.channels for chain, keep in zip(chains, keeps)]
+        moved = any(
+            _kept_channels(chain.channels, self.ratio, self.align) != _kept_channels(chain.channels, self.ratio, 1)
+            and abs(share - self.ratio) > _ROUNDING_NOTED
+            for chain, share in zip(chains, shares)
+        )
+        if not moved:
+            return ""
+        low, high = min(shares), max(shares)
+        removed = f"{low:.0%}" if high - low < 0.005 else f"{low:.0%}-{high:.0%}"
+        return f"align={self.align} rounded each layer's cut: {removed} removed for ratio={self.ratio:g}"
 
     def _consumer_input_stats(self, model: ir.Model, chains: list[Chain]) -> dict[str, FeatureStats]:
         """Mean and spread of each feature of each chain's consumer input, over the calibration samples."""
@@ -310,6 +331,8 @@ class PrunePass(ir.passes.InPlacePass):
                 self.summary.skipped[label] = "the constant is the left operand (W @ x): only x @ W is pruned"
             elif weight is not None and weight.is_graph_input():
                 self.summary.skipped[label] = GRAPH_INPUT_WEIGHT
+            elif quantized := quantized_weight(weight, "prune"):
+                self.summary.skipped[label] = quantized
             elif weight is None or weight.const_value is None:
                 self.summary.skipped[label] = "no constant weight (it is computed, as attention's operands are)"
             elif weight.const_value.dtype not in _FLOAT:

@@ -164,7 +164,7 @@ def test_ratio_keeps_that_share_of_parameters_when_default():
     assert entry["ranks"] == [64 * 32 // 2 // 96]  # floor(0.5 k n / (k + n)) = 10
     assert (entry["params_before"], entry["params_after"]) == (2048, 10 * 96)
     assert _weight_shapes(model) == [(64, 10), (10, 32)]
-    assert "1 layers factored (ranks 10-10), weights 2048 -> 960 params" in lowrank.details()["summary"]
+    assert "1 layer factored (ranks 10-10), weights 2048 -> 960 params" in lowrank.details()["summary"]
 
 
 def test_energy_picks_the_smallest_rank_holding_that_share_of_the_spectrum():

@@ -20,6 +20,7 @@ from graphopt import load, run_pipeline
 from graphopt.errors import PipelineSpecError
 from passes.prune import PrunePass
 from passes.prune.compression import sparse_decode, sparse_encode
+from passes.prune.prune import PruneSummary
 from passes.prune.reconstruct import RIDGE_GRID, fit_error, tuned_fit
 
 
@@ -157,6 +158,19 @@ def test_compression_report_shows_entropy_coding_gains_at_high_sparsity():
     # The sparse layout (coded bitmap + values) comes within 10% of the order-0 bound.
     assert report["entropy_bound_bytes"] <= report["sparse_bytes"] < report["entropy_bound_bytes"] / 0.9
     assert "layers pruned" in result.ledger.rows[0].details["summary"]
+
+
+def test_summaries_count_one_layer_in_the_singular():
+    # "1 layers lost 16 of 32 output channels", "1 layers pruned": the summary line read wrong for one layer.
+    zoo = model_zoo.build("cnn_bn")
+    channel, sparse = PrunePass(pattern="channel", ratio=0.5, skip="conv_c1,gemm_logits"), PrunePass(skip="conv_c1,conv_c2")
+
+    run_pipeline(load(zoo.model), [channel])
+    run_pipeline(load(zoo.model), [sparse])
+
+    assert channel.summary.line().startswith("1 layer lost 16 of 32 output channels (")
+    assert sparse.summary.line().startswith("1 layer pruned (sparsity 0.500-0.500), 2 skipped (skip option)")
+    assert PruneSummary().line().startswith("no layer pruned, ")
 
 
 @pytest.mark.property
@@ -406,12 +420,17 @@ def test_channel_pruning_folds_through_batchnorm_and_keeps_output_shapes():
 
 
 @pytest.mark.parametrize(
-    "align,want",
-    [(1, {"conv_c1": (16, 11), "conv_c2": (32, 22)}), (8, {"conv_c1": (16, 8), "conv_c2": (32, 24)}), (16, {"conv_c1": (16, 16), "conv_c2": (32, 16)})],
+    "align,want,note",
+    [
+        (1, {"conv_c1": (16, 11), "conv_c2": (32, 22)}, ""),
+        (8, {"conv_c1": (16, 8), "conv_c2": (32, 24)}, "align=8 rounded each layer's cut: 25%-50% removed for ratio=0.3"),
+        (16, {"conv_c1": (16, 16), "conv_c2": (32, 16)}, "align=16 rounded each layer's cut: 0%-50% removed for ratio=0.3"),
+    ],
 )
-def test_channel_counts_are_rounded_to_the_alignment(align, want):
+def test_channel_counts_are_rounded_to_the_alignment(align, want, note):
     # 16 * 0.7 = 11.2 and 32 * 0.7 = 22.4, rounded to the nearest multiple of
     # align but never below one block (so a 16-channel layer stays whole at 16).
+    # The summary says when that moved a layer's cut more than 5 points from ratio.
     zoo = model_zoo.build("cnn_bn")
     model = load(zoo.model)
     pass_ = PrunePass(pattern="channel", ratio=0.3, skip="", align=align)
@@ -419,6 +438,9 @@ def test_channel_counts_are_rounded_to_the_alignment(align, want):
     run_pipeline(model, [pass_])
 
     assert pass_.summary.channels == want
+    assert pass_.summary.rounded == note
+    line = pass_.summary.line()
+    assert line.startswith("2 layers lost ") and (f"), {note}, " in line if note else "align=" not in line), line
     check_full(model)
     assert run_ort(model, zoo.feeds)[0].shape == run_ort(zoo.model, zoo.feeds)[0].shape
 
