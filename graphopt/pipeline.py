@@ -10,11 +10,12 @@ onnxruntime session so that a broken model is blamed on the pass that broke it.
 
 from __future__ import annotations
 
-__all__ = ["PipelineResult", "adopt_model", "build_steps", "run_pipeline"]
+__all__ = ["PassFailedError", "PipelineResult", "adopt_model", "build_steps", "run_pipeline"]
 
 import logging
+import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,11 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt import checks, stats
-from graphopt.errors import GraphoptError, PassCheckError
+from graphopt.errors import GraphoptError, PassCheckError, PipelineSpecError, first_line
 from graphopt.gcpause import gc_paused
 from graphopt.ledger import Ledger, LedgerRow
 from graphopt.progress import reporting_to
-from graphopt.registry import PassFactory, available_passes, create_pass, resolved_options
+from graphopt.registry import PassFactory, available_passes, create_pass, pass_options, resolved_options
 from graphopt.spec import PassSpec, load_recipe, parse_spec
 from graphopt.upgrade_ir import FIRST_SEPARATE_INITIALIZERS, UpgradeIrPass
 
@@ -35,6 +36,18 @@ logger = logging.getLogger(__name__)
 # Called as progress(index, total, name) before step ``index`` (0-based) runs,
 # and once more with index == total when the pipeline is done.
 ProgressCallback = Callable[[int, int, str], None]
+
+
+class PassFailedError(ir.passes.PassError):
+    """A pass raised an exception that is not graphopt's report on bad input: a bug, in graphopt or a plug-in.
+
+    A PassError, as onnx_ir's pass manager raises for it; the message names
+    the step and the original exception, which is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, pass_name: str) -> None:
+        super().__init__(message)
+        self.pass_name = pass_name
 
 
 @dataclass(frozen=True)
@@ -54,36 +67,94 @@ class _Step:
 
 
 def build_steps(
-    pipeline: str | Path | Sequence[PassSpec | ir.passes.PassBase],
+    pipeline: str | Path | Sequence[str | PassSpec | ir.passes.PassBase],
     passes: Mapping[str, PassFactory] | None = None,
 ) -> list[_Step]:
-    """Turns a spec string, a recipe path, or a list of specs/passes into steps.
+    """Turns a spec string, a recipe path, or a list of spec strings/specs/passes into steps.
 
-    A ``str`` is a spec string; a ``Path`` is a recipe file.
+    A ``str`` is a spec string (in a list too, where it may hold several
+    steps: ``["fold,dce", pass_]``); a ``Path`` is a recipe file. A pass
+    instance's step takes its registered name and the options it holds.
 
     Raises:
-        PipelineSpecError: Unknown pass or option, or malformed spec.
+        PipelineSpecError: Unknown pass or option, malformed spec, an empty
+            pipeline, or a list item of another type (a pass class, say).
     """
-    if isinstance(pipeline, Path):
-        items: Sequence[PassSpec | ir.passes.PassBase] = load_recipe(pipeline)
-    elif isinstance(pipeline, str):
-        items = parse_spec(pipeline)
-    else:
-        items = pipeline
     passes = available_passes() if passes is None else passes
     steps = []
-    for item in items:
+    for item in _pipeline_items(pipeline):
         if isinstance(item, ir.passes.PassBase):
-            steps.append(_Step(type(item).__name__, {}, item))
+            steps.append(_Step(_registered_name(type(item), passes), _instance_options(item), item))
         else:
             pass_ = create_pass(item, passes)
             steps.append(_Step(item.name, resolved_options(passes[item.name], item.options), pass_))
     return steps
 
 
+def _pipeline_items(pipeline: object) -> list[PassSpec | ir.passes.PassBase]:
+    if isinstance(pipeline, Path):
+        return list(load_recipe(pipeline))
+    if isinstance(pipeline, str):
+        return list(parse_spec(pipeline))
+    if not isinstance(pipeline, Iterable):
+        raise PipelineSpecError(
+            f"a pipeline is a spec string, a recipe Path or a list of steps, not a {type(pipeline).__name__}"
+        )
+    items: list[PassSpec | ir.passes.PassBase] = []
+    for item in pipeline:
+        if isinstance(item, str):
+            items.extend(parse_spec(item))
+        elif isinstance(item, (PassSpec, ir.passes.PassBase)):
+            items.append(item)
+        elif isinstance(item, type):
+            name = item.__name__
+            raise PipelineSpecError(f"pipeline step {name} is a class, not a pass: give {name}() or its name")
+        else:
+            raise PipelineSpecError(
+                f"pipeline step of type {type(item).__name__} is not a spec string, PassSpec or onnx_ir pass instance"
+            )
+    if not items:
+        raise PipelineSpecError("the pipeline is empty: name at least one pass, e.g. 'dce'")
+    return items
+
+
+def _registered_name(cls: type, passes: Mapping[str, PassFactory]) -> str:
+    """The name ``cls`` is registered under, or the class name for a pass the registry does not know."""
+    return next((name for name, factory in passes.items() if factory is cls), cls.__name__)
+
+
+def _instance_options(pass_: ir.passes.PassBase) -> dict[str, Any]:
+    """The options an instance holds: each option of its class found as an attribute of the same name.
+
+    Only JSON-ready values (scalars, strings, lists of them) are recorded;
+    others are left out rather than stringified, e.g. a ``data`` iterable of
+    feeds (arrays), or an option the pass stores converted (a set, a dict).
+    An option the pass keeps under another name is not recorded either.
+    """
+    try:
+        names = pass_options(type(pass_))
+    except (TypeError, ValueError):  # no introspectable signature
+        return {}
+    options = {}
+    for name in names:
+        value = getattr(pass_, name, _MISSING)
+        if _plain(value) or (isinstance(value, (list, tuple)) and all(_plain(element) for element in value)):
+            options[name] = list(value) if isinstance(value, tuple) else value
+    return options
+
+
+_MISSING = object()
+
+
+def _plain(value: object) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, (bool, int, str))
+
+
 def run_pipeline(
     model: ir.Model,
-    pipeline: str | Path | Sequence[PassSpec | ir.passes.PassBase],
+    pipeline: str | Path | Sequence[str | PassSpec | ir.passes.PassBase],
     *,
     check_each_pass: bool = False,
     progress: ProgressCallback | None = None,
@@ -94,7 +165,8 @@ def run_pipeline(
     Args:
         model: The model to rewrite.
         pipeline: A spec string such as ``"lift-constants,dce"``, a recipe
-            file ``Path``, or a list of ``PassSpec`` / pass instances.
+            file ``Path``, or a list of spec strings, ``PassSpec`` and pass
+            instances.
         check_each_pass: After every pass, run onnx.checker (full) and open an
             onnxruntime session; raise ``PassCheckError`` naming the pass that
             produced an invalid model.
@@ -111,6 +183,8 @@ def run_pipeline(
     Raises:
         PipelineSpecError: Bad spec. PassCheckError: a pass broke the model.
         onnx_ir.passes.PreconditionError: a pass cannot handle this model.
+        PassFailedError: a pass raised anything else (a bug, in graphopt or
+            in a plug-in); its cause is the original exception.
     """
     steps = build_steps(pipeline, passes)
     if model.ir_version < FIRST_SEPARATE_INITIALIZERS and steps and not isinstance(steps[0].pass_, UpgradeIrPass):
@@ -125,9 +199,10 @@ def run_pipeline(
             result = ir.passes.Sequential(*wrapped)(model)
     except ir.passes.PassError as exc:
         # Sequential wraps everything in PassError; errors about the user's
-        # model or options surface as themselves, bugs keep the full chain.
+        # model or options surface as themselves, and so does the
+        # PassFailedError the step's wrapper raised for anything else.
         cause = exc.__cause__
-        if isinstance(cause, (GraphoptError, ir.passes.PreconditionError)):
+        if isinstance(cause, (GraphoptError, ir.passes.PreconditionError, PassFailedError)):
             # Not "from None": that would also drop the error's own cause (an
             # onnxruntime failure, say), which --debug should show.
             cause.__suppress_context__ = True
@@ -164,13 +239,10 @@ class _LedgeredPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         nodes_before, bytes_before = self._figures_before(model)
         start = time.perf_counter()
-        if self.progress is None:
-            result = self.step.pass_(model)
-        else:
-            self.progress(self.index, self.total, self.step.label)
-            name = self.step.label.split("(")[0]  # the options can be long; the bar has one line
-            with reporting_to(lambda label: self.progress(self.index, self.total, label), name):  # type: ignore[misc]
-                result = self.step.pass_(model)
+        try:
+            result = self._run(model)
+        except Exception as exc:  # noqa: BLE001 - re-raised, named after the step
+            raise self._failure(exc)  # noqa: B904 - _failure chains the original cause itself
         seconds = time.perf_counter() - start
         if result.model is not model:
             # Keep the in-place contract of the wrapper for functional inner passes.
@@ -195,6 +267,28 @@ class _LedgeredPass(ir.passes.InPlacePass):
         if self.check:
             self._check(model)
         return ir.passes.PassResult(model, result.modified)
+
+    def _run(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.progress is None:
+            return self.step.pass_(model)
+        self.progress(self.index, self.total, self.step.label)
+        name = self.step.label.split("(")[0]  # the options can be long; the bar has one line
+        with reporting_to(lambda label: self.progress(self.index, self.total, label), name):  # type: ignore[misc]
+            return self.step.pass_(model)
+
+    def _failure(self, exc: Exception) -> Exception:
+        """What to raise for ``exc``: the user-facing error itself, else a PassFailedError naming this step."""
+        cause: BaseException = exc
+        # A group (fold) wraps its members' errors in PassError: the first other cause says what happened.
+        while type(cause) is ir.passes.PassError and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, (GraphoptError, ir.passes.PreconditionError)):
+            cause.__suppress_context__ = True  # not "from None", which would drop its own cause
+            return cause
+        where = f"pass {self.step.label!r} (step {self.index + 1} of {self.total})"
+        failed = PassFailedError(f"{where} failed: {type(cause).__name__}: {first_line(cause)}", self.step.label)
+        failed.__cause__ = cause
+        return failed
 
     def _figures_before(self, model: ir.Model) -> tuple[int, int]:
         # Nothing edits the model between steps, so the previous row's "after"

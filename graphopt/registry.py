@@ -20,6 +20,7 @@ __all__ = [
     "OptionInfo",
     "BOOL_WORDS",
     "available_passes",
+    "is_builtin",
     "pass_options",
     "typed_options",
     "resolved_options",
@@ -68,19 +69,60 @@ class OptionInfo:
 
 
 def available_passes() -> dict[str, PassFactory]:
-    """Built-in passes plus those registered through entry points, by name."""
+    """Built-in passes plus those registered through entry points, by name.
+
+    A fresh dict on every call (callers may change it). Entry points are read
+    each time, but a broken or clashing one is warned about once per process:
+    one command calls this from several places.
+    """
     from passes import BUILTIN_PASSES
 
     found: dict[str, PassFactory] = dict(BUILTIN_PASSES)
     for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if entry.name in found:
-            logger.warning("entry point %s ignored: a pass named %r exists", entry.value, entry.name)
+            _warn_once(entry, "entry point %s ignored: a pass named %r exists", entry.value, entry.name)
             continue
         try:
-            found[entry.name] = entry.load()
+            loaded = entry.load()
         except Exception as exc:  # a broken plug-in must not break the built-ins
-            logger.warning("cannot load pass %r from %s: %s", entry.name, entry.value, exc)
+            _warn_once(entry, "cannot load pass %r from %s: %s", entry.name, entry.value, exc)
+            continue
+        problem = _not_a_pass_factory(loaded)
+        if problem:
+            _warn_once(entry, "entry point %s = %s ignored: %s", entry.name, entry.value, problem)
+            continue
+        found[entry.name] = loaded
     return found
+
+
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` is one of graphopt's own passes (not a plug-in's)."""
+    from passes import BUILTIN_PASSES
+
+    return name in BUILTIN_PASSES
+
+
+# Entry points (name, value) already warned about, so each warning shows once per process.
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(entry: metadata.EntryPoint, message: str, *args: Any) -> None:
+    key = (entry.name, entry.value)
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message, *args)
+
+
+def _not_a_pass_factory(loaded: Any) -> str:
+    """Why an entry point's object cannot make passes, or "" when it can.
+
+    A class must be an onnx_ir pass; a function is a factory, whose result
+    create_pass checks.
+    """
+    if isinstance(loaded, type):
+        is_pass = issubclass(loaded, ir.passes.PassBase)
+        return "" if is_pass else f"class {loaded.__name__} is not an onnx_ir pass (PassBase)"
+    return "" if callable(loaded) else f"{loaded!r:.40} ({type(loaded).__name__}) is neither a pass class nor a factory function"
 
 
 def pass_options(factory: PassFactory) -> dict[str, OptionInfo]:
@@ -134,9 +176,13 @@ def create_pass(spec: PassSpec, passes: Mapping[str, PassFactory] | None = None)
         raise PipelineSpecError(f"pass {spec.name!r} has no option {unknown[0]!r}; valid options: {valid}")
     options = typed_options(spec.name, factory, spec.options)
     try:
-        return factory(**options)
+        pass_ = factory(**options)
     except (TypeError, ValueError) as exc:
         raise PipelineSpecError(f"pass {spec.name!r}: {exc}") from exc
+    if not isinstance(pass_, ir.passes.PassBase):  # a plug-in's factory returned something else
+        kind = type(pass_).__name__
+        raise PipelineSpecError(f"pass {spec.name!r}: its factory returned a {kind}, not an onnx_ir pass")
+    return pass_
 
 
 def checked_pipeline(pipeline: list[PassSpec], passes: Mapping[str, PassFactory] | None = None) -> list[PassSpec]:

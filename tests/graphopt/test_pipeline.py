@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib import metadata
 
 import numpy as np
@@ -11,6 +12,7 @@ from helpers import assert_same_outputs, parse, run_ort, to_proto
 
 from graphopt import PassSpec, progress, registry, run_pipeline
 from graphopt.errors import GraphoptError, PassCheckError, PipelineSpecError
+from graphopt.pipeline import PassFailedError, build_steps
 
 X = np.random.default_rng(4).standard_normal((2, 4)).astype(np.float32)
 
@@ -73,9 +75,103 @@ def test_ledger_has_one_row_per_pass_with_counts_and_options():
 def test_accepts_pass_specs_and_pass_instances():
     from passes.dce import EliminateDeadCodePass
 
-    result = run_pipeline(_model(), [PassSpec("lift-constants"), EliminateDeadCodePass()])
+    result = run_pipeline(_model(), [PassSpec("lift-constants"), EliminateDeadCodePass(), _Noop()])
 
-    assert [row.name for row in result.ledger.rows] == ["lift-constants", "EliminateDeadCodePass"]
+    # A registered pass class's instance is named as in a spec; an unregistered one by its class.
+    assert [row.name for row in result.ledger.rows] == ["lift-constants", "dce", "_Noop"]
+
+
+class _Noop(ir.passes.InPlacePass):
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, False)
+
+
+def test_a_spec_string_in_a_list_is_parsed_and_may_hold_several_steps():
+    from passes.toposort import SortTopologicallyPass
+
+    model = _model()
+    original = to_proto(model)
+
+    result = run_pipeline(model, ["lift-constants(min_elements=2),dce", SortTopologicallyPass()])
+
+    assert [row.name for row in result.ledger.rows] == ["lift-constants", "dce", "toposort"]
+    assert result.ledger.rows[0].options == {"min_elements": 2}
+    assert [node.op_type for node in model.graph] == ["MatMul", "Relu"]
+    assert_same_outputs(run_ort(original, {"x": X}), run_ort(model, {"x": X}))
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        (_Noop, "pipeline step _Noop is a class, not a pass: give _Noop() or its name"),
+        (3, "pipeline step of type int is not a spec string, PassSpec or onnx_ir pass instance"),
+        (None, "pipeline step of type NoneType is not a spec string"),
+    ],
+    ids=["pass-class", "int", "none"],
+)
+def test_a_list_item_that_is_no_step_is_a_one_line_spec_error_naming_its_type(item, message):
+    model = _model()
+    before = to_proto(model).SerializeToString()
+
+    with pytest.raises(PipelineSpecError) as caught:
+        run_pipeline(model, ["dce", item])
+
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+    assert to_proto(model).SerializeToString() == before  # refused before any pass ran
+
+
+@pytest.mark.parametrize("pipeline", [[], "", " , ", ()], ids=["list", "string", "commas", "tuple"])
+def test_an_empty_pipeline_is_a_spec_error(pipeline):
+    with pytest.raises(PipelineSpecError, match="empty"):
+        run_pipeline(_model(), pipeline)
+
+
+def test_an_instance_row_takes_the_registered_name_and_the_options_the_instance_holds():
+    from passes.prune import PrunePass
+    from passes.qdq import QuantizePass
+
+    spec = build_steps("prune(pattern=channel,ratio=0.3,align=1)")[0]
+    feeds = [{"x": X}]
+
+    pruned, quantized = build_steps([PrunePass(pattern="channel", ratio=0.3, align=1), QuantizePass(data=feeds, seed=3)])
+
+    assert pruned.label == "prune" and quantized.label == "qdq"
+    # Every option PrunePass keeps under its own name, with the value a spec gives it.
+    assert pruned.options == {key: value for key, value in spec.options.items() if key in pruned.options}
+    assert {"pattern", "ratio", "align", "sparsity", "reconstruct"} <= set(pruned.options)
+    assert pruned.options["ratio"] == 0.3 and pruned.options["pattern"] == "channel" and pruned.options["align"] == 1
+    # Feeds are not JSON: left out, as is ``exclude`` (stored as a set); the scalars are there.
+    assert "data" not in quantized.options and "exclude" not in quantized.options
+    assert quantized.options["seed"] == 3 and quantized.options["check_speed"] is True
+    json.dumps(quantized.options, allow_nan=False)
+
+
+class _Boom(ir.passes.InPlacePass):
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        raise RuntimeError("boom from a plug-in\nsecond line")
+
+
+def test_a_pass_raising_another_exception_is_named_with_the_step_and_keeps_its_cause():
+    with pytest.raises(PassFailedError) as caught:
+        run_pipeline(_model(), [PassSpec("dce"), _Boom(), PassSpec("toposort")])
+
+    assert str(caught.value) == "pass '_Boom' (step 2 of 3) failed: RuntimeError: boom from a plug-in"
+    assert caught.value.pass_name == "_Boom"
+    assert isinstance(caught.value, ir.passes.PassError)  # what callers caught before
+    assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+def test_errors_inside_a_fixed_point_group_surface_as_they_would_alone():
+    def group() -> ir.passes.PassBase:
+        return ir.passes.PassManager([_Noop(), _FailsOnTheUsersModelPass()], steps=2)
+
+    def buggy_group() -> ir.passes.PassBase:
+        return ir.passes.PassManager([_Noop(), _Boom()], steps=2)
+
+    with pytest.raises(GraphoptError, match="^the model cannot run$"):
+        run_pipeline(_model(), "group", passes={"group": group})
+    with pytest.raises(PassFailedError, match=r"^pass 'buggy' \(step 1 of 1\) failed: RuntimeError: boom from a plug-in$"):
+        run_pipeline(_model(), "buggy", passes={"buggy": buggy_group})
 
 
 def test_check_each_pass_names_the_pass_that_broke_the_model():

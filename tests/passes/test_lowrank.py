@@ -724,4 +724,4 @@ def test_scope_global_reports_its_per_layer_measurements_to_the_progress_bar(mon
     run_pipeline(load(_loud_and_quiet_branches()), [LowRankPass(ratio=0.4, scope="global", check_speed=False, data=calibration)],
                  progress=lambda index, total, label: seen.append(label))
 
-    assert [label for label in seen if "drift" in label] == ["LowRankPass: output drift per layer 0/2", "LowRankPass: output drift per layer 1/2"]
+    assert [label for label in seen if "drift" in label] == ["lowrank: output drift per layer 0/2", "lowrank: output drift per layer 1/2"]
