@@ -36,17 +36,25 @@ import onnx_ir as ir
 
 from graphopt import io
 from graphopt.bisect import bisect_pipeline
-from graphopt.cli_checks import check_fits_one_file, check_report_paths, check_validation_only, output_path
+from graphopt.cli_checks import (
+    check_fits_one_file,
+    check_report_paths,
+    check_result,
+    check_validation_only,
+    output_path,
+)
 from graphopt.errors import DataError, GraphoptError, ModelRunError, PassCheckError, first_line
 from graphopt.ledger import LedgerRow, format_bytes
 from graphopt.metrics import Tolerance
-from graphopt.pipeline import PipelineResult, run_pipeline
+from graphopt.pipeline import PassFailedError, PipelineResult, run_pipeline
 from graphopt.progress import StepProgress
-from graphopt.quick_check import quick_check
+from graphopt.quick_check import hint_for_step, quick_check
 from graphopt.registry import (
     available_passes,
     checked_pipeline,
+    is_builtin,
     pass_options,
+    resolved_options,
     with_calibration_data,
     with_input_shapes,
     without_timing,
@@ -73,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.handler(args)
     except PassCheckError as exc:
         return _fail(args, exc, EXIT_CHECK_FAILED)
+    except PassFailedError as exc:
+        # Exit 1 means a failed check; a pass that crashed is not that, whoever wrote it.
+        return _fail(args, exc, EXIT_USAGE, _crash_advice(exc.pass_name))
     except (GraphoptError, ir.passes.PreconditionError) as exc:
         return _fail(args, exc, EXIT_USAGE)
     except _Terminated:
@@ -128,11 +139,19 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _fail(args: argparse.Namespace, exc: BaseException, code: int) -> int:
+def _fail(args: argparse.Namespace, exc: BaseException, code: int, advice: str = "") -> int:
     if args.debug:
         raise exc
-    print(f"graphopt: error: {first_line(exc)}", file=sys.stderr)
+    print(f"graphopt: error: {first_line(exc)}{advice}", file=sys.stderr)
     return code
+
+
+def _crash_advice(name: str) -> str:
+    if is_builtin(name):
+        return " (a bug in graphopt: please report it with the traceback that --debug prints)"
+    module = getattr(available_passes().get(name), "__module__", None)
+    origin = f"plug-in module {module}" if module else "a plug-in"
+    return f" (the pass comes from {origin}; --debug prints the traceback)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -285,6 +304,7 @@ def _optimize(args: argparse.Namespace) -> int:
         check_fits_one_file(model)
     before = io.stored_bytes(model) or 0
     result = _run_pipeline(args, model, pipeline, progress)
+    check_result(result)
     lossy = _lossy_changes(pipeline, result.ledger.rows)
     if external is False:
         check_fits_one_file(result.model)
@@ -367,13 +387,20 @@ def _lossy_steps(pipeline: list[PassSpec]) -> list[str]:
 def _lossy_changes(pipeline: list[PassSpec], rows: list[LedgerRow]) -> dict[str, str]:
     """The steps that changed the model with a pass whose class says ``lossy = True``, each with its ``fidelity_hint``.
 
+    The hint is adapted to the options the step ran with (quick_check.hint_for_step).
     ``rows`` may start with steps run_pipeline added before the user's (upgrade-ir).
     """
     factories = available_passes()
-    return {
-        spec.name: getattr(factories[spec.name], "fidelity_hint", "")
+    changed = [
+        spec
         for spec, row in zip(pipeline, rows[len(rows) - len(pipeline) :])
         if row.modified and getattr(factories.get(spec.name), "lossy", False)
+    ]
+    return {
+        spec.name: hint_for_step(
+            getattr(factories[spec.name], "fidelity_hint", ""), resolved_options(factories[spec.name], spec.options)
+        )
+        for spec in changed
     }
 
 

@@ -24,12 +24,13 @@ onnxruntime sessions would cost real memory and minutes.
 
 from __future__ import annotations
 
-__all__ = ["quick_check", "SAMPLES", "ADVISED_COSINE", "MAX_WEIGHT_BYTES"]
+__all__ = ["quick_check", "hint_for_step", "SAMPLES", "ADVISED_COSINE", "MAX_WEIGHT_BYTES"]
 
 import itertools
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ from graphopt.data import load_feeds
 from graphopt.errors import GraphoptError, first_line
 from graphopt.ledger import format_bytes
 from graphopt.metrics import ComparisonResult, Tolerance
+from graphopt.spec import parse_value
 from graphopt.validate import validate
 
 SAMPLES = 4
@@ -47,6 +49,10 @@ ADVISED_COSINE = 0.99  # below it the result is reported as a warning
 MAX_WEIGHT_BYTES = 1 << 30
 
 logger = logging.getLogger(__name__)
+
+# An option setting a fidelity_hint recommends, such as "target_cosine=0.99" or "reconstruct=true".
+_SETTING = re.compile(r"\b([A-Za-z_]\w*)=(\S+)")
+_ALREADY = "already ran with "
 
 
 def quick_check(
@@ -74,6 +80,10 @@ def quick_check(
     steps = ", ".join(lossy)
     hints = "; ".join(f"{step}: {hint}" for step, hint in lossy.items() if hint)
     closer = f"; closer: {hints}" if hints else ""
+    if any(hint.startswith(_ALREADY) for hint in lossy.values()):
+        # The recommended settings were in use: say why the result can still miss.
+        several = "each pass's target is measured against its own input, so targets compound across passes"
+        closer += f"; {several}" if len(lossy) > 1 else "; a stricter target or a milder setting keeps it closer"
     held_out = f"graphopt validate {original} {output or 'OUTPUT'} --data HELD_OUT"
     # Where to look next: the user who gave data needs held-out data, not --calib-data again.
     advice = f"for an unbiased figure run {held_out}" if data is not None else "for real inputs add --validate cpu --calib-data DIR"
@@ -125,6 +135,29 @@ def quick_check(
     if close:
         return f"quick check after {steps}: {measured}; {advice}"
     return f"warning: {steps} moved the outputs far from the input's: {measured}, below {ADVISED_COSINE:g}{follow}{closer}"
+
+
+def hint_for_step(hint: str, options: Mapping[str, Any]) -> str:
+    """A pass's ``fidelity_hint``, or "already ran with ..." when the step set every option the hint recommends.
+
+    ``options`` are the step's resolved options (defaults filled in).
+    quick_check then says why the result can still miss.
+    """
+    recommended = {key: parse_value(text) for key, text in _SETTING.findall(hint) if key in options}
+    if not recommended or not all(_in_use(options[key], value) for key, value in recommended.items()):
+        return hint
+    return _ALREADY + ", ".join(f"{key}={_shown(options[key])}" for key in recommended)
+
+
+def _in_use(value: Any, recommended: Any) -> bool:
+    # A recommended bool must be set to it; a recommended number only stands for "set a target".
+    if isinstance(recommended, bool):
+        return value is recommended
+    return value is not None and value is not False
+
+
+def _shown(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _integer_outputs(model: ir.Model) -> set[str]:

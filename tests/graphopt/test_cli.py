@@ -65,7 +65,7 @@ def test_optimize_quantizes_with_calibration_data_and_prints_the_summary(model_p
 
     assert code == 0
     printed = capsys.readouterr().out
-    assert "qdq: 1 layers quantized" in printed
+    assert "qdq: 1 layer quantized" in printed
     ledger = json.loads((tmp_path / "l.json").read_text())
     assert ledger[-1]["options"]["data"] == str(calib)
     ops = [n.op_type for n in onnx.load(out).graph.node]

@@ -249,3 +249,42 @@ def test_a_reference_that_is_not_a_number_is_said_so_not_blamed_on_the_pass(tmp_
 
     assert line.startswith("quick check after qdq: the input model's own output y holds 1 NaN/Inf values on 1 of the calibration")
     assert "warning" not in line and "cosine nan" not in line
+
+
+def test_the_hint_names_the_settings_already_in_use_instead_of_recommending_them():
+    from graphopt.registry import resolved_options
+    from passes.lowrank import LowRankPass
+    from passes.prune import PrunePass
+
+    lowrank = LowRankPass.fidelity_hint
+    assert "target_cosine=" in lowrank and "data_aware=true" in lowrank  # what the rule reads
+
+    def hint(pass_class, **given):
+        return quick_check_module.hint_for_step(pass_class.fidelity_hint, resolved_options(pass_class, given))
+
+    assert hint(LowRankPass, target_cosine=0.95, data_aware=True) == "already ran with target_cosine=0.95, data_aware=true"
+    assert hint(PrunePass, reconstruct=True) == "already ran with reconstruct=true"
+    # Part of the advice still open, or the recommended bool set the other way: the hint stays.
+    assert hint(LowRankPass, data_aware=True) == lowrank
+    assert hint(LowRankPass, target_cosine=0.95) == lowrank
+    assert hint(PrunePass, reconstruct=False) == PrunePass.fidelity_hint
+    assert quick_check_module.hint_for_step("a lower ratio", {"ratio": 0.5}) == "a lower ratio"
+
+
+def test_advice_for_a_step_that_already_ran_as_advised_says_why_it_still_missed(tmp_path, capsys):
+    source = _mlp(tmp_path)
+
+    alone = _optimize(capsys, source, "lowrank(ratio=0.2,check_speed=false,target_cosine=0.6,data_aware=true)")
+    both = _optimize(capsys, source, "prune(pattern=channel,ratio=0.5,reconstruct=true),qdq(check_speed=false,target_cosine=0.5)")
+
+    alone, both = alone.strip().splitlines()[-1], both.strip().splitlines()[-1]
+    assert alone.startswith("warning: lowrank moved the outputs far"), alone
+    assert alone.endswith(
+        "; closer: lowrank: already ran with target_cosine=0.6, data_aware=true; a stricter target or a milder setting keeps it closer"
+    )
+    assert both.startswith("warning: prune, qdq moved the outputs far"), both
+    assert both.endswith(
+        "; closer: prune: already ran with reconstruct=true; qdq: already ran with target_cosine=0.5; "
+        "each pass's target is measured against its own input, so targets compound across passes"
+    )
+    assert "target_cosine=0.99" not in both and "reconstruct=true with --calib-data" not in both
