@@ -39,8 +39,10 @@ CALIBRATION_SEED_OFFSET = 7919
 CHECK_SEED_OFFSET = 104729
 # Without a target, the fidelity and speed figures use this many samples.
 _CHECK_SAMPLES = 4
-# Real data without a target gives up samples to judge on only if this many are left to calibrate on.
-MIN_CALIBRATION = 8
+# Real data without a target gives up samples to judge on only if this many are left to calibrate on:
+# with fewer, a quarter less calibration data costs more than an in-sample figure (resnet50 with 16
+# samples, 12 calibrating: output cosine 0.954 -> 0.948, its int8 activations alone 0.956 -> 0.921).
+MIN_CALIBRATION = 60
 
 
 class Samples:

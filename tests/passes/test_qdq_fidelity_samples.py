@@ -35,11 +35,11 @@ def _mlp():
 
 
 def _feeds(count: int, loud_every_fourth: bool = False) -> list[dict[str, np.ndarray]]:
-    """``count`` samples; with ``loud_every_fourth``, samples 3, 7, 11, ... are 8x larger than the rest."""
+    """``count`` samples; with ``loud_every_fourth``, samples 3, 7, 11 and 15 (the ones held back) are 8x larger."""
     rng = np.random.default_rng(1)
     feeds = []
     for index in range(count):
-        scale = 8.0 if loud_every_fourth and index % 4 == 3 else 1.0
+        scale = 8.0 if loud_every_fourth and index % 4 == 3 and index < 16 else 1.0
         feeds.append({"x": (scale * rng.standard_normal((ROWS, FEATURES))).astype(np.float32)})
     return feeds
 
@@ -54,8 +54,8 @@ def _cosine_over(original, model, feeds) -> float:
 
 
 def test_real_data_judges_the_result_on_samples_calibration_never_read_when_enough_are_left():
-    # The loud samples are every fourth: held back, so calibration fits the quiet ones and the loud ones clip.
-    feeds = _feeds(16, loud_every_fourth=True)
+    # The loud samples are the 4 held back, so calibration fits the quiet ones and the loud ones clip.
+    feeds = _feeds(MIN_CALIBRATION + 4, loud_every_fourth=True)
     model = _mlp()
     original = to_proto(model)
     pass_ = QuantizePass(data=feeds, calibration="minmax", check_speed=False, bias_correction=False)
@@ -64,7 +64,8 @@ def test_real_data_judges_the_result_on_samples_calibration_never_read_when_enou
 
     assert result.modified and len(pass_.summary.quantized) == 2
     check_full(model)
-    held_back, calibrated = feeds[3::4], [f for i, f in enumerate(feeds) if i % 4 != 3]
+    held_back = feeds[3:16:4]
+    calibrated = [f for i, f in enumerate(feeds) if not (i % 4 == 3 and i < 16)]
     unseen, seen = _cosine_over(original, model, held_back), _cosine_over(original, model, calibrated)
     fidelity = pass_.summary.fidelity
     assert abs(fidelity["cosine"] - unseen) < 1e-5 and fidelity["samples"] == 4
@@ -74,7 +75,7 @@ def test_real_data_judges_the_result_on_samples_calibration_never_read_when_enou
 
 
 def test_too_little_real_data_judges_on_calibration_samples_and_says_so():
-    feeds = _feeds(MIN_CALIBRATION + 1)  # holding back 2 would leave 7
+    feeds = _feeds(MIN_CALIBRATION + 3)  # holding back 4 would leave one too few
     model = _mlp()
     original = to_proto(model)
     pass_ = QuantizePass(data=feeds, calibration="minmax", check_speed=False)
@@ -91,16 +92,16 @@ def test_too_little_real_data_judges_on_calibration_samples_and_says_so():
 def test_samples_judging_without_a_target_are_unseen_by_calibration():
     model = _mlp()
     synthesized = Samples(model, None, count=16, seed=0, hold_back=False, check_unseen=True)
-    enough = Samples(model, _feeds(MIN_CALIBRATION + 2), count=0, seed=0, hold_back=False, check_unseen=True)
-    few = Samples(model, _feeds(MIN_CALIBRATION + 1), count=0, seed=0, hold_back=False, check_unseen=True)
+    enough = Samples(model, _feeds(MIN_CALIBRATION + 4), count=0, seed=0, hold_back=False, check_unseen=True)
+    few = Samples(model, _feeds(MIN_CALIBRATION + 3), count=0, seed=0, hold_back=False, check_unseen=True)
 
     # Synthesized: calibration keeps all 16, and the 4 that judge come from a stream of their own.
     calibration = [f["x"] for f in synthesized.calibration()]
     assert len(calibration) == 16 and len(synthesized.held_back) == 4 and synthesized.judged_on == "held back"
     assert not any(np.array_equal(f["x"], c) for f in synthesized.held_back for c in calibration)
     # Real data: every fourth is held back while MIN_CALIBRATION are left, else the first 4 judge.
-    assert enough.judged_on == "held back" and len(enough.held_back) == 2 and len(list(enough.calibration())) == MIN_CALIBRATION
-    assert few.judged_on == "calibration" and len(few.held_back) == 4 and len(list(few.calibration())) == MIN_CALIBRATION + 1
+    assert enough.judged_on == "held back" and len(enough.held_back) == 4 and len(list(enough.calibration())) == MIN_CALIBRATION
+    assert few.judged_on == "calibration" and len(few.held_back) == 4 and len(list(few.calibration())) == MIN_CALIBRATION + 3
     # prune and lowrank never ask: their calibration keeps every sample.
     plain = Samples(model, _feeds(16), count=0, seed=0, hold_back=False)
     assert len(list(plain.calibration())) == 16

@@ -109,11 +109,10 @@ def test_static_int8_gptq_keeps_nearest_roundings_scales_and_the_int8_kernels(tm
 
 
 def test_a_layer_where_gptq_loses_on_held_out_samples_keeps_nearest_rounding():
-    # The zoo mlp at batch 2: of 12 samples, 3 judge the result and 9 calibrate, 18 rows for 64
-    # and 128 inputs, too few to trust GPTQ.
+    # The zoo mlp at batch 2: 16 samples give 32 rows for 64 and 128 inputs, too few to trust GPTQ.
     zoo = model_zoo.build("mlp")
     rng = np.random.default_rng(0)
-    data = [{"x": rng.standard_normal(zoo.feeds["x"].shape).astype(np.float32)} for _ in range(12)]
+    data = [{"x": rng.standard_normal(zoo.feeds["x"].shape).astype(np.float32)} for _ in range(16)]
     built = {}
     for rounding in ("nearest", "gptq"):
         pass_ = QuantizePass(data=data, check_speed=False, weight_bits=4, block_size=32, rounding=rounding)
