@@ -84,6 +84,20 @@ def test_planted_weight_change_fails_and_is_localized_to_its_node(tmp_path):
     assert expected.name == "conv_c2"
 
 
+def test_files_and_in_memory_models_give_the_same_report(tmp_path):
+    # Files open their sessions from the file while the rest is set up; in-memory
+    # models from the IR. Both must measure the same thing.
+    reference = _save("cnn_bn", tmp_path / "ref")
+    candidate = _perturbed_copy(reference, tmp_path / "cand" / "cnn_bn.onnx", "conv2_weight", factor=1.01)
+
+    from_files = graphopt.validate(reference, candidate, samples=3, per_layer=True)
+    in_memory = graphopt.validate(graphopt.load(reference), graphopt.load(candidate), samples=3, per_layer=True)
+
+    assert [result.to_dict() for _, result in from_files.outputs] == [result.to_dict() for _, result in in_memory.outputs]
+    assert from_files.per_layer.to_dict() == in_memory.per_layer.to_dict()
+    assert not from_files.passed and from_files.reference.path == str(reference.resolve())
+
+
 def test_renamed_tensors_are_aligned_through_provenance(tmp_path):
     reference = _save("mlp", tmp_path / "ref")
     model = graphopt.load(reference)
