@@ -183,3 +183,38 @@ def test_a_one_percent_weight_change_is_still_localized_to_its_conv():
     assert not report.passed
     assert [layer.pair.node for layer in report.per_layer.first_divergent] == ["conv2"]
     assert "of the peak |value|" in report.per_layer.first_divergent[0].result.reason
+
+
+def test_chunks_grow_toward_the_byte_budget_and_shrink_past_it():
+    from graphopt.localize import CHUNK_BYTES, next_chunk_size
+
+    assert next_chunk_size(1024, 1 << 20) == 8 * 1024  # 1 MiB exposed: grow, by 8x at most
+    assert next_chunk_size(1024, CHUNK_BYTES // 2) == 2048
+    assert next_chunk_size(1024, CHUNK_BYTES * 4) == 256  # past the budget: shrink
+    assert next_chunk_size(1, CHUNK_BYTES * 100) == 1
+    assert next_chunk_size(16, 0) == 128  # nothing exposed (weights only): grow
+
+
+def test_localize_opens_fewer_sessions_as_chunks_of_small_tensors_grow(monkeypatch):
+    import graphopt.localize as localize_module
+
+    relus = "\n".join(f"  t{i + 1} = Relu(t{i})" for i in range(40))
+    model = parse(f"""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[2,4] t0) => (float[2,4] t40) {{
+{relus}
+}}
+""")
+    opened = []
+
+    class CountingRunner(localize_module.ModelRunner):
+        def __init__(self, *args, **kwargs):
+            opened.append(len(kwargs.get("extra_outputs", ())))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(localize_module, "ModelRunner", CountingRunner)
+    report = localize(model, model, [{"t0": np.ones((2, 4), np.float32)}], tolerance=Tolerance(), chunk_size=4)
+
+    # 40 tensors: chunks of 4, 32 and 4 (8x growth each time), two sessions each, instead of 10 chunks.
+    assert len(report.layers) == 40 and report.first_divergent == []
+    assert sorted(opened) == [4, 4, 4, 4, 32, 32]
