@@ -41,6 +41,7 @@ import onnx_ir as ir
 from graphopt.graphs import iter_graphs
 from graphopt.summary import is_opaque
 from passes.prune.layer_checks import GRAPH_INPUT_WEIGHT
+from passes.qdq.summary import ALREADY_QUANTIZED
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def _target(node: ir.Node, exclude: Collection[str], weight_only: bool, placemen
         placement.skipped.append((label, "excluded"))
         return None
     if any(_from_dequantize(value) for value in node.inputs if value is not None):
-        placement.skipped.append((label, "already quantized"))
+        placement.skipped.append((label, ALREADY_QUANTIZED))
         return None
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     array = _constant_float(weight)
@@ -228,6 +229,12 @@ def _no_weight_reason(node: ir.Node, weight: ir.Value | None) -> str:
         return "constant is the left operand: not a weight layout qdq quantizes"
     if weight is not None and weight.const_value is not None and weight.is_graph_input():
         return GRAPH_INPUT_WEIGHT
+    producer = weight.producer() if weight is not None else None
+    if producer is not None and producer.op_type == "DequantizeLinear" and _is_constant(producer.inputs[0]):
+        return "weight is already quantized (behind DequantizeLinear)"
+    if weight is not None and weight.const_value is None:
+        # attention's Q @ K^T and weights @ V: onnxruntime has no fused int8 kernel for two activations here.
+        return "no constant weight (both operands are computed, as attention's are)"
     return "weight is not a float initializer"
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["QuantizationSummary", "counted"]
+__all__ = ["QuantizationSummary", "counted", "ALREADY_QUANTIZED"]
 
 from collections import Counter
 from dataclasses import dataclass, field
+
+# The reason placement gives a layer of a model that is QDQ already.
+ALREADY_QUANTIZED = "already quantized"
 
 
 def counted(number: int, noun: str) -> str:
@@ -38,6 +41,10 @@ class QuantizationSummary:
         """One line a person reads after the run."""
         if self.backed_off:
             return self.backed_off + (f", {self._stored_text()}" if self.stored else "")
+        already = [label for label, reason in self.float_layers.items() if reason == ALREADY_QUANTIZED]
+        if already and not self.quantized and len(already) == len(self.float_layers):
+            # A QDQ model given again: its layers are int8 already, not "kept float".
+            return f"nothing to quantize: {counted(len(already), 'layer')} already quantized"
         parts = [f"{counted(len(self.quantized), 'layer')} quantized" + (f" ({len(self.gptq)} GPTQ-rounded)" if self.gptq else "")]
         if self.float_layers:
             # Grouped without their per-layer details, such as kernel timings: the ledger keeps those.

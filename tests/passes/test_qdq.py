@@ -105,10 +105,13 @@ def test_qdq_twice_does_not_quantize_twice():
     run_pipeline(model, [QuantizePass(check_speed=False)])
     before = to_proto(model).SerializeToString()
 
-    again = run_pipeline(model, [QuantizePass(check_speed=False)])
+    second = QuantizePass(check_speed=False)
+    again = run_pipeline(model, [second])
 
     assert again.modified is False
     assert to_proto(model).SerializeToString() == before
+    # Its layers are int8 already, not "kept float".
+    assert second.summary.line() == "nothing to quantize: 3 layers already quantized"
 
 
 def test_qdq_lifts_constant_node_weights_and_quantizes_them():
