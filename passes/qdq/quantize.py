@@ -148,8 +148,10 @@ class QuantizePass(ir.passes.InPlacePass):
     ) -> None:
         super().__init__()
         check_options(locals(), _CHOICES)
-        self.method = calibration
+        # Options keep their own names: a pipeline records an instance's options by them (its ledger row).
+        self.calibration = calibration
         self.percentile = percentile
+        self.activations = activations
         self.signed = activations == "s8"
         self.symmetric = symmetric
         self.reduce_range = reduce_range
@@ -291,7 +293,7 @@ class QuantizePass(ir.passes.InPlacePass):
     def _activation_params(self, placement: Placement, stats: dict[str, calib.TensorStatistics]) -> dict[str, ActivationParams]:
         levels = 128 if self.reduce_range else 256
         ranges = {
-            name: calib.choose_range(s, self.method, percentile=self.percentile, levels=levels) for name, s in stats.items()
+            name: calib.choose_range(s, self.calibration, percentile=self.percentile, levels=levels) for name, s in stats.items()
         }
         groups: dict[str, tuple[float, float]] = {}
         for name, (low, high) in ranges.items():

@@ -133,7 +133,9 @@ def test_an_instance_row_takes_the_registered_name_and_the_options_the_instance_
     spec = build_steps("prune(pattern=channel,ratio=0.3,align=1)")[0]
     feeds = [{"x": X}]
 
-    pruned, quantized = build_steps([PrunePass(pattern="channel", ratio=0.3, align=1), QuantizePass(data=feeds, seed=3)])
+    pruned, quantized = build_steps(
+        [PrunePass(pattern="channel", ratio=0.3, align=1), QuantizePass(data=feeds, seed=3, calibration="minmax", activations="s8")]
+    )
 
     assert pruned.label == "prune" and quantized.label == "qdq"
     # Every option PrunePass keeps under its own name, with the value a spec gives it.
@@ -143,6 +145,7 @@ def test_an_instance_row_takes_the_registered_name_and_the_options_the_instance_
     # Feeds are not JSON: left out, as is ``exclude`` (stored as a set); the scalars are there.
     assert "data" not in quantized.options and "exclude" not in quantized.options
     assert quantized.options["seed"] == 3 and quantized.options["check_speed"] is True
+    assert (quantized.options["calibration"], quantized.options["activations"]) == ("minmax", "s8")
     json.dumps(quantized.options, allow_nan=False)
 
 
