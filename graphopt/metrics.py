@@ -24,8 +24,8 @@ them). Any other position with a NaN or Inf on either side is a mismatch: it
 stays in the statistics (which then read nan or inf) and fails the comparison.
 
 Nothing compared: when the shapes differ (in any sample), or every sample's
-output is empty (a zero-sized dim, an empty sequence or optional), ``elements``
-is 0, the statistics above are NaN (never the 0 / 1 / inf of a perfect match)
+output is empty (a zero-sized dim, an empty sequence or optional) or NaN/Inf
+at the same positions in both models (no finite value), ``elements`` is 0, the statistics above are NaN (never the 0 / 1 / inf of a perfect match)
 and ``top1``/``top5`` are None. Differing shapes fail. Empty outputs of equal
 shapes do not fail here: some are empty by construction (the state output of
 a kernel-size-1 CausalConvWithState, Resize's empty ``roi``), and the models
@@ -190,6 +190,7 @@ class OutputComparator:
         self._nonfinite = np.zeros(4, dtype=np.int64)  # nan ref, inf ref, nan cand, inf cand
         self._candidate_only = {"NaN": 0, "Inf": 0}
         self._reference_only = 0
+        self._agreeing = 0  # positions NaN, or the same infinity, on both sides
         self._shape_error = ""
         self._rows = 0
         self._top1_hits = 0
@@ -251,9 +252,10 @@ class OutputComparator:
         self._accumulate(ref, cand, squares)
 
     @property
-    def only_empty(self) -> bool:
-        """Whether every sample so far gave empty outputs of the same shape on both sides: nothing compared."""
-        return self._samples > 0 and self._elements == 0 and not self._shape_error
+    def nothing_compared(self) -> bool:
+        """Whether no value was compared: every sample so far gave outputs of the same shape that were
+        empty, or NaN/Inf at the same positions on both sides (no finite value to measure)."""
+        return self._samples > 0 and not self._shape_error and self._counted == 0 and self._elements == self._agreeing
 
     def result(self) -> ComparisonResult:
         """The statistics and verdict so far; the comparator can keep accumulating."""
@@ -262,8 +264,9 @@ class OutputComparator:
         equal_share = self._equal / self._elements if integer else None
         failures = self._failures(cosine_of_sums(rr, cc, rc), snr_of_sums(rr, dd), _rel_l2(rr, dd), equal_share)
         nan_ref, inf_ref, nan_cand, inf_cand = (int(v) for v in self._nonfinite)
-        # Differing shapes void the comparison: what matched in other samples is no evidence either.
-        elements = 0 if self._shape_error else self._elements
+        # Differing shapes void the comparison: what matched in other samples is no evidence either;
+        # outputs all NaN/Inf in both models hold no finite value to measure (cosine 1 would vouch for them).
+        elements = 0 if self._shape_error or self.nothing_compared else self._elements
         statistics = (
             self._max_abs,
             abs_sum / self._counted if self._counted else 0.0,
@@ -302,6 +305,7 @@ class OutputComparator:
         ref_inf, cand_inf = np.isinf(ref), np.isinf(cand)
         self._nonfinite += [ref_nan.sum(), ref_inf.sum(), cand_nan.sum(), cand_inf.sum()]
         agree = (ref_nan & cand_nan) | (ref_inf & (ref == cand))
+        self._agreeing += int(agree.sum())
         self._candidate_only["NaN"] += int((cand_nan & ~ref_nan).sum())
         self._candidate_only["Inf"] += int((cand_inf & ~agree).sum())
         self._reference_only += int((~np.isfinite(ref) & np.isfinite(cand)).sum())

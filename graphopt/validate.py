@@ -263,13 +263,13 @@ def _compare_stream(
         report.samples += 1
     if first is None or worst is None:
         raise DataError("no samples to validate with: the data source is empty")
-    if all(comparator.only_empty for comparator in comparators.values()):
-        # Not one element compared: no evidence either way. Exit 1 would blame the candidate and
-        # 0 would vouch for it; the input is at fault (a zero-sized dim), so it is refused as bad
-        # input, as empty data is. One empty output beside others is shown as not compared.
+    if all(comparator.nothing_compared for comparator in comparators.values()):
+        # Not one value compared: no evidence either way. Exit 1 would blame the candidate and
+        # 0 would vouch for it; the input is at fault (a zero-sized dim, NaN data), so it is
+        # refused as bad input, as empty data is. One such output beside others is shown as not compared.
         raise DataError(
-            f"nothing to compare: every output of both models was empty in all {report.samples} samples "
-            "(a zero-sized dimension in --shape or the data?)"
+            f"nothing to compare: every output of both models was empty, or NaN/Inf in both, in all {report.samples} "
+            "samples (a zero-sized dimension in --shape, or NaN/Inf in the data?)"
         )
     report.outputs = [(provider, comparator.result()) for (provider, _), comparator in comparators.items()]
     report.noise_floor = [(provider, comparator.result()) for (provider, _), comparator in noise_comparators.items()]

@@ -114,6 +114,19 @@ def test_matching_nan_and_inf_are_excluded_when_both_sides_have_them():
     assert result.passed is True
 
 
+def test_outputs_all_nan_in_both_models_are_not_compared_rather_than_a_perfect_match():
+    # Before: cosine 1, SNR inf and PASS for an output with no finite value at all.
+    nan = np.full((2, 40), np.nan, dtype=np.float32)
+    comparator = OutputComparator("y", Tolerance(min_cosine=0.99))
+    comparator.update(nan, nan.copy())
+
+    result = comparator.result()
+
+    assert comparator.nothing_compared and result.elements == 0 and not result.compared
+    assert math.isnan(result.cosine) and math.isnan(result.snr_db) and result.nan_reference == 80
+    assert result.passed  # the models agree; validate refuses when no output held a finite value
+
+
 def test_comparison_fails_when_candidate_has_nan_the_reference_lacks():
     result = compare_arrays("y", np.array([1.0, 2.0, 3.0]), np.array([1.0, np.nan, 3.0]), Tolerance(min_cosine=-1.0))
 
@@ -380,20 +393,20 @@ def test_empty_outputs_of_equal_shape_are_not_compared_and_not_failed():
 
     result = comparator.result()
 
-    assert comparator.only_empty is True
+    assert comparator.nothing_compared is True
     assert (result.samples, result.elements, result.compared, result.passed, result.reason) == (3, 0, False, True, "")
     assert all(math.isnan(v) for v in (result.max_abs, result.mean_abs, result.rel_l2, result.cosine, result.snr_db))
     assert result.top1 is None
 
 
-def test_only_empty_is_false_once_an_element_is_compared_or_shapes_differ():
+def test_nothing_compared_is_false_once_an_element_is_compared_or_shapes_differ():
     compared, mismatched = OutputComparator("y", LOOSE), OutputComparator("y", LOOSE)
     compared.update(np.zeros((0, 4)), np.zeros((0, 4)))
     compared.update(np.ones((1, 4)), np.ones((1, 4)))
     mismatched.update(np.zeros((0, 4)), np.zeros((0, 5)))
 
-    assert compared.only_empty is False and compared.result().elements == 4 and compared.result().cosine == 1.0
-    assert mismatched.only_empty is False and mismatched.result().passed is False
+    assert compared.nothing_compared is False and compared.result().elements == 4 and compared.result().cosine == 1.0
+    assert mismatched.nothing_compared is False and mismatched.result().passed is False
 
 
 def test_peak_relative_comparator_scales_rtol_by_the_largest_reference_value():

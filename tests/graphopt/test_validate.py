@@ -376,7 +376,7 @@ def test_zero_sized_batch_is_refused_instead_of_passing_on_zero_elements(tmp_pat
     candidate = _dense_model(tmp_path / "cand.onnx", [_W[0], _W[1] * 1.5])
     assert graphopt.validate(reference, candidate, samples=2).passed is False  # what the candidate really is
 
-    with pytest.raises(DataError, match="nothing to compare: every output of both models was empty in all 2 samples"):
+    with pytest.raises(DataError, match="nothing to compare: every output of both models was empty, or NaN/Inf in both, in all 2 samples"):
         graphopt.validate(reference, candidate, samples=2, shapes=["x:0x4"])
     code = main(["validate", str(reference), str(candidate), "--shape", "x:0x4", "--report", str(tmp_path / "r.json")])
 
@@ -520,3 +520,11 @@ def test_numpy_integers_are_valid_option_values(tmp_path):
     report = graphopt.validate(path, path, samples=np.int64(2), seed=np.int32(3), threads=np.int64(1))
 
     assert report.passed and report.samples == 2 and report.seed == 3
+
+
+def test_data_that_makes_every_output_nan_in_both_models_is_refused_not_passed(tmp_path):
+    path = _save("mlp", tmp_path)
+    feeds = [{"x": np.full(model_zoo.build("mlp").feeds["x"].shape, np.nan, dtype=np.float32)}]
+
+    with pytest.raises(DataError, match="nothing to compare: every output of both models was empty, or NaN/Inf in both"):
+        graphopt.validate(path, path, feeds)
