@@ -27,7 +27,7 @@ from __future__ import annotations
 
 __all__ = [
     "Feeds", "InputSpec", "DEFAULT_DIM", "DEFAULT_SEQUENCE_DIM", "DEFAULT_INTEGER_RANGE", "LABELS_KEY", "input_specs",
-    "parse_shape_overrides", "resolve_shape", "integer_input_ranges", "synthesize_feeds", "load_feeds", "feed_stream",
+    "parse_shape_overrides", "check_shape_overrides", "resolve_shape", "integer_input_ranges", "synthesize_feeds", "load_feeds", "feed_stream",
 ]
 
 import logging
@@ -133,6 +133,19 @@ def resolve_shape(spec: InputSpec, overrides: Mapping[str, Sequence[int]] | None
     return tuple(d if isinstance(d, int) else _default_dim(d) for d in spec.shape)
 
 
+def check_shape_overrides(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Refuses shape overrides that name no input of ``model`` or disagree with its rank or static dims.
+
+    Raises:
+        DataError: The first override that does not fit, as synthesize_feeds would refuse it.
+    """
+    specs = input_specs(model)
+    _refuse_unknown_overrides(specs, shapes)
+    for spec in specs:
+        if spec.name in shapes:
+            resolve_shape(spec, shapes)
+
+
 def integer_input_ranges(model: ir.Model) -> dict[str, tuple[int, int]]:
     """``[low, high)`` for every integer graph input.
 
@@ -166,10 +179,7 @@ def synthesize_feeds(
     if count < 0 or seed < 0:
         raise ValueError(f"count and seed must be non-negative, got count={count}, seed={seed}")
     specs = input_specs(model)
-    unknown = sorted(set(shapes or {}) - {spec.name for spec in specs})
-    if unknown:
-        names = ", ".join(spec.name for spec in specs)
-        raise DataError(f"shape given for unknown input '{unknown[0]}'; the model's inputs are: {names}")
+    _refuse_unknown_overrides(specs, shapes or {})
     for value in model.graph.inputs:
         # A sequence or optional input has its element's dtype and a shape, so it
         # was drawn as a plain tensor that onnxruntime then refused with a cryptic type code.
@@ -191,14 +201,16 @@ def load_feeds(source: Any, *, model: ir.Model | None = None, keep_labels: bool 
             of feed dicts, or an object with ``get_next()`` that returns a
             dict or None (onnxruntime's ``CalibrationDataReader``).
         model: When given, each sample is checked against its inputs: the
-            ``labels`` key is dropped, dtypes are cast where numpy calls it
-            safe (``same_kind``), and static dims must match. Without it the
+            ``labels`` key is dropped, dtypes of the same kind are cast when
+            every value survives (floats may round, not overflow), and
+            static dims must match. Without it the
             dicts pass through as they are (values as numpy arrays).
         keep_labels: Keep a ``labels`` array in the samples (for task
             metrics); the caller removes it before feeding.
 
     Raises:
-        DataError: The path is missing, the folder holds no ``.npz`` file, a
+        DataError: The path is missing or neither a regular file nor a
+            folder (a FIFO would block), the folder holds no ``.npz`` file, a
             file cannot be read, or (with ``model``) a sample does not fit.
             Path errors are raised at the call, sample errors as they are read.
     """
@@ -242,6 +254,13 @@ def _fits(shape: tuple[int, ...], declared: tuple[Dim, ...] | None) -> bool:
     if declared is None:
         return True
     return len(shape) == len(declared) and all(not isinstance(d, int) or d == n for d, n in zip(declared, shape))
+
+
+def _refuse_unknown_overrides(specs: list[InputSpec], shapes: Mapping[str, Sequence[int]]) -> None:
+    unknown = sorted(set(shapes) - {spec.name for spec in specs})
+    if unknown:
+        names = ", ".join(spec.name for spec in specs)
+        raise DataError(f"shape given for unknown input '{unknown[0]}'; the model's inputs are: {names}")
 
 
 def _checked_override(spec: InputSpec, override: tuple[int, ...]) -> tuple[int, ...]:
@@ -355,6 +374,9 @@ def _npz_files(path: Path) -> list[Path]:
     if not path.exists():
         raise DataError(f"no such data file or folder: {path}")
     if not path.is_dir():
+        # np.load on a FIFO blocks until a writer comes, and a device may never end.
+        if not path.is_file():
+            raise DataError(f"{path}: not a regular file or folder (a FIFO or device?): give an .npz file or a folder")
         return [path]
     files = sorted((p for p in path.iterdir() if p.suffix.lower() == ".npz" and p.is_file()), key=lambda p: p.name)
     if not files:
@@ -405,9 +427,7 @@ def _fit_array(array: np.ndarray, spec: InputSpec, label: str) -> np.ndarray:
         # or in a form np.load refuses (float8_e5m2): raw bytes read back, and only the model knows their type.
         array = array.view(spec.dtype)
     if array.dtype != spec.dtype:
-        if not _safe_cast(array.dtype, spec.dtype):
-            raise DataError(f"{label}: input '{spec.name}' has dtype {array.dtype}, expected {spec.dtype} (not a safe cast)")
-        array = array.astype(spec.dtype)
+        array = _cast(array, spec, label)
     if not _fits(array.shape, spec.shape):
         shapes = f"{_format_shape(array.shape)}, expected {_format_shape(spec.shape)}"
         raise DataError(f"{label}: input '{spec.name}' has shape {shapes}")
@@ -419,8 +439,38 @@ def _raw_bytes(dtype: np.dtype) -> bool:
     return dtype.type is np.void and dtype.names is None
 
 
-def _safe_cast(source: np.dtype, target: np.dtype) -> bool:
+def _cast(array: np.ndarray, spec: InputSpec, label: str) -> np.ndarray:
+    """``array`` as the input's dtype, if the kinds agree and every value survives the cast.
+
+    Float targets may round (float64 data for a float32 input is the common
+    case) but no finite value may overflow to inf or NaN; any other target
+    must give every value back unchanged (int64 ids of 2**32 + 5 wrap to 5 as int32).
+    """
+    mismatch = f"{label}: input '{spec.name}' has dtype {array.dtype}, expected {spec.dtype}"
+    if not _same_kind(array.dtype, spec.dtype):
+        raise DataError(f"{mismatch} (not a safe cast)")
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is found below and named
+        cast = array.astype(spec.dtype)
+    if _is_float(spec.dtype):
+        changed = np.isfinite(array) & ~np.isfinite(cast)
+        what = f"overflows {spec.dtype}"
+    else:
+        changed = cast.astype(array.dtype) != array
+        what = f"does not fit {spec.dtype}"
+    if np.any(changed):
+        index = int(np.flatnonzero(changed)[0])
+        value, becomes = array.reshape(-1)[index], cast.reshape(-1)[index]
+        raise DataError(f"{mismatch}: value {value} {what} (it would become {becomes})")
+    return cast
+
+
+def _same_kind(source: np.dtype, target: np.dtype) -> bool:
     try:
         return bool(np.can_cast(source, target, casting="same_kind"))
     except TypeError:  # some ml_dtypes pairs have no casting rule
         return False
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    # ml_dtypes floats (bfloat16, float8) are not np.inexact subtypes.
+    return dtype.kind in "fc" or (_element_type(dtype) or ir.DataType.UNDEFINED).is_floating_point()

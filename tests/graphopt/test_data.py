@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import threading
 import types
 
 import numpy as np
@@ -439,6 +441,80 @@ def test_load_raises_data_error_naming_both_when_a_key_is_misspelt():
 def test_load_raises_data_error_when_dtype_cannot_be_cast_safely():
     with pytest.raises(DataError, match=r"input 'ids' has dtype float32, expected int64 \(not a safe cast\)"):
         list(load_feeds([_sample(ids_dtype=np.float32)], model=_embedding_model()))
+
+
+def _narrow_model() -> ir.Model:
+    return _model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int32[N] ids, float16[N] h, float[N] f) => (int32[N] ids2, float16[N] h2, float[N] f2) {
+            ids2 = Identity(ids)
+            h2 = Identity(h)
+            f2 = Identity(f)
+        }
+        """
+    )
+
+
+def _narrow_sample(**overrides) -> dict[str, np.ndarray]:
+    sample = {"ids": np.array([5, 7], np.int32), "h": np.array([1.0, 2.0], np.float16), "f": np.zeros(2, np.float32)}
+    return {**sample, **overrides}
+
+
+@pytest.mark.parametrize(
+    ("key", "values", "message"),
+    [
+        # int64 ids that int32 wraps: 2**32 + 5 became 5 and validation compared the wrong tokens.
+        ("ids", np.array([7, 2**32 + 5], np.int64), r"int64, expected int32: value 4294967301 does not fit int32 \(it would become 5\)$"),
+        ("ids", np.array([7, -(2**31) - 1], np.int64), r"value -2147483649 does not fit int32 \(it would become 2147483647\)$"),
+        ("h", np.array([np.nan, 1e5], np.float64), r"float64, expected float16: value 100000\.0 overflows float16 \(it would become inf\)$"),
+        ("f", np.array([1.0, -1e39], np.float64), r"float64, expected float32: value -1e\+39 overflows float32 \(it would become -inf\)$"),
+    ],
+)
+def test_load_raises_data_error_naming_the_value_when_a_cast_would_change_it(key, values, message):
+    with pytest.raises(DataError, match=rf"^sample 0: input '{key}' has dtype .*{message}"):
+        list(load_feeds([_narrow_sample(**{key: values})], model=_narrow_model()))
+
+
+def test_casts_are_accepted_when_values_survive_them_nan_inf_and_float_rounding_included():
+    sample = _narrow_sample(
+        ids=np.array([-(2**31), 2**31 - 1], np.int64),
+        h=np.array([np.nan, -np.inf], np.float64),
+        f=np.array([0.1, 3.4e38], np.float64),
+    )
+
+    (feeds,) = load_feeds([sample], model=_narrow_model())
+
+    assert feeds["ids"].dtype == np.int32 and feeds["ids"].tolist() == [-(2**31), 2**31 - 1]
+    assert feeds["h"].dtype == np.float16 and np.isnan(feeds["h"][0]) and feeds["h"][1] == -np.inf
+    assert feeds["f"].dtype == np.float32
+    np.testing.assert_allclose(feeds["f"], [0.1, 3.4e38], rtol=1e-7)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+@pytest.mark.parametrize("keep_model", [True, False])
+def test_load_raises_data_error_at_once_when_the_path_is_a_fifo(tmp_path, keep_model):
+    # np.load blocked forever opening a FIFO with no writer; the call runs in a thread so that old code fails, not hangs.
+    fifo = tmp_path / "data.npz"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            list(load_feeds(fifo, model=_narrow_model() if keep_model else None))
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    if thread.is_alive():
+        with open(fifo, "wb"):  # release the blocked reader so the daemon thread can end
+            pass
+        pytest.fail("load_feeds blocked on a FIFO")
+    assert len(outcome) == 1 and isinstance(outcome[0], DataError)
+    assert str(outcome[0]) == f"{fifo}: not a regular file or folder (a FIFO or device?): give an .npz file or a folder"
 
 
 def test_load_raises_data_error_with_both_shapes_when_static_dims_disagree():
