@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import onnx_ir as ir
 
@@ -49,6 +50,7 @@ from graphopt.cli_checks import (
     check_validation_only,
     output_path,
 )
+from graphopt.data import LABELS_KEY, check_shape_overrides, load_feeds, parse_shape_overrides
 from graphopt.errors import DataError, GraphoptError, ModelRunError, PassCheckError, first_line
 from graphopt.ledger import LedgerRow, format_bytes
 from graphopt.pipeline import PassFailedError, PipelineResult, run_pipeline
@@ -68,6 +70,9 @@ from graphopt.report import FidelityReport
 from graphopt.spec import PassSpec, load_recipe, parse_spec
 from graphopt.summary import summarize
 from graphopt.validate import validate
+
+# Output types graphopt.task reads class scores from (numpy kind "f").
+_SCORE_TYPES = (ir.DataType.FLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE)
 
 
 # optimize's options that only validation reads (--shape and --threads also serve the quick check).
@@ -186,6 +191,7 @@ def _optimize(args: argparse.Namespace) -> int:
     pipeline = with_input_shapes(pipeline, args.shape)
     if args.deterministic:
         pipeline = without_timing(pipeline)
+    shapes = parse_shape_overrides(args.shape)
     output = output_path(args)
     check_validation_only(args)
     options = validation_options(args, args.validate) if args.validate else None
@@ -194,6 +200,9 @@ def _optimize(args: argparse.Namespace) -> int:
     progress = StepProgress()
     start = time.perf_counter()
     model = io.load(args.input)
+    if shapes:  # the passes that would read them may not run, or may run on --calib-data: a typo still stops here
+        check_shape_overrides(model, shapes)
+    validation_data, unscored = _validation_data(args.calib_data, model) if options is not None else (None, None)
     io.check_target(model, output, in_place=args.in_place, external_data=external)  # fail before a long pipeline, not after
     if external is False and not _lossy_steps(pipeline):  # lossy passes may shrink the weights: checked again after
         check_fits_one_file(model)
@@ -228,13 +237,57 @@ def _optimize(args: argparse.Namespace) -> int:
             print(checked)
         return EXIT_OK
     print()
-    report = validate(args.input, written, args.calib_data, per_layer=args.per_layer, latency=args.latency, **options)
+    report = validate(args.input, written, validation_data, per_layer=args.per_layer, latency=args.latency, **options)
     report.ledger = result.ledger.to_dicts()
+    if unscored is not None:
+        report.data_source = str(args.calib_data)  # not the wrapper's type name
+        report.warnings.append(unscored)
     if calibrated_on_data:
         report.warnings.append(_calibration_overlap(args))
     if not report.passed and args.bisect:
-        report.bisection = bisect_pipeline(args.input, pipeline, lambda model: validate(args.input, model, args.calib_data, **options))
+        report.bisection = bisect_pipeline(args.input, pipeline, lambda model: validate(args.input, model, validation_data, **options))
     return _finish_report(args, report)
+
+
+class _Unlabelled:
+    """The samples of a data path without their ``labels``; a fresh pass over the files each time it is iterated."""
+
+    def __init__(self, path: os.PathLike[str]) -> None:
+        self.path = path
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return ({key: array for key, array in sample.items() if key != LABELS_KEY} for sample in load_feeds(self.path))
+
+
+def _validation_data(path: os.PathLike[str] | None, model: ir.Model) -> tuple[Any, dict[str, Any] | None]:
+    """What ``--validate`` reads, and a report warning when it leaves out the labels.
+
+    validate refuses labels that no output of the model can score (class
+    scores, [N, C] or [N, C, 1, 1] floats); optimize would then fail after
+    writing its output, for labels the passes ignore. So they are dropped,
+    with a warning, when the model's declared outputs rule class scores out.
+    """
+    if path is None or any(_may_hold_class_scores(value) for value in model.graph.outputs):
+        return path, None
+    first = next(load_feeds(path), {})
+    if LABELS_KEY not in first:
+        return path, None
+    message = f"the labels in {path} are ignored: no output of the model holds class scores ([N, C] or [N, C, 1, 1]) to score them"
+    return _Unlabelled(path), {"model": "reference", "kind": "labels_ignored", "items": [str(path)], "message": message}
+
+
+def _may_hold_class_scores(value: ir.Value) -> bool:
+    """Whether the output's declared type allows class scores as graphopt.task reads them; unknown dims allow them."""
+    if value.type is None:
+        return True
+    if not isinstance(value.type, ir.TensorType) or value.dtype not in _SCORE_TYPES:
+        return False
+    if value.shape is None:
+        return True
+    dims = [d if isinstance(d, int) else None for d in value.shape]
+    if len(dims) not in (2, 4) or any(d not in (1, None) for d in dims[2:]):
+        return False
+    return dims[1] is None or dims[1] >= 2
 
 
 def _run_pipeline(args: argparse.Namespace, model: ir.Model, pipeline: list[PassSpec], progress: StepProgress) -> PipelineResult:

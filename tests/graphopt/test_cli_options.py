@@ -305,6 +305,31 @@ def _fixed_batch_model(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ("nosuch:1x64", "shape given for unknown input 'nosuch'; the model's inputs are: x"),
+        ("x:3", r"shape (3,) given for input 'x' does not fit the model's (N, 64) (rank and static dims must match)"),
+        ("x:3x65", r"shape (3, 65) given for input 'x' does not fit the model's (N, 64) (rank and static dims must match)"),
+        ("x3x64", "bad shape 'x3x64': expected name:DIMxDIM..., e.g. x:1x3x224x224"),
+    ],
+)
+@pytest.mark.parametrize("passes", ["fold", "prune(pattern=channel,ratio=0.3)", "qdq(check_speed=false)"])
+@pytest.mark.parametrize("with_data", [False, True])
+def test_a_shape_that_does_not_fit_the_model_is_refused_before_any_pass_runs(tmp_path, capsys, monkeypatch, shape, message, passes, with_data):
+    # Passes that synthesize nothing ignored --shape (exit 0); qdq blamed its own synthesized inputs.
+    _no_pipeline(monkeypatch)
+    source, out = _fixed_batch_model(tmp_path), tmp_path / "out.onnx"
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.zeros((3, 64), np.float32))
+    data = ["--calib-data", str(calib)] if with_data else []
+
+    err = _usage_error(capsys, ["optimize", str(source), "-o", str(out), "--passes", passes, "--shape", shape, *data])
+
+    assert err == f"graphopt: error: {message}\n"
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("spec", ["qdq(check_speed=false)", "prune(reconstruct=true,skip=)", "lowrank(data_aware=true,check_speed=false)"])
 def test_a_pass_that_cannot_run_its_synthesized_inputs_says_so_and_runs_at_the_given_shape(tmp_path, capsys, spec):
     source = _fixed_batch_model(tmp_path)
