@@ -65,8 +65,8 @@ def parse_spec(text: str) -> list[PassSpec]:
 def load_recipe(path: str | Path) -> list[PassSpec]:
     """Reads a YAML or JSON recipe file into pass specs.
 
-    The file holds a list of steps, or a mapping whose ``pipeline`` key holds
-    one. A step is a pass name or ``{pass: NAME, options: {...}}``.
+    The file holds a list of steps, or a mapping whose ``pipeline`` key (its
+    only key) holds one. A step is a pass name or ``{pass: NAME, options: {...}}``.
 
     Raises:
         PipelineSpecError: The file is missing, unparsable or malformed.
@@ -77,8 +77,12 @@ def load_recipe(path: str | Path) -> list[PassSpec]:
     except OSError as exc:
         raise PipelineSpecError(f"cannot read recipe {path}: {exc.strerror or exc}") from exc
     data = _parse_recipe_text(text, path)
-    if isinstance(data, dict) and "pipeline" in data:
-        data = data["pipeline"]
+    if isinstance(data, dict):
+        # As in a step: a misspelt or unsupported key is refused, not ignored.
+        unknown = sorted(set(data) - {"pipeline"}, key=str)
+        if unknown:
+            raise PipelineSpecError(f"recipe {path}: unknown top-level keys {unknown}; allowed: pipeline")
+        data = data.get("pipeline")
     if not isinstance(data, list) or not data:
         raise PipelineSpecError(f"recipe {path}: expected a non-empty list of passes")
     return [_recipe_step(item, path, index) for index, item in enumerate(data, start=1)]
@@ -196,9 +200,9 @@ def _recipe_step(item: Any, path: Path, index: int) -> PassSpec:
         return _parse_step(item.strip())
     if not isinstance(item, dict) or "pass" not in item:
         raise PipelineSpecError(f"{where}: expected a pass name or a mapping with 'pass'")
-    unknown = set(item) - {"pass", "options"}
+    unknown = sorted(set(item) - {"pass", "options"}, key=str)
     if unknown:
-        raise PipelineSpecError(f"{where}: unknown keys {sorted(unknown)}; allowed: pass, options")
+        raise PipelineSpecError(f"{where}: unknown keys {unknown}; allowed: pass, options")
     options = item.get("options") or {}
     if not isinstance(options, dict):
         raise PipelineSpecError(f"{where}: 'options' must be a mapping")

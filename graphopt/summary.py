@@ -115,14 +115,15 @@ def summarize(model: ir.Model) -> ModelSummary:
 
 
 def _io_entry(value: ir.Value) -> dict[str, Any]:
-    dims = [] if value.shape is None else [d if isinstance(d, int) else str(d) for d in value.shape]
+    # A symbolic dim's name, None (JSON null) for an unnamed one: str() of it read "None".
+    dims = [] if value.shape is None else [d if isinstance(d, int) else d.value for d in value.shape]
     dynamic = value.shape is None or any(not isinstance(d, int) for d in value.shape)
     dtype = value.dtype.name.lower() if value.dtype is not None else "unknown"
     return {"name": value.name, "dtype": dtype, "shape": dims if value.shape is not None else None, "dynamic": dynamic}
 
 
 def _describe_io(item: dict[str, Any]) -> str:
-    shape = "?" if item["shape"] is None else "[" + ", ".join(str(d) for d in item["shape"]) + "]"
+    shape = "?" if item["shape"] is None else "[" + ", ".join("?" if d is None else str(d) for d in item["shape"]) + "]"
     suffix = "  (dynamic)" if item["dynamic"] else ""
     return f"{item['name']}: {item['dtype']}{shape}{suffix}"
 

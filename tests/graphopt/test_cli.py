@@ -245,6 +245,23 @@ def test_inspect_reports_ops_parameters_and_dynamic_inputs(model_path, capsys):
     assert summary["inputs"] == [{"name": "x", "dtype": "float", "shape": ["N", 4], "dynamic": True}]
 
 
+def test_inspect_shows_unnamed_dims_as_a_question_mark_and_json_null(tmp_path, capsys):
+    # They printed as Python's None: float[None, 1, None, None], and "None" strings in JSON.
+    path = tmp_path / "unnamed.onnx"
+    value = onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [None, 1, "h", None])
+    output = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 1, "h", None])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["image"], ["y"])], "g", [value], [output])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+
+    assert main(["inspect", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "input       image: float[?, 1, h, ?]  (dynamic)" in lines and "output      y: float[?, 1, h, ?]  (dynamic)" in lines
+
+    assert main(["inspect", "--json", str(path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["inputs"] == [{"name": "image", "dtype": "float", "shape": [None, 1, "h", None], "dynamic": True}]
+
+
 def test_inspect_flags_nan_and_inf_weights(tmp_path, capsys):
     weights = np.ones((4, 4), np.float32)
     weights[0, 0], weights[1, 1] = np.nan, np.inf

@@ -95,6 +95,10 @@ def test_json_recipe_under_pipeline_key(tmp_path):
         # Both parsers keep the last of two equal keys: the step would run at sparsity 0.9 unasked.
         ("- {pass: prune, options: {sparsity: 0.5, sparsity: 0.9}}", r"cannot parse recipe .*: key 'sparsity' given twice \(line 1\)"),
         ("- pass: dce\n  pass: fold", "key 'pass' given twice"),
+        # Unknown top-level keys were ignored while unknown step keys were refused.
+        ("pipeline: [fold]\nfoo: 1", r"^recipe .*r\.yaml: unknown top-level keys \['foo'\]; allowed: pipeline$"),
+        ("passes: [fold]", r"unknown top-level keys \['passes'\]; allowed: pipeline$"),
+        ("{}", "non-empty list"),
     ],
 )
 def test_malformed_recipes_raise_with_a_reason(tmp_path, content, message):
