@@ -10,14 +10,23 @@ raises ValueError naming the option and returns the value to store.
 
 from __future__ import annotations
 
-__all__ = ["check_bool", "check_int", "check_names", "check_number", "check_shapes", "check_threads", "is_int", "is_number"]
+__all__ = [
+    "check_bool", "check_int", "check_names", "check_number", "check_shapes", "check_threads", "is_int", "is_number", "unmatched_names",
+]
 
+import logging
 import math
+from collections.abc import Collection
 from numbers import Integral, Real
 from typing import Any
 
+import onnx_ir as ir
+
 from graphopt.data import parse_shape_overrides
 from graphopt.errors import DataError, first_line
+from graphopt.graphs import iter_graphs
+
+logger = logging.getLogger(__name__)
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -72,6 +81,19 @@ def check_names(name: str, value: Any) -> frozenset[str]:
     else:
         raise ValueError(f"{name} must be comma-separated node names or op types, got {value!r}")
     return frozenset(part.strip() for part in parts if part.strip())
+
+
+def unmatched_names(pass_name: str, option: str, names: Collection[str], model: ir.Model, keywords: Collection[str] = ()) -> list[str]:
+    """The entries of ``names`` that match no node name or op type in ``model``, logged as a warning.
+
+    A typo in a skip or exclude list otherwise changes the result without a
+    word. ``keywords`` (such as prune's ``default``) are not names.
+    """
+    present = {part for graph in iter_graphs(model) for node in graph for part in (node.name, node.op_type)}
+    missing = sorted(name for name in names if name not in present and name not in keywords)
+    if missing:
+        logger.warning("%s: %s entries match no node name or op type: %s", pass_name, option, ", ".join(missing))
+    return missing
 
 
 def is_int(value: Any) -> bool:

@@ -31,6 +31,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,14 +40,22 @@ import onnx_ir as ir
 
 from graphopt.progress import report
 from graphopt.runtime import stream_tensors
-from passes.held_back import judge, reference_outputs
+from passes.held_back import NOT_MEASURED, ONE_SAMPLE, judge, reference_outputs
 from passes.lift_constants import LiftConstantsPass
 from passes.lowrank import allocate, factor, speed
 from passes.lowrank.layers import Layer, find_layers, fits_data, label
 from passes.lowrank.refit import refit_last_factors
 from passes.lowrank.rewrite import Chain, Step, copy_attributes
 from passes.lowrank.sequential import factor_in_order
-from passes.options import check_bool, check_int, check_names, check_number, check_shapes, check_threads
+from passes.options import (
+    check_bool,
+    check_int,
+    check_names,
+    check_number,
+    check_shapes,
+    check_threads,
+    unmatched_names,
+)
 from passes.prune.layer_checks import NONFINITE_INPUTS, finite
 from passes.prune.reconstruct import input_gram
 from passes.qdq.samples import Samples
@@ -69,6 +78,7 @@ class LowRankSummary:
     sensitivity: dict[str, float] = field(default_factory=dict)
     reconstructed: list[str] = field(default_factory=list)  # last factors refit (reconstruct)
     not_reconstructed: dict[str, str] = field(default_factory=dict)
+    unmatched_skip: list[str] = field(default_factory=list)  # skip= entries that name no node or op type
 
     def line(self) -> str:
         before = sum(entry["params_before"] for entry in self.decomposed.values())
@@ -86,11 +96,18 @@ class LowRankSummary:
         if self.sensitivity and not self.fidelity:
             parts.append(f"ranks spread across layers by the output drift measured on each ({counted(len(self.sensitivity), 'layer')})")
         if self.fidelity:
-            parts.append(
-                f"output cosine {self.fidelity['cosine']:.5f} on held-back samples, at least {self.fidelity['lower_bound']:.5f} "
-                f"allowing for their spread (target {self.fidelity['target_cosine']:g})"
-            )
+            parts.append(self._fidelity_text())
+        if self.unmatched_skip:
+            parts.append(f"skip entries matching no node or op type: {', '.join(self.unmatched_skip)}")
         return ", ".join(parts)
+
+    def _fidelity_text(self) -> str:
+        cosine, bound, target = self.fidelity["cosine"], self.fidelity["lower_bound"], self.fidelity["target_cosine"]
+        if math.isnan(cosine):
+            return f"output cosine {NOT_MEASURED} (target {target:g})"
+        if self.fidelity.get("samples") == 1:  # no spread to allow for: the bound is the figure itself
+            return f"output cosine {cosine:.5f} on held-back samples ({ONE_SAMPLE}; target {target:g})"
+        return f"output cosine {cosine:.5f} on held-back samples, at least {bound:.5f} allowing for their spread (target {target:g})"
 
 
 class LowRankPass(ir.passes.InPlacePass):
@@ -196,6 +213,7 @@ class LowRankPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         LiftConstantsPass()(model)  # Constant-node weights become initializers first
         self.summary = LowRankSummary()
+        self.summary.unmatched_skip = unmatched_names("lowrank", "skip", self.skip, model)
         layers = find_layers(model.graph, self.skip, self.conv, self.summary.skipped)
         if not layers:
             return ir.passes.PassResult(model, False)
@@ -250,7 +268,10 @@ class LowRankPass(ir.passes.InPlacePass):
             if label(layer.node) not in ranks:
                 self.summary.skipped.setdefault(label(layer.node), f"kept whole to reach cosine {self.target_cosine:g}")
         cosine, bound = judged[best]
-        self.summary.fidelity = {"target_cosine": self.target_cosine, "cosine": cosine, "lower_bound": bound, "steps": best, "of": len(steps)}
+        self.summary.fidelity = {
+            "target_cosine": self.target_cosine, "cosine": cosine, "lower_bound": bound, "steps": best, "of": len(steps),
+            "samples": len(samples.held_back),
+        }
         return self._factor_at(model, ranks, fits)
 
     def _spread(self, model: ir.Model, layers: list[Layer]) -> dict[str, tuple[int, ...]]:
@@ -282,7 +303,8 @@ class LowRankPass(ir.passes.InPlacePass):
             reference = allocate.reference_rung(rungs, layer.params)
             if reference is not None:
                 trial = self._trial(model, {name: reference[0]}, fits)
-                drift = max(1.0 - judge(trial, probes, expected, self.threads).cosine, 0.0)
+                result = judge(trial, probes, expected, self.threads)
+                drift = max(1.0 - result.cosine, 0.0) if result.measured else 0.0  # nothing finite to compare: no drift seen
                 self.summary.sensitivity[name] = drift
                 rungs = allocate.rescaled(rungs, reference, drift)
             ladders.append(allocate.ladder(name, rungs, layer.params))

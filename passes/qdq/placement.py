@@ -287,8 +287,14 @@ def _from_dequantize(value: ir.Value) -> bool:
     return producer is not None and producer.op_type == "DequantizeLinear"
 
 
+def _into_quantize(value: ir.Value) -> bool:
+    """Whether only QuantizeLinear reads ``value``: a model through qdq before, whose readers moved to the DQ."""
+    users = value.uses()
+    return bool(users) and all(user.op_type == "QuantizeLinear" and user.domain in _ONNX_DOMAINS for user, _ in users)
+
+
 def _is_float_activation(value: ir.Value) -> bool:
-    if value.const_value is not None or _from_dequantize(value):
+    if value.const_value is not None or _from_dequantize(value) or _into_quantize(value):
         return False
     return value.type is None or value.dtype in _FLOAT
 

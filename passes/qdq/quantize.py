@@ -44,7 +44,7 @@ from graphopt.errors import GraphoptError
 from graphopt.ledger import IN_SUMMARY
 from graphopt.pipeline import adopt_model
 from graphopt.progress import report
-from passes.options import check_shapes
+from passes.options import check_shapes, unmatched_names
 from passes.qdq import calibration as calib
 from passes.qdq.arithmetic import ActivationParams, activation_params
 from passes.qdq.bias_correction import channel_axes, channel_axis, input_means, output_shift
@@ -181,6 +181,7 @@ class QuantizePass(ir.passes.InPlacePass):
         # encoder at opset 21 ran 9% slower in float. So speed is judged
         # against the model as given, and a run that quantizes nothing gives
         # it back unchanged.
+        unmatched = unmatched_names("qdq", "exclude", self.exclude, model)  # before generated names could match
         given = name_unnamed_nodes(model)  # layers are told apart by name; given back if nothing changes
         original = model.clone()  # shares the tensors: cheap
         try:
@@ -189,6 +190,7 @@ class QuantizePass(ir.passes.InPlacePass):
             adopt_model(model, original)
             unname(model, given)
             raise
+        self.summary.unmatched_exclude = unmatched
         if not self.summary.quantized and not self.summary.stored:
             adopt_model(model, original)
             unname(model, given)

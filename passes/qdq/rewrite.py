@@ -25,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import provenance
+from graphopt.graphs import iter_graphs
 from graphopt.naming import NameAllocator
 from passes.qdq.arithmetic import ActivationParams, dequantize, quantize_bias, quantize_blockwise, quantize_per_channel
 from passes.qdq.placement import standard_readers
@@ -44,6 +45,7 @@ class NodeMaker:
         self.model = model
         self.graph = model.graph
         self.names = NameAllocator(model)
+        self._node_names: set[str] | None = None  # NameAllocator knows value names only
         self.renames: list[tuple[str, str]] = []  # (new name, original name), in the order made
 
     def __enter__(self) -> NodeMaker:
@@ -65,9 +67,19 @@ class NodeMaker:
         return value
 
     def node(self, op: str, inputs: list[ir.Value | None], output: str, attributes: dict | None = None) -> ir.Node:
-        node = ir.node(op, inputs, attributes=attributes or {}, name=self.names.fresh(f"{output}_node"))
+        node = ir.node(op, inputs, attributes=attributes or {}, name=self.node_name(f"{output}_node"))
         node.outputs[0].name = self.names.fresh(output)
         return node
+
+    def node_name(self, base: str) -> str:
+        """A node name unused in the model: a model through qdq before already holds ``<value>_quantized_node``."""
+        if self._node_names is None:
+            self._node_names = {node.name for graph in iter_graphs(self.model) for node in graph if node.name}
+        name = self.names.fresh(base)
+        while name in self._node_names:
+            name = self.names.fresh(base)
+        self._node_names.add(name)
+        return name
 
 
 def quantize_activation(maker: NodeMaker, value: ir.Value, params: ActivationParams) -> ir.Value:
@@ -265,7 +277,7 @@ def quantize_embedding(maker: NodeMaker, table: ir.Value, gathers: list[ir.Node]
         rows = maker.node("Gather", [quantized, ids], f"{out.name}_quantized", {"axis": 0})
         as_float = maker.node("Cast", [rows.outputs[0]], f"{out.name}_float", {"to": ir.DataType.FLOAT})
         row_scale = maker.node("Gather", [row_scales, ids], f"{out.name}_scale", {"axis": 0})
-        multiply = ir.node("Mul", [as_float.outputs[0], row_scale.outputs[0]], name=maker.names.fresh(f"{out.name}_dequantize"))
+        multiply = ir.node("Mul", [as_float.outputs[0], row_scale.outputs[0]], name=maker.node_name(f"{out.name}_dequantize"))
         maker.graph.insert_before(gather, [rows, as_float, row_scale, multiply])
         out.replace_all_uses_with(multiply.outputs[0], replace_graph_outputs=True)
         name, shape, dtype = out.name, out.shape, out.type

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 __all__ = ["QuantizationSummary", "counted", "ALREADY_QUANTIZED"]
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
+
+from passes.held_back import NOT_MEASURED
 
 # The reason placement gives a layer of a model that is QDQ already.
 ALREADY_QUANTIZED = "already quantized"
@@ -27,6 +30,7 @@ class QuantizationSummary:
     float_layers: dict[str, str] = field(default_factory=dict)  # node -> why it stayed float
     float_activations: dict[str, str] = field(default_factory=dict)  # tensor -> why it has no Q/DQ
     nonfinite_activations: dict[str, int] = field(default_factory=dict)  # tensor -> NaN/Inf values calibration ignored
+    unmatched_exclude: list[str] = field(default_factory=list)  # exclude= entries that name no node or op type
     activations: int = 0
     weight_bytes_before: int = 0
     weight_bytes_after: int = 0
@@ -55,7 +59,9 @@ class QuantizationSummary:
             parts.append(f"{len(self.stored)} of them with int8-stored weights")
         if self.weight_bytes_after:
             parts.append(f"weights {self.weight_bytes_before / self.weight_bytes_after:.1f}x smaller")
-        if "cosine" in self.fidelity:
+        if "cosine" in self.fidelity and math.isnan(self.fidelity["cosine"]):
+            parts.append(f"output cosine {NOT_MEASURED}")
+        elif "cosine" in self.fidelity:
             on = f" {self.judged_text()}" if self.fidelity_samples == "calibration" else ""
             parts.append(f"output cosine {self.fidelity['cosine']:.5f}{on}" + (f" ({self.advice})" if self.advice else ""))
         if self.latency_ratio is not None:
@@ -66,6 +72,8 @@ class QuantizationSummary:
             parts.append(f"NaN/Inf ignored in calibrating {counted(len(self.nonfinite_activations), 'tensor')}")
         if self.float_activations:
             parts.append(f"{counted(len(self.float_activations), 'tensor')} kept float ({'; '.join(sorted(set(self.float_activations.values())))})")
+        if self.unmatched_exclude:
+            parts.append(f"exclude entries matching no node or op type: {', '.join(self.unmatched_exclude)}")
         return ", ".join(parts)
 
     def judged_text(self) -> str:

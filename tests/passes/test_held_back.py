@@ -79,3 +79,33 @@ def test_targets_are_met_by_the_bounds_not_the_figures():
     assert meets(spread, 0.98) and not meets(spread, 0.99)  # the cosine alone would meet 0.99
     assert meets(spread, None, 24.0) and not meets(spread, None, 28.0)
     assert meets(spread, None, None) and not meets(spread, 0.98, 28.0)
+
+
+def test_positions_that_are_nan_in_the_reference_do_not_count_against_the_candidate():
+    samples = [{"x": np.array([np.nan, 1.0, 2.0, 3.0 + i], np.float32)} for i in range(3)]
+    expected = [{"y": s["x"]} for s in samples]  # the original's own NaN, which the candidate reproduces
+
+    same = judge(_scaled_plus(np.zeros(4)), samples, expected, threads=1)
+    drifted = judge(_scaled_plus(np.array([0, 0.5, 0, 0])), samples, expected, threads=1)
+
+    assert same.measured and same.cosine == pytest.approx(1.0, abs=1e-12) and same.samples == 3
+    want = np.concatenate([s["x"][1:] for s in samples]).astype(np.float64)
+    assert drifted.cosine == pytest.approx(_cos(want, want + np.tile([0.5, 0, 0], 3)), abs=1e-9)
+
+
+def test_nothing_is_measured_when_the_reference_has_no_finite_value_or_no_value_at_all():
+    nan_sample = {"x": np.full(4, np.nan, np.float32)}
+    all_nan = judge(_scaled_plus(np.zeros(4)), [nan_sample], [{"y": nan_sample["x"]}], threads=1)
+    empty = Judgement(math.nan, math.nan)
+
+    assert not all_nan.measured and math.isnan(all_nan.cosine) and math.isnan(all_nan.snr_db) and all_nan.samples == 0
+    assert not meets(all_nan, 0.5) and not meets(empty, None, 10.0)
+
+
+def test_qdq_summary_says_not_measured_instead_of_a_cosine_when_nothing_was_compared():
+    from passes.qdq import QuantizationSummary
+
+    summary = QuantizationSummary(quantized=["fc"], fidelity={"cosine": math.nan, "cosine_lower_bound": math.nan, "samples": 1})
+
+    assert "output cosine not measured (no finite value in the original's outputs to compare)" in summary.line()
+    assert "nan" not in summary.line()
