@@ -27,15 +27,23 @@ import onnx_ir as ir
 
 from graphopt.runtime import stream_tensors
 from passes.lift_constants import LiftConstantsPass
-from passes.options import check_bool, check_int, check_names, check_number, check_shapes, check_threads
+from passes.options import (
+    check_bool,
+    check_int,
+    check_names,
+    check_number,
+    check_shapes,
+    check_threads,
+    unmatched_names,
+)
 from passes.prune.channels import Chain, find_chains, grouped_keep, prune_chain, prune_concat_consumers
 from passes.prune.compression import compression_report
 from passes.prune.importance import FeatureStats, activation_importance, compensate_means, weight_importance
 from passes.prune.layer_checks import GRAPH_INPUT_WEIGHT, layer_label, left_constant, nonfinite_count, quantized_weight
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
-from passes.prune.reconstruct import input_gram_halves
+from passes.prune.reconstruct import input_gram_halves, rows_per_half
 from passes.prune.refit_channels import layers_to_refit, refit_in_order
-from passes.prune.refit_masked import checked_refit
+from passes.prune.refit_masked import checked_refit, refit_refusal
 from passes.qdq.samples import Samples
 from passes.qdq.summary import counted
 
@@ -63,6 +71,8 @@ class PruneSummary:
     compensated: list[str] = field(default_factory=list)  # consumers whose bias took the removed channels' mean
     norm: str = ""  # the channel importance used: l1, l2 or activation
     rounded: str = ""  # channel: how far align moved the share removed from ratio, when it did
+    unmatched_skip: list[str] = field(default_factory=list)  # skip= entries that name no node or op type
+    defaults_replaced: list[str] = field(default_factory=list)  # layers the default skips would have kept, when skip= left out "default"
 
     def line(self) -> str:
         total = self.compression.get("dense_bytes", 0)
@@ -77,9 +87,10 @@ class PruneSummary:
                 parts.append(self.rounded)
             if self.compensated:
                 parts.append(f"{counted(len(self.compensated), 'layer')} took the removed channels' mean into their bias")
-            if self.skipped:
-                parts.append(f"{len(self.skipped)} left whole ({'; '.join(sorted(set(self.skipped.values()))[:4])})")
-            return ", ".join(parts)
+            whole = {label: why for label, why in self.skipped.items() if label not in self.reconstructed}  # a refit one kept its channels only
+            if whole:
+                parts.append(f"{len(whole)} left whole ({'; '.join(sorted(set(whole.values()))[:4])})")
+            return ", ".join(parts + self._refit_parts())
         pruned = f"{counted(len(self.sparsity), 'layer')} pruned" if self.sparsity else "no layer pruned"
         if self.sparsity:
             pruned += f" (sparsity {min(self.sparsity.values()):.3f}-{max(self.sparsity.values()):.3f})"
@@ -89,12 +100,23 @@ class PruneSummary:
         if total:
             best = min(self.compression["zlib_bytes"], self.compression["lzma_bytes"], self.compression["sparse_bytes"])
             parts.append(f"int8 + entropy coding {total / best:.1f}x smaller than dense")
+        parts.extend(self._refit_parts())
+        parts.append("zeros alone do not speed up onnxruntime CPU")
+        return ", ".join(parts)
+
+
+    def _refit_parts(self) -> list[str]:
+        """Reconstruction's counts, and what the skip option did that a reader would not expect."""
+        parts = []
+        if self.unmatched_skip:
+            parts.append(f"skip entries matching no node or op type: {', '.join(self.unmatched_skip)}")
+        if self.defaults_replaced:
+            parts.append(f"skip= replaced the default skips ({', '.join(self.defaults_replaced)}; add 'default' to keep them)")
         if self.reconstructed:
             parts.append(f"{counted(len(self.reconstructed), 'layer')} refit on calibration data")
         if self.not_reconstructed:
             parts.append(f"{len(self.not_reconstructed)} not refit ({'; '.join(sorted(set(self.not_reconstructed.values()))[:3])})")
-        parts.append("zeros alone do not speed up onnxruntime CPU")
-        return ", ".join(parts)
+        return parts
 
 
 class PrunePass(ir.passes.InPlacePass):
@@ -125,7 +147,9 @@ class PrunePass(ir.passes.InPlacePass):
         skip: Comma-separated node names or op types to leave alone;
             ``default`` skips the first Conv and the final classifier (the
             last weighted layer before an output). Embedding tables are never
-            pruned (only the ops above are).
+            pruned (only the ops above are). A list without ``default``
+            replaces those skips, and the summary says so; entries that match
+            no node name or op type are warned about.
         reconstruct: Refit each pruned MatMul/Gemm's kept weights (and bias)
             so its outputs match the original layer's on calibration data
             (see refit_masked.py); with ``channel``, every Conv/Gemm/MatMul
@@ -133,7 +157,9 @@ class PrunePass(ir.passes.InPlacePass):
             A refit is kept only if, fitted on half the samples, it lowers
             the output error on the other half; the kept ones are then refit
             on all samples. The others stay as pruned, with the reason in
-            ``not_reconstructed``.
+            ``not_reconstructed``, as do layers whose Gram matrices would pass
+            1 GiB or that see fewer than one calibration row a half per 64
+            inputs (reconstruct.gram_refusal), before any is built.
         data: Calibration feeds for ``reconstruct`` (as for ``qdq``); None
             synthesizes ``samples`` feeds with ``seed``, dynamic dims from
             ``shapes`` (``NAME:DIMS`` items, as ``--shape``, which the CLI hands over).
@@ -285,7 +311,11 @@ class PrunePass(ir.passes.InPlacePass):
         if not fit:
             return {}
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False, shapes=self.shapes)
-        return input_gram_halves(model, fit, samples.calibration(), self.threads)
+        rows = rows_per_half(model, fit, samples.calibration(), samples.count, self.threads)
+        refused = {node: reason for node in fit if (reason := refit_refusal(node, rows.get(node)))}
+        self.summary.not_reconstructed.update({layer_label(node): reason for node, reason in refused.items()})
+        fit = [node for node in fit if node not in refused]
+        return input_gram_halves(model, fit, samples.calibration(), self.threads) if fit else {}
 
     def _refit(self, node: ir.Node, weight: ir.Value, original: np.ndarray, mask: np.ndarray, grams: dict[ir.Node, list[np.ndarray]]) -> None:
         """Refits the pruned layer if that lowers its output error on held-out samples (refit_masked.py); else says why not."""
@@ -319,6 +349,10 @@ class PrunePass(ir.passes.InPlacePass):
         graph = model.graph
         candidates = [node for node in graph if node.op_type in _TARGET_OPS and node.domain in _ONNX_DOMAINS]
         default_skips = _default_skips(graph, candidates) if DEFAULT_SKIP in self.skip else {}
+        self.summary.unmatched_skip = unmatched_names("prune", "skip", self.skip, model, keywords=(DEFAULT_SKIP,))
+        if self.skip and DEFAULT_SKIP not in self.skip:
+            replaced = [node for node in _default_skips(graph, candidates) if node.name not in self.skip and node.op_type not in self.skip]
+            self.summary.defaults_replaced = [layer_label(node) for node in replaced]
         layers = []
         for node in candidates:
             label = layer_label(node)

@@ -49,7 +49,14 @@ from graphopt.progress import report
 from graphopt.runtime import ModelRunner, stream_tensors
 from passes.prune.channels import Chain, bias_value, input_axis, vector_bias
 from passes.prune.layer_checks import NONFINITE_INPUTS, finite, layer_label
-from passes.prune.reconstruct import cross_grams, fit_toward, independent_prefix, tuned_strength
+from passes.prune.reconstruct import (
+    cross_grams,
+    fit_toward,
+    gram_refusal,
+    independent_prefix,
+    rows_per_half,
+    tuned_strength,
+)
 from passes.qdq.samples import Samples
 
 logger = logging.getLogger(__name__)
@@ -95,11 +102,13 @@ def refit_in_order(
     outputs; the layers kept are then refit on all samples (:func:`_refit_on_all`).
     """
     position = {node: index for index, node in enumerate(model.graph)}
-    pending = sorted(set(layers), key=position.__getitem__)
     twin = dict(zip(model.graph, teacher.graph))  # pruning adds and removes no nodes
+    rows = rows_per_half(model, layers, samples.calibration(), samples.count, threads)
+    costly = {node: reason for node in layers if (reason := _too_costly(node, twin[node], rows.get(node)))}
+    refused = {layer_label(node): reason for node, reason in costly.items()}
+    pending = sorted(set(layers) - set(costly), key=position.__getitem__)
     outputs = [value.name or "" for value in model.graph.outputs]
     kept_levels: list[dict[ir.Node, tuple[float, Fit]]] = []
-    refused: dict[str, str] = {}
     with ModelRunner(teacher, threads=threads, extra_outputs=[node.inputs[0].name or "" for node in pending]) as runner:
 
         def teach(feeds: Iterable[Feeds], wanted: list[str]) -> Iterator[Feeds]:
@@ -119,6 +128,9 @@ def refit_in_order(
             fits = {node: _fit_problem(node, twin[node], out_keep.get(node)) for node in level}
             unusable = {node for node in level if not finite(*(part for half in grams[node] for part in half))}
             refused.update({layer_label(node): NONFINITE_INPUTS for node in unusable})
+            few = {node: _few_rows(node, twin[node], grams[node]) for node in level if node not in unusable}
+            refused.update({layer_label(node): reason for node, reason in few.items() if reason})
+            unusable |= {node for node, reason in few.items() if reason}
             strengths = {node: tuned_strength(grams[node], fits[node].plain, fits[node].target) for node in level if node not in unusable}
             refit = {node: (relative, fits[node]) for node, relative in strengths.items() if relative is not None}
             for node, (relative, fit) in refit.items():
@@ -137,6 +149,24 @@ def refit_in_order(
         if held:
             _refit_on_all(model, kept_levels, teach, samples, threads)
     return [layer_label(node) for level in kept_levels for node in level], refused
+
+
+def _too_costly(node: ir.Node, original: ir.Node, rows: int | None) -> str | None:
+    """Why ``node`` is not refit, decided before its grams are built: too big, or too few ``rows`` in the fitting half."""
+    return gram_refusal(_inputs(node), _inputs(original), rows)
+
+
+def _few_rows(node: ir.Node, original: ir.Node, halves: list[tuple[np.ndarray, np.ndarray]]) -> str | None:
+    """:func:`_too_costly` on the rows the grams really hold (samples of different sizes): G[-1, -1] counts them."""
+    return gram_refusal(_inputs(node), _inputs(original), int(round(float(halves[0][0][-1, -1]))))
+
+
+def _inputs(node: ir.Node) -> int:
+    """Width of ``node``'s grams: its input features (C*kh*kw for Conv) plus the ones column."""
+    shape = [int(dim) for dim in node.inputs[1].const_value.shape.numpy()]  # type: ignore[union-attr]
+    if node.op_type == "Conv":
+        return int(np.prod(shape[1:])) + 1
+    return (shape[1] if node.attributes.get_int("transB", 0) else shape[0]) + 1
 
 
 def _refit_on_all(

@@ -30,15 +30,16 @@ column, 1 more for the final fit).
 
 from __future__ import annotations
 
-__all__ = ["SCORED_COLUMNS", "checked_refit"]
+__all__ = ["SCORED_COLUMNS", "checked_refit", "refit_refusal"]
 
 import logging
 from collections.abc import Sequence
 
 import numpy as np
+import onnx_ir as ir
 
 from passes.prune.layer_checks import NONFINITE_INPUTS, finite
-from passes.prune.reconstruct import RIDGE_GRID, damping
+from passes.prune.reconstruct import RIDGE_GRID, damping, gram_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ def checked_refit(
         return "one calibration sample: none left to check a refit on"
     if not finite(*halves):
         return NONFINITE_INPUTS
+    if reason := gram_refusal(halves[0].shape[0], 0, int(round(float(halves[0][-1, -1])))):  # G[-1, -1] counts the rows
+        return reason
     k, n = original.shape
     target = np.asarray(original, np.float64)
     keep = np.asarray(mask, bool)
@@ -83,6 +86,13 @@ def checked_refit(
     solution = _ridge_fits(grams[0] + grams[1], target, plain, keep, np.arange(n), RIDGE_GRID[best : best + 1])[0]
     new_bias = None if bias is None else solution[k].astype(np.asarray(bias).dtype)
     return solution[:k].astype(original.dtype), new_bias
+
+
+def refit_refusal(node: ir.Node, rows: int | None) -> str | None:
+    """Why the MatMul/Gemm ``node`` is not refit with ``rows`` in the fitting half, decided before its grams are built."""
+    shape = [int(dim) for dim in node.inputs[1].const_value.shape.numpy()]  # type: ignore[union-attr]
+    inputs = (shape[1] if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else shape[0]) + 1
+    return gram_refusal(inputs, 0, rows)
 
 
 def _held_out_errors(
