@@ -41,7 +41,7 @@ from passes.prune.compression import compression_report
 from passes.prune.importance import FeatureStats, activation_importance, compensate_means, weight_importance
 from passes.prune.layer_checks import GRAPH_INPUT_WEIGHT, layer_label, left_constant, nonfinite_count, quantized_weight
 from passes.prune.masks import global_threshold_masks, n_of_m_mask, parse_n_of_m, unstructured_mask
-from passes.prune.reconstruct import input_gram_halves, rows_per_half
+from passes.prune.reconstruct import input_gram_halves
 from passes.prune.refit_channels import layers_to_refit, refit_in_order
 from passes.prune.refit_masked import checked_refit, refit_refusal
 from passes.qdq.samples import Samples
@@ -311,8 +311,7 @@ class PrunePass(ir.passes.InPlacePass):
         if not fit:
             return {}
         samples = Samples(model, self.data, count=self.samples, seed=self.seed, hold_back=False, shapes=self.shapes)
-        rows = rows_per_half(model, fit, samples.calibration(), samples.count, self.threads)
-        refused = {node: reason for node in fit if (reason := refit_refusal(node, rows.get(node)))}
+        refused = {node: reason for node in fit if (reason := refit_refusal(node))}
         self.summary.not_reconstructed.update({layer_label(node): reason for node, reason in refused.items()})
         fit = [node for node in fit if node not in refused]
         return input_gram_halves(model, fit, samples.calibration(), self.threads) if fit else {}

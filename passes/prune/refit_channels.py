@@ -54,7 +54,6 @@ from passes.prune.reconstruct import (
     fit_toward,
     gram_refusal,
     independent_prefix,
-    rows_per_half,
     tuned_strength,
 )
 from passes.qdq.samples import Samples
@@ -103,8 +102,7 @@ def refit_in_order(
     """
     position = {node: index for index, node in enumerate(model.graph)}
     twin = dict(zip(model.graph, teacher.graph))  # pruning adds and removes no nodes
-    rows = rows_per_half(model, layers, samples.calibration(), samples.count, threads)
-    costly = {node: reason for node in layers if (reason := _too_costly(node, twin[node], rows.get(node)))}
+    costly = {node: reason for node in layers if (reason := _too_costly(node, twin[node]))}
     refused = {layer_label(node): reason for node, reason in costly.items()}
     pending = sorted(set(layers) - set(costly), key=position.__getitem__)
     outputs = [value.name or "" for value in model.graph.outputs]
@@ -128,9 +126,6 @@ def refit_in_order(
             fits = {node: _fit_problem(node, twin[node], out_keep.get(node)) for node in level}
             unusable = {node for node in level if not finite(*(part for half in grams[node] for part in half))}
             refused.update({layer_label(node): NONFINITE_INPUTS for node in unusable})
-            few = {node: _few_rows(node, twin[node], grams[node]) for node in level if node not in unusable}
-            refused.update({layer_label(node): reason for node, reason in few.items() if reason})
-            unusable |= {node for node, reason in few.items() if reason}
             strengths = {node: tuned_strength(grams[node], fits[node].plain, fits[node].target) for node in level if node not in unusable}
             refit = {node: (relative, fits[node]) for node, relative in strengths.items() if relative is not None}
             for node, (relative, fit) in refit.items():
@@ -151,14 +146,9 @@ def refit_in_order(
     return [layer_label(node) for level in kept_levels for node in level], refused
 
 
-def _too_costly(node: ir.Node, original: ir.Node, rows: int | None) -> str | None:
-    """Why ``node`` is not refit, decided before its grams are built: too big, or too few ``rows`` in the fitting half."""
-    return gram_refusal(_inputs(node), _inputs(original), rows)
-
-
-def _few_rows(node: ir.Node, original: ir.Node, halves: list[tuple[np.ndarray, np.ndarray]]) -> str | None:
-    """:func:`_too_costly` on the rows the grams really hold (samples of different sizes): G[-1, -1] counts them."""
-    return gram_refusal(_inputs(node), _inputs(original), int(round(float(halves[0][0][-1, -1]))))
+def _too_costly(node: ir.Node, original: ir.Node) -> str | None:
+    """Why ``node`` is not refit, decided before its grams are built: they would not fit the memory budget."""
+    return gram_refusal(_inputs(node), _inputs(original))
 
 
 def _inputs(node: ir.Node) -> int:

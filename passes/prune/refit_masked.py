@@ -62,8 +62,6 @@ def checked_refit(
         return "one calibration sample: none left to check a refit on"
     if not finite(*halves):
         return NONFINITE_INPUTS
-    if reason := gram_refusal(halves[0].shape[0], 0, int(round(float(halves[0][-1, -1])))):  # G[-1, -1] counts the rows
-        return reason
     k, n = original.shape
     target = np.asarray(original, np.float64)
     keep = np.asarray(mask, bool)
@@ -88,11 +86,11 @@ def checked_refit(
     return solution[:k].astype(original.dtype), new_bias
 
 
-def refit_refusal(node: ir.Node, rows: int | None) -> str | None:
-    """Why the MatMul/Gemm ``node`` is not refit with ``rows`` in the fitting half, decided before its grams are built."""
+def refit_refusal(node: ir.Node) -> str | None:
+    """Why the MatMul/Gemm ``node`` is not refit, decided before its grams are built (their memory)."""
     shape = [int(dim) for dim in node.inputs[1].const_value.shape.numpy()]  # type: ignore[union-attr]
     inputs = (shape[1] if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else shape[0]) + 1
-    return gram_refusal(inputs, 0, rows)
+    return gram_refusal(inputs, 0)
 
 
 def _held_out_errors(
