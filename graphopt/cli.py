@@ -47,6 +47,7 @@ from graphopt.cli_checks import (
     check_fits_one_file,
     check_report_paths,
     check_result,
+    check_synthesis_options,
     check_validation_only,
     output_path,
 )
@@ -163,6 +164,7 @@ def _crash_advice(name: str) -> str:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    check_synthesis_options(args, args.data, "--data")
     options = validation_options(args, args.providers)
     check_report_paths(args, [args.reference, args.candidate])
     report = validate(args.reference, args.candidate, args.data, per_layer=args.per_layer, latency=args.latency, **options)
@@ -194,6 +196,8 @@ def _optimize(args: argparse.Namespace) -> int:
     shapes = parse_shape_overrides(args.shape)
     output = output_path(args)
     check_validation_only(args)
+    if args.validate:
+        check_synthesis_options(args, args.calib_data, "--calib-data")
     options = validation_options(args, args.validate) if args.validate else None
     check_report_paths(args, [args.input, output])
     external = {"auto": None, "yes": True, "no": False}[args.external_data]

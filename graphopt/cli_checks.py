@@ -8,7 +8,7 @@ before the save, a rewritten model that would not load back.
 
 from __future__ import annotations
 
-__all__ = ["check_validation_only", "check_report_paths", "check_fits_one_file", "check_result", "output_path"]
+__all__ = ["check_validation_only", "check_report_paths", "check_synthesis_options", "check_fits_one_file", "check_result", "output_path"]
 
 import argparse
 from pathlib import Path
@@ -37,6 +37,16 @@ def check_validation_only(args: argparse.Namespace) -> None:
         raise GraphoptError(
             f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --validate PROVIDERS (e.g. --validate cpu); "
             "without it optimize does not validate"
+        )
+
+
+def check_synthesis_options(args: argparse.Namespace, data: Path | None, flag: str) -> None:
+    """--samples and --seed shape synthesized feeds: with real data they would be silently ignored, so they are refused."""
+    given = [f"--{name}" for name in ("samples", "seed") if getattr(args, name, None) is not None]
+    if data is not None and given:
+        raise GraphoptError(
+            f"{' and '.join(given)} {'shapes' if len(given) == 1 else 'shape'} synthesized samples; with {flag} every sample "
+            f"in {data} is used (drop {' and '.join(given)}, or give data with fewer samples)"
         )
 
 

@@ -406,3 +406,30 @@ def test_a_pass_with_a_shapes_option_that_fails_on_its_inputs_says_which_dims_it
 
     assert err.startswith(f"graphopt: error: pass 'synth' could not run the model on the inputs it synthesized for itself ({where}): ")
     assert "--calib-data PATH" in err
+
+
+@pytest.mark.parametrize(
+    ("command", "flags"),
+    [
+        ("validate", ["--samples", "3"]),
+        ("validate", ["--seed", "2"]),
+        ("optimize", ["--samples", "3", "--seed", "2"]),
+    ],
+    ids=["validate-samples", "validate-seed", "optimize-both"],
+)
+def test_samples_and_seed_with_real_data_are_refused_rather_than_ignored(mlp, tmp_path, capsys, monkeypatch, command, flags):
+    # Before: `validate A B --data D --samples 3` used every sample in D, silently.
+    data = tmp_path / "data"
+    data.mkdir()
+    for index in range(5):
+        np.savez(data / f"{index}.npz", x=np.ones((2, 64), np.float32))
+    _no_pipeline(monkeypatch)
+    if command == "validate":
+        argv = ["validate", str(mlp), str(mlp), "--data", str(data), *flags]
+    else:
+        argv = ["optimize", str(mlp), "-o", str(tmp_path / "out.onnx"), "--calib-data", str(data), "--validate", "cpu", *flags]
+
+    err = _usage_error(capsys, argv)
+
+    assert "synthesized samples; with --" in err and f"every sample in {data} is used" in err
+    assert not (tmp_path / "out.onnx").exists()
