@@ -14,6 +14,7 @@ __all__ = [
     "layer_label",
     "left_constant",
     "nonfinite_count",
+    "behind_dequantize",
     "quantized_weight",
 ]
 
@@ -39,18 +40,25 @@ def left_constant(node: ir.Node) -> bool:
     return _constant(first) and not _constant(second)
 
 
+# onnxruntime's quantizer writes com.microsoft's DequantizeLinear for types the standard one lacked.
+_DEQUANTIZE_DOMAINS = ("", "ai.onnx", "com.microsoft")
+
+
+def behind_dequantize(weight: ir.Value | None) -> bool:
+    """Whether ``weight`` is a DequantizeLinear of a constant: a model already through qdq (or onnxruntime's quantizer)."""
+    producer = weight.producer() if weight is not None else None
+    if producer is None or producer.op_type != "DequantizeLinear" or producer.domain not in _DEQUANTIZE_DOMAINS or not producer.inputs:
+        return False
+    return _constant(producer.inputs[0])
+
+
 def quantized_weight(weight: ir.Value | None, pass_name: str) -> str | None:
-    """Why ``weight`` is left alone when it is a DequantizeLinear of a constant (a model already through qdq), else None.
+    """Why ``weight`` is left alone when it is behind a DequantizeLinear (:func:`behind_dequantize`), else None.
 
     Its int8 levels would have to be requantized after the change, so the
     fix is the order of the passes, not a rewrite here.
     """
-    producer = weight.producer() if weight is not None else None
-    if producer is None or producer.op_type != "DequantizeLinear" or producer.domain not in ("", "ai.onnx") or not producer.inputs:
-        return None
-    if not _constant(producer.inputs[0]):
-        return None
-    return f"weight is quantized (behind DequantizeLinear): run {pass_name} before qdq"
+    return f"weight is quantized (behind DequantizeLinear): run {pass_name} before qdq" if behind_dequantize(weight) else None
 
 
 def nonfinite_count(array: np.ndarray) -> int:

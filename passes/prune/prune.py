@@ -104,7 +104,6 @@ class PruneSummary:
         parts.append("zeros alone do not speed up onnxruntime CPU")
         return ", ".join(parts)
 
-
     def _refit_parts(self) -> list[str]:
         """Reconstruction's counts, and what the skip option did that a reader would not expect."""
         parts = []
@@ -158,8 +157,7 @@ class PrunePass(ir.passes.InPlacePass):
             the output error on the other half; the kept ones are then refit
             on all samples. The others stay as pruned, with the reason in
             ``not_reconstructed``, as do layers whose Gram matrices would pass
-            1 GiB or that see fewer than one calibration row a half per 64
-            inputs (reconstruct.gram_refusal), before any is built.
+            1 GiB (reconstruct.gram_refusal), before any is built.
         data: Calibration feeds for ``reconstruct`` (as for ``qdq``); None
             synthesizes ``samples`` feeds with ``seed``, dynamic dims from
             ``shapes`` (``NAME:DIMS`` items, as ``--shape``, which the CLI hands over).

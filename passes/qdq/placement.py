@@ -40,7 +40,7 @@ import onnx_ir as ir
 
 from graphopt.graphs import iter_graphs
 from graphopt.summary import is_opaque
-from passes.prune.layer_checks import GRAPH_INPUT_WEIGHT
+from passes.prune.layer_checks import GRAPH_INPUT_WEIGHT, behind_dequantize
 from passes.qdq.summary import ALREADY_QUANTIZED
 
 logger = logging.getLogger(__name__)
@@ -229,8 +229,7 @@ def _no_weight_reason(node: ir.Node, weight: ir.Value | None) -> str:
         return "constant is the left operand: not a weight layout qdq quantizes"
     if weight is not None and weight.const_value is not None and weight.is_graph_input():
         return GRAPH_INPUT_WEIGHT
-    producer = weight.producer() if weight is not None else None
-    if producer is not None and producer.op_type == "DequantizeLinear" and _is_constant(producer.inputs[0]):
+    if behind_dequantize(weight):
         return "weight is already quantized (behind DequantizeLinear)"
     if weight is not None and weight.const_value is None:
         # attention's Q @ K^T and weights @ V: onnxruntime has no fused int8 kernel for two activations here.
