@@ -54,6 +54,7 @@ from graphopt.cli_checks import (
 from graphopt.data import LABELS_KEY, check_shape_overrides, load_feeds, parse_shape_overrides
 from graphopt.errors import DataError, GraphoptError, ModelRunError, PassCheckError, first_line
 from graphopt.ledger import LedgerRow, format_bytes
+from graphopt.metrics import class_score_shape
 from graphopt.pipeline import PassFailedError, PipelineResult, run_pipeline
 from graphopt.progress import StepProgress
 from graphopt.quick_check import hint_for_step, quick_check
@@ -288,10 +289,7 @@ def _may_hold_class_scores(value: ir.Value) -> bool:
         return False
     if value.shape is None:
         return True
-    dims = [d if isinstance(d, int) else None for d in value.shape]
-    if len(dims) not in (2, 4) or any(d not in (1, None) for d in dims[2:]):
-        return False
-    return dims[1] is None or dims[1] >= 2
+    return class_score_shape([dim if isinstance(dim, int) else None for dim in value.shape])
 
 
 def _run_pipeline(args: argparse.Namespace, model: ir.Model, pipeline: list[PassSpec], progress: StepProgress) -> PipelineResult:

@@ -54,6 +54,7 @@ __all__ = [
     "ComparisonResult",
     "OutputComparator",
     "compare_arrays",
+    "class_score_shape",
     "cosine_of_sums",
     "snr_of_sums",
     "output_arrays",
@@ -63,6 +64,7 @@ __all__ = [
 import dataclasses
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -339,12 +341,7 @@ class OutputComparator:
 
     def _update_classification(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         shape = reference.shape
-        is_classifier = (
-            reference.dtype.kind == "f"
-            and (len(shape) == 2 or (len(shape) == 4 and shape[2:] == (1, 1)))
-            and shape[1] >= 2
-        )
-        if not is_classifier:
+        if reference.dtype.kind != "f" or not class_score_shape(shape):
             self._classifier = False
             return
         ref = reference.reshape(shape[0], shape[1])
@@ -407,6 +404,17 @@ def _required_agreement(tolerance: Tolerance) -> float | None:
     if tolerance.min_snr_db is not None:
         shares.append(1.0 - 10.0 ** (-tolerance.min_snr_db / 10.0))
     return max(shares) if shares else None
+
+
+def class_score_shape(shape: Sequence[int | None]) -> bool:
+    """Whether a float output of ``shape`` can hold class scores: ``[N, C]`` or ``[N, C, 1, 1]`` with C >= 2.
+
+    The one rule for top-1/top-5 here, task metrics (graphopt.task) and the
+    CLI's look at declared outputs, where a None dim (unknown) may be anything.
+    """
+    if len(shape) not in (2, 4) or any(dim not in (1, None) for dim in shape[2:]):
+        return False
+    return shape[1] is None or shape[1] >= 2
 
 
 def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance) -> ComparisonResult:

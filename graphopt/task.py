@@ -26,6 +26,7 @@ import numpy as np
 
 from graphopt.data import LABELS_KEY
 from graphopt.errors import DataError
+from graphopt.metrics import class_score_shape
 
 TaskMetric = Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], float]
 
@@ -75,7 +76,7 @@ def _class_scores(outputs: Mapping[str, np.ndarray]) -> tuple[str, np.ndarray]:
         if not isinstance(scores, np.ndarray):  # sequence, map or optional outputs
             continue
         shape = scores.shape
-        if scores.dtype.kind == "f" and (len(shape) == 2 or (len(shape) == 4 and shape[2:] == (1, 1))) and shape[1] >= 2:
+        if scores.dtype.kind == "f" and class_score_shape(shape):
             return name, scores
     raise DataError("labels given, but no model output holds class scores ([N, C] or [N, C, 1, 1])")
 
