@@ -16,9 +16,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from graphopt import io, untrusted
-from graphopt.errors import GraphoptError, InvalidModelError, first_line
-from graphopt.gcpause import gc_paused
-from graphopt.graphs import iter_graphs
+from graphopt.errors import GraphoptError, first_line
 from graphopt.pipeline import PipelineResult
 
 # optimize options that only mean something with --validate.
@@ -77,14 +75,14 @@ def check_result(result: PipelineResult) -> None:
     """The rewritten model passes the structure checks io.load applies, so that a broken model is never written.
 
     Otherwise the saved file fails when read back, naming neither the pass
-    nor the file, and replaces a previous output. The checks read no tensor
-    data: they cost a walk over the graph. External data the result still
-    reads lies in the input's folder.
+    nor the file, and replaces a previous output. untrusted.check_model also
+    refuses a read of a value whose producing node a pass removed (in
+    memory it still names that node). External data the result still reads
+    lies in the input's folder.
     """
     source = io.source_path(result.model)
     try:
         untrusted.check_model(result.model, source.parent if source is not None else None)
-        _check_no_removed_producers(result.model)
     except GraphoptError as exc:
         changed = [row.name for row in result.ledger.rows if row.modified]
         after = f"pass {changed[-1]!r}, the last that changed it" if changed else "the pipeline"
@@ -92,32 +90,6 @@ def check_result(result: PipelineResult) -> None:
             f"the model is invalid after {after}, so nothing was written: {first_line(exc)} "
             "(--check-each-pass names the pass that broke it)"
         ) from exc
-
-
-def _check_no_removed_producers(model: ir.Model) -> None:
-    # In memory, a value whose node a pass removed still names that node as
-    # its producer, so untrusted's "is it defined" check passes; once saved,
-    # the value is defined nowhere. A removed node belongs to no graph.
-    with gc_paused():
-        for graph in iter_graphs(model):
-            for node in graph:
-                for value in node.inputs:
-                    if value is not None and _removed_producer(value):
-                        _refuse(f"node {node.name or node.op_type!r}", value)
-            for value in graph.outputs:
-                if _removed_producer(value):
-                    _refuse(f"graph {graph.name!r}'s output", value)
-
-
-def _removed_producer(value: ir.Value) -> bool:
-    producer = value.producer()
-    return producer is not None and producer.graph is None
-
-
-def _refuse(reader: str, value: ir.Value) -> None:
-    producer = value.producer()
-    name = (producer.name or producer.op_type) if producer is not None else "?"
-    raise InvalidModelError(f"{reader} reads {value.name!r}, whose producer {name!r} was removed")
 
 
 def output_path(args: argparse.Namespace) -> Path:

@@ -486,18 +486,35 @@ def _check_reads_defined(graph: GraphLike, nodes: list[ir.Node]) -> None:
     # initializer of the graph that owns them.
     for node in nodes:
         for value in node.inputs:
+            if value is not None and _removed_producer(value):
+                _refuse_removed(f"node {node.name or node.op_type!r}", value)
             if value is not None and _undefined(value):
                 raise InvalidModelError(
                     f"node {node.name or node.op_type!r} reads {value.name!r}, "
                     "which no node, graph input or initializer defines"
                 )
     for value in graph.outputs:
+        if _removed_producer(value):
+            _refuse_removed(f"graph {graph.name!r}'s output", value)
         if _undefined(value):
             raise InvalidModelError(f"graph {graph.name!r}: output {value.name!r} is not produced by any node")
 
 
 def _undefined(value: ir.Value) -> bool:
     return value.producer() is None and not value.is_graph_input() and not value.is_initializer()
+
+
+def _removed_producer(value: ir.Value) -> bool:
+    # A model a pass rewrote in memory (checked before it is saved): a value whose node was
+    # removed still names it as its producer, yet once saved nothing defines the value.
+    producer = value.producer()
+    return producer is not None and producer.graph is None
+
+
+def _refuse_removed(reader: str, value: ir.Value) -> None:
+    producer = value.producer()
+    name = (producer.name or producer.op_type) if producer is not None else "?"
+    raise InvalidModelError(f"{reader} reads {value.name!r}, whose producer {name!r} was removed")
 
 
 def _check_acyclic(graph: GraphLike, nodes: list[ir.Node]) -> None:
