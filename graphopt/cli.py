@@ -51,7 +51,7 @@ from graphopt.cli_checks import (
     check_validation_only,
     output_path,
 )
-from graphopt.data import LABELS_KEY, check_shape_overrides, load_feeds, parse_shape_overrides
+from graphopt.data import LABELS_KEY, check_shape_overrides, load_feeds, parse_shape_overrides, without_labels
 from graphopt.errors import DataError, GraphoptError, ModelRunError, PassCheckError, first_line
 from graphopt.ledger import LedgerRow, format_bytes
 from graphopt.metrics import class_score_shape
@@ -261,7 +261,7 @@ class _Unlabelled:
         self.path = path
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return ({key: array for key, array in sample.items() if key != LABELS_KEY} for sample in load_feeds(self.path))
+        return (without_labels(sample) for sample in load_feeds(self.path))
 
 
 def _validation_data(path: os.PathLike[str] | None, model: ir.Model) -> tuple[Any, dict[str, Any] | None]:

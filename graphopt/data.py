@@ -27,7 +27,8 @@ from __future__ import annotations
 
 __all__ = [
     "Feeds", "InputSpec", "DEFAULT_DIM", "DEFAULT_SEQUENCE_DIM", "DEFAULT_INTEGER_RANGE", "LABELS_KEY", "input_specs",
-    "parse_shape_overrides", "check_shape_overrides", "resolve_shape", "integer_input_ranges", "synthesize_feeds", "load_feeds", "feed_stream",
+    "parse_shape_overrides", "check_shape_overrides", "resolve_shape", "integer_input_ranges", "synthesize_feeds",
+    "load_feeds", "feed_stream", "without_labels",
 ]
 
 import logging
@@ -254,6 +255,11 @@ def _fits(shape: tuple[int, ...], declared: tuple[Dim, ...] | None) -> bool:
     if declared is None:
         return True
     return len(shape) == len(declared) and all(not isinstance(d, int) or d == n for d, n in zip(declared, shape))
+
+
+def without_labels(sample: Mapping[str, Any]) -> Feeds:
+    """``sample`` without its ``labels`` array: the inputs alone, for a caller that scores no task."""
+    return {name: array for name, array in sample.items() if name != LABELS_KEY}
 
 
 def _refuse_unknown_overrides(specs: list[InputSpec], shapes: Mapping[str, Sequence[int]]) -> None:

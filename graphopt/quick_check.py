@@ -37,7 +37,7 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt import stats
-from graphopt.data import LABELS_KEY, load_feeds
+from graphopt.data import load_feeds, without_labels
 from graphopt.errors import GraphoptError, first_line
 from graphopt.ledger import format_bytes
 from graphopt.metrics import ComparisonResult, Tolerance
@@ -93,7 +93,7 @@ def quick_check(
         # atol 0 counts every differing element: for integer outputs, the values that changed.
         tolerance = Tolerance(min_cosine=ADVISED_COSINE, atol=0.0)
         # Labels would ask validate for a task metric: a smoke test of the outputs has no use for it.
-        feeds = None if data is None else [_without_labels(s) for s in itertools.islice(load_feeds(data), SAMPLES)]
+        feeds = None if data is None else [without_labels(s) for s in itertools.islice(load_feeds(data), SAMPLES)]
         report = validate(original, rewritten, feeds, samples=SAMPLES, shapes=shapes, threads=threads, tolerance=tolerance)
     except GraphoptError as exc:
         return f"quick check not run ({first_line(exc)}); {advice}"
@@ -159,10 +159,6 @@ def _in_use(value: Any, recommended: Any) -> bool:
 
 def _shown(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _without_labels(sample: Mapping[str, Any]) -> dict[str, Any]:
-    return {name: array for name, array in sample.items() if name != LABELS_KEY}
 
 
 def _integer_outputs(model: ir.Model) -> set[str]:

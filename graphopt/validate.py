@@ -28,7 +28,7 @@ import onnx
 import onnx_ir as ir
 
 from graphopt import io, stats, summary
-from graphopt.data import LABELS_KEY, Feeds, feed_stream, parse_shape_overrides
+from graphopt.data import Feeds, feed_stream, parse_shape_overrides, without_labels
 from graphopt.errors import DataError, GraphoptError, ModelRunError, first_line
 from graphopt.localize import (
     DEFAULT_CHUNK_SIZE,
@@ -239,7 +239,7 @@ def _compare_stream(
     scored = next(iter(pairs))  # the provider whose outputs the task metric scores
     for sample in stream:
         # Labels travel with the sample for the task metric; the models get the inputs alone.
-        feeds = {name: array for name, array in sample.items() if name != LABELS_KEY}
+        feeds = without_labels(sample)
         first = first or feeds
         if cpu_reference is not None and "cpu" not in pairs:
             reference_cpu = cpu_reference.run(feeds, cpu_reference.model_output_names)
